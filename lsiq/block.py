@@ -1,0 +1,392 @@
+"""Calibration of one transformers decoder block: RTN, GPTQ, LWC, LWC+LET and LSI.
+
+Input: the model's own decoder layer (fp32 weights), the keyword arguments the model passes to its
+layers (rotary position embeddings, mask), the cached inputs that the already-quantized blocks
+produced and the FP block's targets. Output: integer weights, scales and zero points for every
+linear, the LET-folded norms and biases, and the loss curve. Composition inside the calibrated
+forward: LSI -> LET -> LWC -> fake quantizer, the weights rebuilt once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lsiq.arch import ATTN_OUT, ATTN_QKV, LINEARS, MLP_IN, BlockArch
+from lsiq.gptq import HessianAccumulator, gptq_quantize
+from lsiq.let import LET, smooth_scale
+from lsiq.lsi import SVDIncrement
+from lsiq.lwc import LWC
+from lsiq.quantizer import ActQuantizer, QuantSpec, dequantize, fake_quant, minmax_scale_zero, quantize_codes
+
+METHODS = ("rtn", "gptq", "lwc", "lwc-let", "lsi")
+
+
+@dataclass
+class CalibConfig:
+    """Settings of block calibration. Learning rates follow OmniQuant's reference code (LWC 1e-2,
+    LET 5e-3); LSI's dS rate suits SmolLM2-scale singular values (REFERENCE.md section 1)."""
+
+    method: str = "lsi"
+    wbits: int = 3
+    abits: int = 16
+    group_size: int = 64
+    sym: bool = False
+    epochs: int = 5
+    batch_size: int = 4
+    seed: int = 0
+    lr_lwc: float = 1e-2
+    lr_let: float = 5e-3
+    lr_lsi: float = 1e-3
+    lsi_block_k: int = 0
+    let_init: str = "auto"  # auto: smooth for weight-activation runs, ones for weight-only
+    let_alpha: float = 0.5
+    gptq_damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.let_init not in ("auto", "ones", "smooth"):
+            raise ValueError(f"let_init must be auto, ones or smooth, got {self.let_init!r}")
+        ActQuantizer(self.abits)  # validates the activation bit width
+        QuantSpec(self.wbits, self.group_size, self.sym)
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.wbits, self.group_size, self.sym)
+
+    @property
+    def uses_lwc(self) -> bool:
+        return self.method in ("lwc", "lwc-let", "lsi")
+
+    @property
+    def uses_let(self) -> bool:
+        return self.method in ("lwc-let", "lsi")
+
+    @property
+    def uses_lsi(self) -> bool:
+        return self.method == "lsi"
+
+    @property
+    def trains(self) -> bool:
+        return self.uses_lwc and self.epochs > 0
+
+
+@dataclass
+class QuantizedLinear:
+    """Integer form of one linear: codes [out, in] (uint8), scale and zero [out, groups]."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: QuantSpec
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero, self.spec)
+
+
+@dataclass
+class BlockResult:
+    """What calibrating one block produced."""
+
+    linears: dict[str, QuantizedLinear]
+    tensors: dict[str, torch.Tensor]  # every other block tensor (LET-folded norms, biases)
+    loss_before: float  # round-to-nearest block-output MSE on the calibration samples
+    loss_after: float
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    trainable_params: int = 0
+    seconds: float = 0.0
+
+    def dequantized_params(self) -> dict[str, torch.Tensor]:
+        params = dict(self.tensors)
+        for name, q in self.linears.items():
+            params[f"{name}.weight"] = q.dequantize()
+        return params
+
+
+# ----------------------------------------------------------------------------- forward helpers
+
+
+def block_forward(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict[str, Any],
+                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Run the decoder layer, optionally with substituted parameters (names relative to it)."""
+    if params is None:
+        out = layer(x, **layer_kwargs)
+    else:
+        out = functional_call(layer, params, (x,), layer_kwargs, strict=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def act_quant_hooks(layer: nn.Module, bits: int) -> Iterator[None]:
+    """Quantize the input of every linear of the block per token while inside the context."""
+    quant = ActQuantizer(bits)
+    handles = []
+    if quant.enabled:
+        for name in LINEARS:
+            handles.append(layer.get_submodule(name).register_forward_pre_hook(lambda m, a: (quant(a[0]), *a[1:])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _batches(n: int, batch_size: int, order: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    idx = order if order is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield idx[i:i + batch_size]
+
+
+@torch.no_grad()
+def forward_all(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], batch_size: int,
+                params: dict[str, torch.Tensor] | None = None, abits: int = 16) -> torch.Tensor:
+    """Block outputs for every cached sample (kept where the inputs live)."""
+    device = next(layer.parameters()).device
+    outs = torch.empty_like(inputs)
+    with act_quant_hooks(layer, abits):
+        for idx in _batches(inputs.shape[0], batch_size):
+            outs[idx] = block_forward(layer, inputs[idx].to(device), layer_kwargs, params).to(outs.device)
+    return outs
+
+
+@torch.no_grad()
+def mean_loss(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, layer_kwargs: dict[str, Any],
+              batch_size: int, params: dict[str, torch.Tensor] | None, abits: int) -> float:
+    device = next(layer.parameters()).device
+    total = 0.0
+    with act_quant_hooks(layer, abits):
+        for idx in _batches(inputs.shape[0], batch_size):
+            out = block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
+            total += torch.nn.functional.mse_loss(out, targets[idx].to(device), reduction="sum").item()
+    return total / targets.numel()
+
+
+# ----------------------------------------------------------------------------- the learnable block
+
+
+class BlockQuantizer(nn.Module):
+    """The learnable parameters of one block for LWC / LWC+LET / LSI and the weights they give."""
+
+    def __init__(self, layer: nn.Module, arch: BlockArch, cfg: CalibConfig,
+                 let_init: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spec = cfg.spec
+        self.base = {k: v.detach() for k, v in layer.state_dict().items()}
+        key = _key
+        self.lsi = nn.ModuleDict()
+        if cfg.uses_lsi:
+            for name in LINEARS:
+                self.lsi[key(name)] = SVDIncrement(self.base[f"{name}.weight"], cfg.lsi_block_k)
+        self.let = LET(arch, let_init).to(_device(layer)) if cfg.uses_let else None
+        self.lwc = nn.ModuleDict()
+        if cfg.uses_lwc:
+            for name in LINEARS:
+                out_f, in_f = self.base[f"{name}.weight"].shape
+                self.lwc[key(name)] = LWC(out_f, in_f, self.spec).to(_device(layer))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = [{"params": list(self.lwc.parameters()), "lr": self.cfg.lr_lwc}]
+        if self.let is not None:
+            groups.append({"params": list(self.let.parameters()), "lr": self.cfg.lr_let})
+        if len(self.lsi):
+            groups.append({"params": list(self.lsi.parameters()), "lr": self.cfg.lr_lsi})
+        return [g for g in groups if g["params"]]
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def transformed(self) -> dict[str, torch.Tensor]:
+        """Block tensors after LSI and LET, before weight quantization."""
+        t = dict(self.base)
+        for name in LINEARS:
+            if _key(name) in self.lsi:
+                t[f"{name}.weight"] = self.lsi[_key(name)]()
+        if self.let is not None:
+            t = self.let.apply(t)
+        return t
+
+    def scale_zero(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if _key(name) in self.lwc:
+            return self.lwc[_key(name)].scale_zero(w)
+        return minmax_scale_zero(w, self.spec)
+
+    def effective(self) -> dict[str, torch.Tensor]:
+        """Parameters for the calibrated forward: transformed, weights fake-quantized."""
+        t = self.transformed()
+        for name in LINEARS:
+            w = t[f"{name}.weight"]
+            scale, zero = self.scale_zero(name, w)
+            t[f"{name}.weight"] = fake_quant(w, scale, zero, self.spec)
+        return t
+
+    @torch.no_grad()
+    def finalize(self) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
+        """Fold everything into integer weights plus plain (folded) non-linear tensors."""
+        t = {k: v.detach() for k, v in self.transformed().items()}
+        linears = {}
+        for name in LINEARS:
+            w = t.pop(f"{name}.weight")
+            scale, zero = self.scale_zero(name, w)
+            linears[name] = QuantizedLinear(quantize_codes(w, scale, zero, self.spec), scale.detach().clone(),
+                                            zero.detach().clone(), self.spec)
+        return linears, {k: v.clone() for k, v in t.items()}
+
+
+def _key(linear: str) -> str:
+    return linear.replace(".", "__")
+
+
+def _device(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device
+
+
+# ----------------------------------------------------------------------------- statistics and inits
+
+
+@torch.no_grad()
+def input_absmax(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any],
+                 batch_size: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Per-channel max |x| of the inputs of the named linears over the cached samples."""
+    device = _device(layer)
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            stats[name] = torch.maximum(stats[name], m) if name in stats else m
+        return fn
+
+    handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for idx in _batches(inputs.shape[0], batch_size):
+            block_forward(layer, inputs[idx].to(device), layer_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def smooth_let_init(layer: nn.Module, arch: BlockArch, inputs: torch.Tensor, layer_kwargs: dict[str, Any],
+                    batch_size: int, alpha: float) -> dict[str, torch.Tensor]:
+    """OmniQuant's LET initialisation from activation maxima (SmoothQuant, GQA-aware for `out`)."""
+    acts = input_absmax(layer, inputs, layer_kwargs, batch_size, (ATTN_QKV[0], MLP_IN[0], ATTN_OUT))
+    sd = layer.state_dict()
+
+    def wmax(names: tuple[str, ...]) -> torch.Tensor:
+        return torch.stack([sd[f"{n}.weight"].abs().amax(0) for n in names]).amax(0)
+
+    # o_proj reads n_heads * head_dim channels; the scale lives on the KV heads' channels, so take
+    # the max over the query heads that share a KV head.
+    kv, g, hd = arch.n_kv_heads, arch.kv_groups, arch.head_dim
+    o_act = acts[ATTN_OUT].view(kv, g, hd).amax(1).reshape(-1)
+    o_w = sd[f"{ATTN_OUT}.weight"].abs().amax(0).view(kv, g, hd).amax(1).reshape(-1)
+    return {
+        "qkv": smooth_scale(acts[ATTN_QKV[0]], wmax(ATTN_QKV), alpha),
+        "fc1": smooth_scale(acts[MLP_IN[0]], wmax(MLP_IN), alpha),
+        "out": smooth_scale(o_act, o_w, alpha),
+    }
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _rtn_params(layer: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    params = {}
+    for name in LINEARS:
+        w = layer.get_submodule(name).weight.detach()
+        params[f"{name}.weight"] = fake_quant(w, *minmax_scale_zero(w, spec), spec)
+    return params
+
+
+@torch.no_grad()
+def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig
+          ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
+    device = _device(layer)
+    hess = {n: HessianAccumulator(layer.get_submodule(n).in_features, device) for n in LINEARS}
+    handles = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hess[n].add(a[0]))
+               for n in LINEARS]
+    try:
+        with act_quant_hooks(layer, cfg.abits):
+            for idx in _batches(inputs.shape[0], cfg.batch_size):
+                block_forward(layer, inputs[idx].to(device), layer_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    linears = {}
+    for name in LINEARS:
+        w = layer.get_submodule(name).weight.detach()
+        q, scale, zero = gptq_quantize(w, hess[name].h, cfg.spec, damp=cfg.gptq_damp)
+        linears[name] = QuantizedLinear(quantize_codes(q, scale, zero, cfg.spec), scale, zero, cfg.spec)
+    tensors = {k: v.detach().clone() for k, v in layer.state_dict().items()
+               if k.rsplit(".", 1)[0] not in LINEARS or not k.endswith(".weight")}
+    return linears, tensors
+
+
+def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor,
+                    arch: BlockArch, cfg: CalibConfig, block_index: int = 0,
+                    fp_inputs: torch.Tensor | None = None,
+                    on_step: Callable[[int, int, float], None] | None = None) -> BlockResult:
+    """Quantize one block.
+
+    ``inputs``: [N, L, hidden], the previous quantized blocks' outputs; ``targets``: the FP block's
+    output on the FP inputs; ``fp_inputs`` (optional) feed the LET activation statistics.
+    ``layer`` is left unchanged. Deterministic for a given ``cfg.seed`` and ``block_index``.
+    """
+    t0 = time.perf_counter()
+    device = _device(layer)
+    torch.manual_seed(cfg.seed * 1_000_003 + block_index)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    loss_rtn = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size, _rtn_params(layer, cfg.spec), cfg.abits)
+    losses: list[float] = []
+    trainable = 0
+    if cfg.method == "rtn":
+        linears, tensors = BlockQuantizer(layer, arch, cfg).finalize()
+    elif cfg.method == "gptq":
+        linears, tensors = _gptq(layer, inputs, layer_kwargs, cfg)
+    else:
+        let_init = None
+        if cfg.uses_let and (cfg.let_init == "smooth" or (cfg.let_init == "auto" and cfg.abits < 16)):
+            let_init = smooth_let_init(layer, arch, fp_inputs if fp_inputs is not None else inputs,
+                                       layer_kwargs, cfg.batch_size, cfg.let_alpha)
+        bq = BlockQuantizer(layer, arch, cfg, let_init)
+        trainable = bq.trainable_params()
+        opt = torch.optim.AdamW(bq.param_groups(), weight_decay=0.0)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + block_index)
+        n = inputs.shape[0]
+        steps = cfg.epochs * math.ceil(n / cfg.batch_size)
+        step = 0
+        with act_quant_hooks(layer, cfg.abits):
+            for _epoch in range(cfg.epochs):
+                for idx in _batches(n, cfg.batch_size, torch.randperm(n, generator=gen)):
+                    params = bq.effective()  # LSI recomposition + LET + LWC, once per step
+                    out = block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
+                    loss = torch.nn.functional.mse_loss(out, targets[idx].to(device))
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"block {block_index}: loss became {loss.item()} at step {step}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(loss.item())
+                    step += 1
+                    if on_step is not None:
+                        on_step(step, steps, losses[-1])
+        linears, tensors = bq.finalize()
+    result = BlockResult(linears, tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=losses,
+                         trainable_params=trainable)
+    result.loss_after = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size,
+                                  result.dequantized_params(), cfg.abits)
+    result.seconds = time.perf_counter() - t0
+    return result

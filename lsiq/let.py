@@ -1,0 +1,77 @@
+"""LET, OmniQuant's learnable equivalent transformation, for Llama-family blocks with GQA.
+
+Per-channel scales move between an activation and the linears that read it, leaving the FP block
+output unchanged: ``Y = (X / s) (s * W)^T``.
+- qkv: input_layernorm weight / s, q/k/v input columns * s (s over hidden channels);
+- fc1: post_attention_layernorm weight / s, gate/up input columns * s;
+- out: v output rows / s, o input columns * s, where s lives on the KV heads' channels and is
+  repeated for every query head sharing that KV head (GQA: query head h reads KV head h // groups);
+- qk: q output rows / s, k output rows * s, with s shared by each rotary pair (d, d + head_dim/2)
+  so the scaling commutes with RoPE, and repeated over the query heads of a KV group.
+The shift of the paper's ``(X - d) / s`` is not used: RMSNorm has no bias to absorb it (the
+reference code also disables it for Llama and for weight-only runs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lsiq.arch import ATTN_QKV, MLP_IN, BlockArch
+
+SCALE_MIN = 1e-5
+
+
+def smooth_scale(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant initialisation s = act^alpha / w^(1 - alpha), as OmniQuant initialises LET."""
+    return (act_absmax.clamp(min=SCALE_MIN).pow(alpha) / w_absmax.clamp(min=SCALE_MIN).pow(1 - alpha)).clamp(min=SCALE_MIN)
+
+
+class LET(nn.Module):
+    """The learnable scales of one block."""
+
+    def __init__(self, arch: BlockArch, init: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.arch = arch
+        shapes = {
+            "qkv": (arch.hidden,),
+            "fc1": (arch.hidden,),
+            "out": (arch.n_kv_heads * arch.head_dim,),
+            "qk": (arch.n_kv_heads, arch.head_dim // 2),
+        }
+        init = init or {}
+        for name, shape in shapes.items():
+            value = init.get(name, torch.ones(shape))
+            if tuple(value.shape) != shape:
+                raise ValueError(f"LET {name} scale init has shape {tuple(value.shape)}, expected {shape}")
+            self.register_parameter(name, nn.Parameter(value.detach().clone().float()))
+
+    def _expand_heads(self, s: torch.Tensor) -> torch.Tensor:
+        """[kv_heads, head_dim] -> [n_heads * head_dim], query head h taking KV head h // groups."""
+        return s.repeat_interleave(self.arch.kv_groups, dim=0).reshape(-1)
+
+    def apply(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return a copy of the block tensors ``t`` (names relative to the block) transformed."""
+        t = dict(t)
+        s = self.qkv.clamp(min=SCALE_MIN)
+        t["input_layernorm.weight"] = t["input_layernorm.weight"] / s
+        for name in ATTN_QKV:
+            t[f"{name}.weight"] = t[f"{name}.weight"] * s
+        s = self.fc1.clamp(min=SCALE_MIN)
+        t["post_attention_layernorm.weight"] = t["post_attention_layernorm.weight"] / s
+        for name in MLP_IN:
+            t[f"{name}.weight"] = t[f"{name}.weight"] * s
+        s = self.out.clamp(min=SCALE_MIN)
+        _scale_rows(t, "self_attn.v_proj", 1 / s)
+        t["self_attn.o_proj.weight"] = t["self_attn.o_proj.weight"] * self._expand_heads(s.view(self.arch.n_kv_heads, -1))
+        s = self.qk.clamp(min=SCALE_MIN)
+        s_kv = torch.cat([s, s], dim=-1)  # rotary pairs (d, d + head_dim/2) share a scale
+        _scale_rows(t, "self_attn.k_proj", s_kv.reshape(-1))
+        _scale_rows(t, "self_attn.q_proj", 1 / self._expand_heads(s_kv))
+        return t
+
+
+def _scale_rows(t: dict[str, torch.Tensor], linear: str, s: torch.Tensor) -> None:
+    t[f"{linear}.weight"] = t[f"{linear}.weight"] * s[:, None]
+    if f"{linear}.bias" in t:
+        t[f"{linear}.bias"] = t[f"{linear}.bias"] * s

@@ -1,0 +1,38 @@
+"""LSI, learnable singular-value increments (paper 000/004).
+
+W = U diag(S) V^T (thin SVD, computed once per block in float64). The calibrated weight is
+W' = U diag(S + dS) V^T (+ U_k B V_k^T with an optional learnable k x k block B on the top-left
+of the singular-value matrix), evaluated as W + U diag(dS) V^T (+ U_k B V_k^T) so that dS = 0
+reproduces W bit for bit. dS and B start at zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SVDIncrement(nn.Module):
+    """Learnable singular-value increment for one linear weight."""
+
+    def __init__(self, weight: torch.Tensor, block_k: int = 0) -> None:
+        super().__init__()
+        w64 = weight.detach().to(torch.float64)
+        u, s, vh = torch.linalg.svd(w64, full_matrices=False)
+        dtype = weight.dtype
+        self.register_buffer("base", weight.detach().clone(), persistent=False)
+        self.register_buffer("u", u.to(dtype), persistent=False)
+        self.register_buffer("s", s.to(dtype), persistent=False)
+        self.register_buffer("vh", vh.to(dtype), persistent=False)
+        self.delta = nn.Parameter(torch.zeros_like(s, dtype=dtype))
+        k = min(block_k, s.numel())
+        self.block_k = k
+        self.block = nn.Parameter(torch.zeros(k, k, dtype=dtype)) if k > 0 else None
+
+    def forward(self) -> torch.Tensor:
+        # U diag(dS) V^T costs one [out x r] x [r x in] product; called once per optimizer step.
+        w = self.base + (self.u * self.delta) @ self.vh
+        if self.block is not None:
+            k = self.block_k
+            w = w + self.u[:, :k] @ self.block @ self.vh[:k]
+        return w

@@ -1,0 +1,129 @@
+"""Uniform integer quantization primitives: grids, fake quantization with a straight-through
+estimator, the integer form (codes, scales, zero points) and dynamic per-token activations.
+
+Convention for every bit width b and both modes: codes are unsigned integers in [0, 2^b - 1] and a
+weight is represented as ``(code - zero) * scale``, one (scale, zero) pair per output row and group.
+Asymmetric: the group's [xmin, xmax] maps onto [0, 2^b - 1]. Symmetric: zero = 2^(b-1) and
+scale = absmax / (2^(b-1) - 1), so the grid is {-2^(b-1), ..., 2^(b-1) - 1} * scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCALE_MIN = 1e-8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a weight matrix is quantized: bit width, group size along the input dim (0 = per
+    output channel) and symmetric or asymmetric grid."""
+
+    bits: int
+    group_size: int = 0
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"weight bits must be between 2 and 8, got {self.bits}")
+        if self.group_size < 0:
+            raise ValueError(f"group size must be >= 0 (0 = per channel), got {self.group_size}")
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        """Number of groups per row; raises a clear error when the group size does not divide."""
+        if self.group_size == 0:
+            return 1
+        if in_features % self.group_size:
+            raise ValueError(
+                f"group size {self.group_size} does not divide in_features={in_features}; "
+                f"choose a divisor of {in_features} (or 0 for per-channel)"
+            )
+        return in_features // self.group_size
+
+    def group_len(self, in_features: int) -> int:
+        return in_features // self.groups(in_features)
+
+
+def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View a [out, in] weight as [out, groups, group_len]."""
+    out_f, in_f = w.shape
+    return w.reshape(out_f, spec.groups(in_f), spec.group_len(in_f))
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient (identity in the backward pass)."""
+    return (x.round() - x).detach() + x
+
+
+def scale_zero_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec,
+                          ste: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per group from a clipping range; shapes [out, groups]. Differentiable in
+    xmin/xmax (the zero point's rounding uses a straight-through estimator when ``ste``)."""
+    rnd = round_ste if ste else torch.round
+    if spec.sym:
+        absmax = torch.maximum(xmax.abs(), xmin.abs())
+        scale = (absmax / (2 ** (spec.bits - 1) - 1)).clamp(min=SCALE_MIN)
+        zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
+        return scale, zero
+    scale = ((xmax - xmin) / spec.qmax).clamp(min=SCALE_MIN)
+    zero = rnd(-xmin / scale).clamp(0, spec.qmax)
+    return scale, zero
+
+
+def minmax_scale_zero(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest parameters: the group's min and max (absmax when symmetric)."""
+    g = grouped(w, spec)
+    return scale_zero_from_range(g.amin(-1), g.amax(-1), spec)
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize ``w`` on the grid given by (scale, zero), straight-through for rounding."""
+    g = grouped(w, spec)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    q = (round_ste(g / s) + z).clamp(0, spec.qmax)
+    return ((q - z) * s).reshape(w.shape)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (uint8, [out, in]) of ``w`` on the grid given by (scale, zero)."""
+    g = grouped(w.detach(), spec)
+    q = (torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, spec.qmax)
+    return q.reshape(w.shape).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weights from codes: ``(code - zero) * scale`` per group. Matches ``fake_quant`` exactly."""
+    g = grouped(codes.to(dtype), spec)
+    return ((g - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(codes.shape)
+
+
+class ActQuantizer(torch.nn.Module):
+    """Dynamic per-token asymmetric activation quantizer (OmniQuant's A4/A6/A8); 16 bits = off."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if bits not in (4, 6, 8, 16):
+            raise ValueError(f"activation bits must be one of 4, 6, 8, 16 (off), got {bits}")
+        self.bits = bits
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        qmax = 2**self.bits - 1
+        xmin = x.amin(-1, keepdim=True).clamp(max=0)
+        xmax = x.amax(-1, keepdim=True).clamp(min=0)
+        scale = ((xmax - xmin) / qmax).clamp(min=SCALE_MIN)
+        zero = torch.round(-xmin / scale)
+        q = (round_ste(x / scale) + zero).clamp(0, qmax)
+        return (q - zero) * scale

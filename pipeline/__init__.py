@@ -1,0 +1,1 @@
+"""Distributed, resumable block-by-block quantization pipeline built on Ray and `lsiq`."""

@@ -1,0 +1,176 @@
+"""Reading a sharded safetensors checkpoint one block at a time.
+
+Each shard's header (8-byte little-endian length, then JSON) is parsed once; a tensor is read as a
+byte range, so only the requested block's tensors are fetched, whatever the shard layout. Sizes,
+dtypes and shapes are checked against the header, the file size and the model config.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from lsiq.arch import LINEARS, NORMS, BlockArch
+from pipeline import storage
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """The source checkpoint is missing something or is inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the shard file
+    end: int
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+class Checkpoint:
+    """A source checkpoint: its config, the location of every tensor, and block-wise reads."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        try:
+            self.fs, self.root = storage.filesystem(url) if not storage_options else _fs_with(url, storage_options)
+        except Exception as e:  # noqa: BLE001 - any fsspec failure is the user's URL problem
+            raise CheckpointError(f"cannot open model location {url!r}: {e}") from e
+        cfg_path = storage.join(self.root, "config.json")
+        if not self.fs.exists(cfg_path):
+            raise CheckpointError(f"no config.json in {url!r}: not a transformers checkpoint directory")
+        cfg = storage.read_json(self.fs, cfg_path)
+        if "model_type" not in cfg:
+            raise CheckpointError(f"{cfg_path} has no model_type")
+        self.config_dict = cfg
+        self.config: PretrainedConfig = AutoConfig.for_model(**cfg)
+        self.arch = BlockArch.from_config(self.config)
+        self.tensors = self._locate_tensors()
+
+    # ------------------------------------------------------------------ layout
+    def _shard_names(self) -> list[str]:
+        index = storage.join(self.root, INDEX_FILE)
+        if self.fs.exists(index):
+            weight_map = storage.read_json(self.fs, index).get("weight_map")
+            if not weight_map:
+                raise CheckpointError(f"{INDEX_FILE} has no weight_map")
+            return sorted(set(weight_map.values()))
+        if self.fs.exists(storage.join(self.root, SINGLE_FILE)):
+            return [SINGLE_FILE]
+        raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {self.url!r}")
+
+    def _locate_tensors(self) -> dict[str, TensorInfo]:
+        out: dict[str, TensorInfo] = {}
+        for shard in self._shard_names():
+            path = storage.join(self.root, shard)
+            if not self.fs.exists(path):
+                raise CheckpointError(f"missing shard {shard} listed in {INDEX_FILE}")
+            size = self.fs.size(path)
+            with self.fs.open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"shard {shard} is truncated ({size} bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > 100 * 2**20:
+                    raise CheckpointError(f"shard {shard}: header length {n} does not fit the file size {size}")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            data_end = 8 + n
+            for name, meta in header.items():
+                begin, end = meta["data_offsets"]
+                if meta["dtype"] not in DTYPES:
+                    raise CheckpointError(f"{name} in {shard}: unsupported dtype {meta['dtype']}")
+                numel = 1
+                for d in meta["shape"]:
+                    numel *= d
+                if end - begin != numel * DTYPES[meta["dtype"]].itemsize:
+                    raise CheckpointError(f"{name} in {shard}: byte range disagrees with dtype and shape")
+                if data_end + end > size:
+                    raise CheckpointError(f"shard {shard} is truncated: {name} ends at byte {data_end + end}, "
+                                          f"file has {size}")
+                out[name] = TensorInfo(shard, meta["dtype"], tuple(meta["shape"]), data_end + begin, data_end + end)
+        self._check_blocks(out)
+        return out
+
+    def _check_blocks(self, tensors: dict[str, TensorInfo]) -> None:
+        shapes = self.arch.linear_shapes()
+        for i in range(self.arch.num_layers):
+            p = layer_prefix(i)
+            for name in LINEARS:
+                info = tensors.get(f"{p}{name}.weight")
+                if info is None:
+                    raise CheckpointError(f"missing tensor {p}{name}.weight")
+                if info.shape != shapes[name]:
+                    raise CheckpointError(f"{p}{name}.weight has shape {list(info.shape)}, config implies "
+                                          f"{list(shapes[name])}")
+            for name in NORMS:
+                info = tensors.get(f"{p}{name}.weight")
+                if info is None:
+                    raise CheckpointError(f"missing tensor {p}{name}.weight")
+                if info.shape != (self.arch.hidden,):
+                    raise CheckpointError(f"{p}{name}.weight has shape {list(info.shape)}, expected [{self.arch.hidden}]")
+
+    # ------------------------------------------------------------------ reads
+    def block_names(self, i: int) -> list[str]:
+        p = layer_prefix(i)
+        return sorted(n for n in self.tensors if n.startswith(p))
+
+    def other_names(self) -> list[str]:
+        return sorted(n for n in self.tensors if not n.startswith("model.layers."))
+
+    def nbytes(self, names: list[str]) -> int:
+        return sum(self.tensors[n].end - self.tensors[n].begin for n in names)
+
+    def read(self, names: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """Read the named tensors (byte ranges), check they are finite, cast floats to ``dtype``."""
+        out = {}
+        by_shard: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.tensors:
+                raise CheckpointError(f"missing tensor {n}")
+            by_shard.setdefault(self.tensors[n].shard, []).append(n)
+        for shard, shard_names in by_shard.items():
+            with self.fs.open(storage.join(self.root, shard), "rb") as f:
+                for n in sorted(shard_names, key=lambda k: self.tensors[k].begin):
+                    info = self.tensors[n]
+                    f.seek(info.begin)
+                    raw = f.read(info.end - info.begin)
+                    if len(raw) != info.end - info.begin:
+                        raise CheckpointError(f"shard {shard} is truncated while reading {n}")
+                    t = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(info.shape) \
+                        if raw else torch.empty(info.shape, dtype=DTYPES[info.dtype])
+                    if t.is_floating_point():
+                        if not torch.isfinite(t).all():
+                            raise CheckpointError(f"tensor {n} contains NaN or Inf values")
+                        if dtype is not None:
+                            t = t.to(dtype)
+                    out[n] = t
+        return out
+
+    def read_block(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's tensors, names relative to the block (``self_attn.q_proj.weight``), fp32."""
+        p = layer_prefix(i)
+        return {n[len(p):]: t for n, t in self.read(self.block_names(i)).items()}
+
+
+def _fs_with(url: str, options: dict[str, Any]):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **options)

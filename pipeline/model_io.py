@@ -1,0 +1,92 @@
+"""Building models without loading a whole checkpoint: skeletons on the meta device, the decoder
+layer class for one block, and full models for evaluation (FP or our quantized output)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from lsiq.block import act_quant_hooks
+from lsiq.capture import decoder_layers
+from lsiq.quantizer import QuantSpec
+from pipeline import native_format, storage
+
+MANIFEST = "lsiq_manifest.json"
+
+
+def skeleton(config: PretrainedConfig) -> nn.Module:
+    """The model with every parameter on the meta device (buffers such as rotary inv_freq are real)."""
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def decoder_layer_class(config: PretrainedConfig) -> type[nn.Module]:
+    """The model's own decoder layer class (e.g. LlamaDecoderLayer), found through a meta skeleton."""
+    return type(decoder_layers(skeleton(config))[0])
+
+
+def decoder_layer(layer_cls: type[nn.Module], config: PretrainedConfig, index: int,
+                  tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Block ``index`` as an instance of ``layer_cls`` holding ``tensors`` (every tensor required)."""
+    with init_empty_weights():
+        layer = layer_cls(config, index)
+    layer.load_state_dict(tensors, strict=True, assign=True)
+    return layer.eval()
+
+
+def with_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Put real tensors into a skeleton (assign), leaving the rest on meta."""
+    model.load_state_dict(tensors, strict=False, assign=True)
+    return model
+
+
+def read_manifest(path: str) -> dict[str, Any] | None:
+    fs, root = storage.filesystem(path)
+    p = storage.join(root, MANIFEST)
+    return storage.read_json(fs, p) if fs.exists(p) else None
+
+
+def load_quantized(path: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Our native output as a plain float model holding the dequantized weights."""
+    manifest = read_manifest(path)
+    if manifest is None or manifest.get("status") != "complete":
+        raise ValueError(f"{path}: no complete {MANIFEST}; the run did not finish")
+    if manifest.get("format") != native_format.FORMAT:
+        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}")
+    q = manifest["quantization"]
+    spec = QuantSpec(q["wbits"], q["group_size"], q["sym"])
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    state = native_format.dequantize_tensors(tensors, spec)
+    config = AutoConfig.from_pretrained(path)
+    model = skeleton(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ValueError(f"{path}: missing tensors {still_meta[:5]}")
+    return model.eval(), manifest
+
+
+def load_for_eval(path: str) -> tuple[nn.Module, contextlib.ExitStack]:
+    """FP checkpoints through transformers; our output through :func:`load_quantized`. The returned
+    ExitStack holds the activation quantizers of weight-activation runs (close it when done)."""
+    stack = contextlib.ExitStack()
+    if read_manifest(path) is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), stack
+    model, manifest = load_quantized(path)
+    abits = manifest["quantization"]["abits"]
+    for layer in decoder_layers(model):
+        stack.enter_context(act_quant_hooks(layer, abits))
+    return model, stack

@@ -1,0 +1,49 @@
+"""Our native quantized layout ("lsiq-native-v1"), one linear ``X`` (e.g.
+``model.layers.0.self_attn.q_proj``) stored as:
+
+- ``X.qweight``: int32 [out, ceil(in * bits / 32)], b-bit codes packed along the input dim
+  (little-endian bitstream, see lsiq.packing);
+- ``X.scales``: float32 [out, in / group_size] (one column when per channel);
+- ``X.qzeros``: uint8 [out, in / group_size], the zero points as unsigned codes;
+- ``X.weight_shape``: int64 [2] = [out, in].
+A weight is ``(code - zero) * scale``. Every other tensor (LET-folded norms, biases, embeddings,
+final norm, head) is stored as a plain float32 tensor under its transformers name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lsiq.block import BlockResult
+from lsiq.packing import pack_codes, unpack_codes
+from lsiq.quantizer import QuantSpec, dequantize
+
+FORMAT = "lsiq-native-v1"
+SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight_shape")
+
+
+def block_tensors(prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
+    """Flatten a calibrated block into named tensors under ``prefix`` (``model.layers.3.``)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, q in result.linears.items():
+        out[f"{prefix}{name}.qweight"] = pack_codes(q.codes.cpu(), q.spec.bits)
+        out[f"{prefix}{name}.scales"] = q.scale.detach().to(torch.float32).cpu().contiguous()
+        out[f"{prefix}{name}.qzeros"] = q.zero.detach().cpu().to(torch.uint8).contiguous()
+        out[f"{prefix}{name}.weight_shape"] = torch.tensor(list(q.codes.shape), dtype=torch.int64)
+    for name, t in result.tensors.items():
+        out[f"{prefix}{name}"] = t.detach().to(torch.float32).cpu().contiguous()
+    return out
+
+
+def dequantize_tensors(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Turn stored tensors back into a plain float32 state dict (``X.weight`` for each linear)."""
+    out = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
+    for key in tensors:
+        if key.endswith(".qweight"):
+            base = key[: -len(".qweight")]
+            out_f, in_f = (int(v) for v in tensors[f"{base}.weight_shape"])
+            codes = unpack_codes(tensors[key], spec.bits, in_f)
+            if codes.shape[0] != out_f:
+                raise ValueError(f"{key}: {codes.shape[0]} rows, weight_shape says {out_f}")
+            out[f"{base}.weight"] = dequantize(codes, tensors[f"{base}.scales"], tensors[f"{base}.qzeros"].float(), spec)
+    return out
