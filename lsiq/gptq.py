@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero
+from lsiq.quantizer import QuantSpec, dequantize, fake_quant, minmax_scale_zero, quantize_codes
 
 
 class HessianAccumulator:
@@ -70,6 +70,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
             err1[:, i:i + 1] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    scale = torch.stack(scales, dim=1).to(w.dtype)
-    zero = torch.stack(zeros, dim=1).to(w.dtype)
-    return Q.to(w.dtype), scale, zero
+    scale64, zero64 = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
+    codes = quantize_codes(Q, scale64, zero64, spec)  # Q lies on the fp64 grid: codes are exact
+    scale, zero = scale64.to(w.dtype), zero64.to(w.dtype)
+    return dequantize(codes, scale, zero, spec, w.dtype), scale, zero

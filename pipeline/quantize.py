@@ -91,8 +91,9 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
     out = OutputDir(cfg.output, cfg.overwrite)
-    meta = {"format": native_format.FORMAT, "method": ccfg.method, "wbits": str(ccfg.wbits),
-            "abits": str(ccfg.abits), "group_size": str(ccfg.group_size), "sym": str(ccfg.sym)}
+    # One metadata key only: safetensors writes its metadata map in hash order, so several keys
+    # would make the bytes differ between identical runs. The quantization settings live in the manifest.
+    meta = {"format": "pt"}
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt.root)
     ids = calibration_ids(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, ccfg.seed)

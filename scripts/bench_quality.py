@@ -1,0 +1,106 @@
+"""Quality benchmark: RTN, GPTQ, LWC, LWC+LET and LSI on the bundled SmolLM2-135M.
+
+Each run is the real CLI: `python -m pipeline.quantize` (embedded local Ray) then
+`python -m pipeline.evaluate` on eval.txt (512-token windows). Records perplexity, quantization
+wall time, peak RSS (max of driver and calibrator actor) and trainable parameter count, appends
+one JSON line per run to OUT/results.jsonl and prints a Markdown table.
+
+    python scripts/bench_quality.py                       # every setting and method (long)
+    python scripts/bench_quality.py --settings w3g64 --methods lsi --extra="--lr-lsi 3e-3" --label lsi-lr3e-3
+
+Settings: w3g64 (main), w2g64, w4g64 (W*A16, asymmetric, group 64) and w4a4 (per-channel W4,
+per-token A4; only lwc-let and lsi are run there by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "w3g64": ["--wbits", "3", "--abits", "16", "--group-size", "64"],
+    "w2g64": ["--wbits", "2", "--abits", "16", "--group-size", "64"],
+    "w4g64": ["--wbits", "4", "--abits", "16", "--group-size", "64"],
+    "w4a4": ["--wbits", "4", "--abits", "4", "--group-size", "0"],
+}
+METHODS = ["rtn", "gptq", "lwc", "lwc-let", "lsi"]
+W4A4_METHODS = ["lwc-let", "lsi"]
+
+
+def ensure_fixtures(root: Path) -> tuple[Path, Path, Path]:
+    model, texts = root / "smollm2", root / "texts"
+    if not (model / "model.safetensors.index.json").exists():
+        subprocess.run([sys.executable, "-m", "pipeline.fixtures", "smollm2", str(model)], check=True)
+    if not (texts / "eval.txt").exists():
+        subprocess.run([sys.executable, "-m", "pipeline.fixtures", "texts", str(texts)], check=True)
+    return model, texts / "calib.txt", texts / "eval.txt"
+
+
+def evaluate(model: Path, eval_txt: Path, windows: int | None) -> dict:
+    cmd = [sys.executable, "-m", "pipeline.evaluate", "--model", str(model), "--text", str(eval_txt), "--seqlen", "512"]
+    if windows:
+        cmd += ["--max-windows", str(windows)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fixtures", default="fixtures", help="where the bundled model and texts are (written if missing)")
+    p.add_argument("--out", default="bench_out/quality", help="run outputs and results.jsonl")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-windows", type=int, default=64, help="first K 512-token windows of eval.txt (0 = all)")
+    p.add_argument("--extra", default="", help="extra pipeline.quantize flags for every run")
+    p.add_argument("--label", default=None, help="label of these runs in the table (default: method)")
+    p.add_argument("--fp", action="store_true", help="also evaluate the FP model")
+    a = p.parse_args()
+
+    model, calib, eval_txt = ensure_fixtures(Path(a.fixtures))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    windows = a.eval_windows or None
+    if a.fp:
+        ev = evaluate(model, eval_txt, windows)
+        row = {"setting": "fp32", "method": "fp", "label": "fp", "ppl": ev["ppl"], "eval_tokens": ev["tokens"]}
+        print(json.dumps(row), flush=True)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    for setting in a.settings:
+        methods = a.methods or (W4A4_METHODS if setting == "w4a4" else METHODS)
+        for method in methods:
+            label = a.label or method
+            run_dir = out / f"{setting}-{label}"
+            cmd = [sys.executable, "-m", "pipeline.quantize", "--model", str(model), "--output", str(run_dir / "model"),
+                   "--calib", str(calib), "--method", method, *SETTINGS[setting], "--nsamples", str(a.nsamples),
+                   "--seqlen", str(a.seqlen), "--epochs", str(a.epochs), "--seed", str(a.seed),
+                   "--report", str(run_dir / "report.json"), "--overwrite", *shlex.split(a.extra)]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            rep = json.loads((run_dir / "report.json").read_text())
+            ev = evaluate(run_dir / "model", eval_txt, windows)
+            row = {"setting": setting, "method": method, "label": label, "ppl": ev["ppl"], "eval_tokens": ev["tokens"],
+                   "quant_wall_s": round(wall, 1), "calib_s": round(rep["calib_seconds"], 1),
+                   "peak_rss_mb": round(max(rep["peak_rss_driver"], rep["peak_rss_calibrator"]) / 2**20),
+                   "trainable_params": rep["trainable_params"],
+                   "mean_block_loss_after": sum(b["loss_after"] for b in rep["blocks"]) / len(rep["blocks"]),
+                   "command": " ".join(shlex.quote(c) for c in cmd)}
+            print(json.dumps(row), flush=True)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random Llama-family checkpoints, the real SmolLM2 fixture, a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    kw = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              num_hidden_layers=3, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def write_sharded_checkpoint(model: torch.nn.Module, out: Path, shards: int = 2) -> Path:
+    """Save ``model`` as sharded safetensors plus index and config, tensors split round-robin by block."""
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    names = sorted(sd)
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
+    for i, n in enumerate(names):
+        parts[i % shards][n] = sd[n]
+    weight_map = {}
+    for s, part in enumerate(parts):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model.config.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    from pipeline.fixtures import write_smollm2
+
+    return write_smollm2(tmp_path_factory.mktemp("smollm2") / "model")
+
+
+@pytest.fixture(scope="session")
+def texts_dir(tmp_path_factory) -> Path:
+    from pipeline.fixtures import write_texts
+
+    out = tmp_path_factory.mktemp("texts")
+    write_texts(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
+    """A random 3-block GQA Llama with SmolLM2's tokenizer, sharded in two files."""
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(vocab_size=49152)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out = write_sharded_checkpoint(model, tmp_path_factory.mktemp("tiny") / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (out / f).write_bytes((smollm2_dir / f).read_bytes())
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from pipeline import ray_env
+
+    started = ray_env.connect(num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()

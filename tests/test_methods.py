@@ -1,0 +1,164 @@
+"""Method-level tests on random tiny Llama-family blocks (transformers' own layer classes)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from lsiq.arch import LINEARS, BlockArch, UnsupportedArchitecture
+from lsiq.block import BlockQuantizer, CalibConfig, block_forward, calibrate_block
+from lsiq.capture import capture_first_layer_inputs
+from lsiq.gptq import HessianAccumulator, gptq_quantize
+from lsiq.let import LET
+from lsiq.lsi import SVDIncrement
+from lsiq.lwc import LWC
+from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero, quantize_codes
+from tests.conftest import tiny_llama_config
+
+
+def _block(cfg, n=6, seqlen=32, seed=0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    # non-trivial norms so that LET's folding is exercised
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.data.uniform_(0.5, 1.5)
+    x, kw = capture_first_layer_inputs(model, torch.randint(0, cfg.vocab_size, (n, seqlen)))
+    return model, model.model.layers[0], x, kw
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("cfg", [
+    tiny_llama_config(num_key_value_heads=4),  # MHA
+    tiny_llama_config(num_key_value_heads=2),  # GQA, 2 query heads per KV head
+    tiny_llama_config(num_attention_heads=8, num_key_value_heads=1, hidden_size=64),  # MQA
+    Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                num_hidden_layers=1, vocab_size=256),  # GQA with q/k/v biases
+], ids=["mha", "gqa", "mqa", "qwen2-gqa-bias"])
+def test_let_preserves_fp_output(cfg):
+    _, layer, x, kw = _block(cfg)
+    arch = BlockArch.from_config(cfg)
+    torch.manual_seed(1)
+    init = {"qkv": torch.rand(arch.hidden) * 2 + 0.25, "fc1": torch.rand(arch.hidden) * 2 + 0.25,
+            "out": torch.rand(arch.n_kv_heads * arch.head_dim) * 2 + 0.25,
+            "qk": torch.rand(arch.n_kv_heads, arch.head_dim // 2) * 2 + 0.25}
+    let = LET(arch, init)
+    params = let.apply(dict(layer.state_dict()))
+    with torch.no_grad():
+        ref = block_forward(layer, x, kw)
+        out = block_forward(layer, x, kw, params)
+    assert not torch.equal(params["self_attn.q_proj.weight"], layer.self_attn.q_proj.weight)
+    assert _rel(out, ref) < 1e-5
+
+
+def test_lsi_zero_increment_is_lwc():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    spec = QuantSpec(3, 16)
+    inc = SVDIncrement(w, block_k=8)
+    assert torch.equal(inc(), w)  # bit for bit
+    lwc = LWC(48, 64, spec)
+    with torch.no_grad():
+        lwc.upbound.uniform_(1, 4)
+        lwc.lowbound.uniform_(1, 4)
+        q_lsi = quantize_codes(inc(), *lwc.scale_zero(inc()), spec)
+        q_lwc = quantize_codes(w, *lwc.scale_zero(w), spec)
+    assert torch.equal(q_lsi, q_lwc)
+    assert torch.equal(lwc(inc()), lwc(w))
+
+
+def test_lsi_recomposition_and_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(40, 24, dtype=torch.float64)
+    inc = SVDIncrement(w, block_k=4)
+    with torch.no_grad():
+        inc.delta.uniform_(-0.1, 0.1)
+        inc.block.uniform_(-0.1, 0.1)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    m = torch.diag(s + inc.delta)
+    m[:4, :4] += inc.block
+    assert torch.allclose(inc(), u @ m @ vh, atol=1e-10)
+    g = torch.randn_like(w)
+    (inc() * g).sum().backward()
+    # d/d dS_i <G, U diag(dS) V^T> = u_i^T G v_i
+    assert torch.allclose(inc.delta.grad, torch.einsum("mi,mn,in->i", u, g, vh), atol=1e-10)
+
+
+def test_gptq_beats_rtn_on_layer_output():
+    torch.manual_seed(0)
+    n, d_in, d_out = 2048, 64, 32
+    mix = torch.randn(d_in, d_in) / d_in**0.5
+    x = torch.randn(n, d_in) @ mix + 0.1 * torch.randn(n, d_in)  # correlated inputs
+    w = torch.randn(d_out, d_in)
+    acc = HessianAccumulator(d_in)
+    acc.add(x[:1000])
+    acc.add(x[1000:])
+    assert torch.allclose(acc.h, 2 * x.double().T @ x.double() / n, rtol=1e-8)
+    for spec in (QuantSpec(3, 16), QuantSpec(4, 0), QuantSpec(2, 32, sym=True)):
+        q_gptq, scale, zero = gptq_quantize(w, acc.h, spec)
+        codes = quantize_codes(q_gptq, scale, zero, spec)
+        assert torch.equal(fake_quant(q_gptq, scale, zero, spec), q_gptq)
+        assert codes.max() <= spec.qmax
+        q_rtn = fake_quant(w, *minmax_scale_zero(w, spec), spec)
+        err_gptq = (x @ (w - q_gptq).T).pow(2).mean()
+        err_rtn = (x @ (w - q_rtn).T).pow(2).mean()
+        assert err_gptq < 0.9 * err_rtn, spec
+
+
+@pytest.mark.parametrize("method", ["lwc", "lwc-let", "lsi"])
+def test_calibration_lowers_block_loss(method):
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=8)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    ccfg = CalibConfig(method=method, wbits=3, group_size=32, epochs=4, batch_size=2)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    res = calibrate_block(layer, kw, x, y, BlockArch.from_config(cfg), ccfg)
+    assert res.loss_after < res.loss_before
+    assert len(res.losses) == 4 * 4 and res.trainable_params > 0
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())  # layer untouched
+    assert set(res.linears) == set(LINEARS)
+
+
+def test_weight_activation_calibration_runs():
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=4)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    res = calibrate_block(layer, kw, x, y, BlockArch.from_config(cfg),
+                          CalibConfig(method="lsi", wbits=4, abits=4, group_size=0, epochs=2, batch_size=2),
+                          fp_inputs=x)
+    assert res.loss_after < res.loss_before
+
+
+def test_same_seed_same_result():
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=4)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    ccfg = CalibConfig(method="lsi", wbits=3, group_size=32, epochs=2, batch_size=2, lsi_block_k=4)
+    arch = BlockArch.from_config(cfg)
+    a = calibrate_block(layer, kw, x, y, arch, ccfg)
+    b = calibrate_block(layer, kw, x, y, arch, ccfg)
+    for name in LINEARS:
+        assert torch.equal(a.linears[name].codes, b.linears[name].codes)
+        assert torch.equal(a.linears[name].scale, b.linears[name].scale)
+    assert a.losses == b.losses
+
+
+def test_lsi_parameter_count_is_tiny():
+    cfg = tiny_llama_config()
+    _, layer, _, _ = _block(cfg, n=1)
+    arch = BlockArch.from_config(cfg)
+    bq = BlockQuantizer(layer, arch, CalibConfig(method="lsi", wbits=3, group_size=32))
+    n_lsi = sum(p.numel() for p in bq.lsi.parameters())
+    assert n_lsi == sum(min(layer.get_submodule(n).weight.shape) for n in LINEARS)
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedArchitecture, match="model_type='gpt2'"):
+        BlockArch.from_config(GPT2Config())

@@ -1,0 +1,138 @@
+"""The local pipeline on a random tiny Llama checkpoint with a real local Ray."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lsiq.arch import UnsupportedArchitecture
+from lsiq.block import CalibConfig
+from pipeline.checkpoint import Checkpoint, CheckpointError
+from pipeline.config import QuantizeConfig, parse_quantize_args
+from pipeline.evaluate import perplexity
+from pipeline.model_io import MANIFEST, load_quantized
+from pipeline.quantize import run
+
+
+def _cfg(model, out, calib, method="lsi", **kw):
+    calib_cfg = CalibConfig(method=method, wbits=3, group_size=32, epochs=1, batch_size=2, seed=0, lsi_block_k=4)
+    return QuantizeConfig(model=str(model), output=str(out), calib=[str(calib)], calib_cfg=calib_cfg,
+                          nsamples=4, seqlen=32, **kw)
+
+
+def _run(cfg):
+    return run(cfg, log=lambda m: None)
+
+
+def test_checkpoint_reads_one_block(tiny_checkpoint):
+    ck = Checkpoint(str(tiny_checkpoint))
+    block = ck.read_block(1)
+    assert set(block) >= {"self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"}
+    assert all(not k.startswith("model.") for k in block)
+    full = {}
+    for f in tiny_checkpoint.glob("*.safetensors"):
+        full.update(load_file(f))
+    for k, v in block.items():
+        assert torch.equal(v, full[f"model.layers.1.{k}"])
+    assert "model.embed_tokens.weight" in ck.other_names()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "lsi"])
+def test_quantize_and_load(tiny_checkpoint, texts_dir, tmp_path, ray_local, method):
+    out = tmp_path / "out"
+    report = _run(_cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method=method, report=str(tmp_path / "r.json")))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["status"] == "complete" and manifest["num_layers"] == 3
+    assert len(report["blocks"]) == 3
+    assert all(b["loss_after"] <= b["loss_before"] * 1.0001 for b in report["blocks"]) or method == "rtn"
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "model.layers.2.self_attn.q_proj.qweight" in index["weight_map"]
+    model, _ = load_quantized(str(out))
+    ids = torch.randint(0, 1000, (2, 16))
+    assert torch.isfinite(torch.tensor(perplexity(model, ids)))
+
+
+def test_same_seed_same_bytes(tiny_checkpoint, texts_dir, tmp_path, ray_local):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(_cfg(tiny_checkpoint, a, texts_dir / "calib.txt"))
+    _run(_cfg(tiny_checkpoint, b, texts_dir / "calib.txt"))
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_output_with_other_run_is_refused(tiny_checkpoint, texts_dir, tmp_path, ray_local):
+    out = tmp_path / "out"
+    _run(_cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method="rtn"))
+    with pytest.raises(FileExistsError, match="already holds a quantized run"):
+        _run(_cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method="rtn"))
+
+
+def test_bad_inputs(tiny_checkpoint, texts_dir, tmp_path):
+    calib = texts_dir / "calib.txt"
+    # group size that does not divide the hidden size (64)
+    cfg = _cfg(tiny_checkpoint, tmp_path / "o1", calib)
+    cfg.calib_cfg = CalibConfig(method="rtn", wbits=3, group_size=48)
+    with pytest.raises(ValueError, match="group size 48 does not divide"):
+        _run(cfg)
+    # missing tensor
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors.pop("model.layers.1.mlp.up_proj.weight", None)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
+        _run(_cfg(broken, tmp_path / "o2", calib))
+    # unsupported architecture
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UnsupportedArchitecture, match="gpt2"):
+        _run(_cfg(gpt2, tmp_path / "o3", calib))
+    # not a checkpoint at all
+    with pytest.raises(CheckpointError, match="no config.json"):
+        _run(_cfg(tmp_path / "nowhere", tmp_path / "o4", calib))
+    for o in ("o1", "o2", "o3", "o4"):
+        assert not (tmp_path / o / MANIFEST).exists()
+
+
+def test_nan_weights_are_refused(tiny_checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_checkpoint, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    shard = bad / index["weight_map"]["model.layers.0.self_attn.k_proj.weight"]
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        Checkpoint(str(bad)).read_block(0)
+
+
+def test_truncated_shard_is_refused(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "trunc"
+    shutil.copytree(tiny_checkpoint, bad)
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Checkpoint(str(bad))
+
+
+def test_cli_parsing_errors():
+    with pytest.raises(SystemExit):
+        parse_quantize_args(["--model", "m", "--output", "o", "--calib", "c", "--wbits", "9"])
+    cfg = parse_quantize_args(["--model", "m", "--output", "o", "--calib", "c", "--method", "gptq",
+                               "--group-size", "0", "--abits", "8"])
+    assert cfg.calib_cfg.method == "gptq" and cfg.calib_cfg.group_size == 0 and cfg.calib_cfg.abits == 8

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from lsiq.packing import pack_codes, unpack_codes
+from lsiq.quantizer import ActQuantizer, QuantSpec, dequantize, fake_quant, minmax_scale_zero, quantize_codes
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_grid_is_exact(bits, sym, group_size):
+    torch.manual_seed(bits)
+    spec = QuantSpec(bits, group_size, sym)
+    w = torch.randn(8, 64) * torch.rand(8, 1) * 3
+    scale, zero = minmax_scale_zero(w, spec)
+    codes = quantize_codes(w, scale, zero, spec)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
+    deq = dequantize(codes, scale, zero, spec)
+    # every value lies exactly on (k - zero) * scale for an integer k in [0, 2^b - 1]
+    g = deq.view(8, spec.groups(64), -1)
+    k = g / scale.unsqueeze(-1) + zero.unsqueeze(-1)
+    assert torch.allclose(k, k.round(), atol=1e-4)
+    assert k.round().min() >= 0 and k.round().max() <= 2**bits - 1
+    # fake quantization gives the same values as the integer form
+    assert torch.equal(fake_quant(w, scale, zero, spec), deq)
+    # round to nearest: inside the representable range the error is at most half a step
+    err = (w.view_as(g) - g).abs()
+    if not sym:
+        # asymmetric min/max: the grid spans each group's range, so every weight is within half a step
+        assert (err <= scale.unsqueeze(-1) / 2 + 1e-6).all()
+        assert (zero >= 0).all() and (zero <= 2**bits - 1).all()
+    else:
+        assert (zero == 2 ** (bits - 1)).all()
+        # symmetric: +absmax maps to the top code, grid symmetric around zero except the extra negative step
+        absmax = w.view_as(g).abs().amax(-1)
+        assert torch.allclose(scale, absmax / (2 ** (bits - 1) - 1))
+
+
+def test_groups_are_independent_at_edges():
+    spec = QuantSpec(3, 16)
+    w = torch.randn(4, 64)
+    s0, z0 = minmax_scale_zero(w, spec)
+    w2 = w.clone()
+    w2[:, 16:32] *= 100  # change only the second group
+    s1, z1 = minmax_scale_zero(w2, spec)
+    assert torch.equal(s0[:, [0, 2, 3]], s1[:, [0, 2, 3]])
+    assert not torch.equal(s0[:, 1], s1[:, 1])
+    d0 = fake_quant(w, s0, z0, spec)
+    d1 = fake_quant(w2, s1, z1, spec)
+    assert torch.equal(d0[:, :16], d1[:, :16]) and torch.equal(d0[:, 32:], d1[:, 32:])
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="group size 128 does not divide in_features=576"):
+        minmax_scale_zero(torch.randn(4, 576), QuantSpec(3, 128))
+
+
+def test_bad_bits():
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        QuantSpec(9)
+    with pytest.raises(ValueError, match="activation bits"):
+        ActQuantizer(5)
+
+
+def test_straight_through_gradient():
+    spec = QuantSpec(3, 16)
+    w = torch.randn(4, 32, requires_grad=True)
+    s, z = minmax_scale_zero(w.detach(), spec)
+    fake_quant(w, s, z, spec).sum().backward()
+    # identity gradient wherever the code is not clamped (min/max grid: nothing is clamped)
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_act_quantizer_per_token():
+    x = torch.randn(2, 5, 32)
+    q = ActQuantizer(8)(x)
+    assert ((q - x).abs() <= (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 255 / 2 + 1e-6).all()
+    assert torch.equal(ActQuantizer(16)(x), x)
+    assert len(torch.unique(ActQuantizer(4)(x)[0, 0])) <= 16
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_roundtrip(bits):
+    codes = torch.randint(0, 2**bits, (3, 100), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (3, (100 * bits + 31) // 32)
+    assert torch.equal(unpack_codes(packed, bits, 100), codes)
+
+
+def test_pack_layout_4bit():
+    # compressed-tensors pack-quantized: code j in bits [4j, 4j+4) of word j // 8, little-endian
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]], dtype=torch.uint8)
+    word = pack_codes(codes, 4)[0, 0].item() & 0xFFFFFFFF
+    assert word == 0xF7654321
