@@ -41,7 +41,7 @@ class CalibConfig:
     group_size: int = 64
     sym: bool = False
     epochs: int = 5
-    batch_size: int = 4
+    batch_size: int = 1
     seed: int = 0
     lr_lwc: float = 1e-2
     lr_let: float = 5e-3

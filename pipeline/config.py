@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
     c.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
     c.add_argument("--epochs", type=int, default=5, help="passes over the calibration set per block")
-    c.add_argument("--batch-size", type=int, default=4, help="sequences per optimizer step (micro-batch)")
+    c.add_argument("--batch-size", type=int, default=CalibConfig.batch_size, help="sequences per optimizer step (micro-batch)")
     c.add_argument("--seed", type=int, default=0, help="seed for sampling and training")
     c.add_argument("--lr-lwc", type=float, default=CalibConfig.lr_lwc, help="learning rate of LWC bounds")
     c.add_argument("--lr-let", type=float, default=CalibConfig.lr_let, help="learning rate of LET scales")

@@ -49,6 +49,20 @@ def evaluate(model: Path, eval_txt: Path, windows: int | None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def table(results: Path) -> str:
+    """Markdown table of results.jsonl (the last row per setting and label wins)."""
+    rows: dict[tuple[str, str], dict] = {}
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        rows[(r["setting"], r["label"])] = r
+    out = ["| setting | method | ppl (eval.txt) | quant wall s | calib s | peak RSS MB | trainable params |",
+           "|---|---|---|---|---|---|---|"]
+    for (setting, label), r in rows.items():
+        out.append(f"| {setting} | {label} | {r['ppl']:.2f} | {r.get('quant_wall_s', '')} | {r.get('calib_s', '')} | "
+                   f"{r.get('peak_rss_mb', '')} | {r.get('trainable_params', '')} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fixtures", default="fixtures", help="where the bundled model and texts are (written if missing)")
@@ -63,7 +77,11 @@ def main() -> int:
     p.add_argument("--extra", default="", help="extra pipeline.quantize flags for every run")
     p.add_argument("--label", default=None, help="label of these runs in the table (default: method)")
     p.add_argument("--fp", action="store_true", help="also evaluate the FP model")
+    p.add_argument("--table", action="store_true", help="only print the Markdown table of OUT/results.jsonl")
     a = p.parse_args()
+    if a.table:
+        print(table(Path(a.out) / "results.jsonl"))
+        return 0
 
     model, calib, eval_txt = ensure_fixtures(Path(a.fixtures))
     out = Path(a.out)
