@@ -215,7 +215,7 @@ class BlockQuantizer(nn.Module):
             if _key(name) in self.lsi:
                 t[f"{name}.weight"] = self.lsi[_key(name)]()
         if self.let is not None:
-            t = self.let.apply(t)
+            t = self.let.transform(t)
         return t
 
     def scale_zero(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,15 +316,16 @@ def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], 
           ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
     device = _device(layer)
     hess = {n: HessianAccumulator(layer.get_submodule(n).in_features, device) for n in LINEARS}
-    handles = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hess[n].add(a[0]))
-               for n in LINEARS]
-    try:
-        with act_quant_hooks(layer, cfg.abits):
+    # The activation quantizers' hooks go first so that H is built from the inputs the layer sees.
+    with act_quant_hooks(layer, cfg.abits):
+        handles = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hess[n].add(a[0]))
+                   for n in LINEARS]
+        try:
             for idx in _batches(inputs.shape[0], cfg.batch_size):
                 block_forward(layer, inputs[idx].to(device), layer_kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+        finally:
+            for h in handles:
+                h.remove()
     linears = {}
     for name in LINEARS:
         w = layer.get_submodule(name).weight.detach()
@@ -347,7 +348,6 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
     """
     t0 = time.perf_counter()
     device = _device(layer)
-    torch.manual_seed(cfg.seed * 1_000_003 + block_index)
     for p in layer.parameters():
         p.requires_grad_(False)
     loss_rtn = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size, _rtn_params(layer, cfg.spec), cfg.abits)

@@ -50,7 +50,7 @@ class LET(nn.Module):
         """[kv_heads, head_dim] -> [n_heads * head_dim], query head h taking KV head h // groups."""
         return s.repeat_interleave(self.arch.kv_groups, dim=0).reshape(-1)
 
-    def apply(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def transform(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return a copy of the block tensors ``t`` (names relative to the block) transformed."""
         t = dict(t)
         s = self.qkv.clamp(min=SCALE_MIN)

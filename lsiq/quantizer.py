@@ -71,6 +71,9 @@ def scale_zero_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpe
         scale = (absmax / (2 ** (spec.bits - 1) - 1)).clamp(min=SCALE_MIN)
         zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
         return scale, zero
+    # Keep 0 inside the range (as GPTQ's quantizer does) so that a one-signed group still has an
+    # integer zero point in [0, 2^b - 1] and its values are not shifted.
+    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     scale = ((xmax - xmin) / spec.qmax).clamp(min=SCALE_MIN)
     zero = rnd(-xmin / scale).clamp(0, spec.qmax)
     return scale, zero

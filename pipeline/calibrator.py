@@ -59,6 +59,7 @@ class BlockCalibrator:
         targets = forward_all(layer, self.fp_in, self.kwargs, bs)
         result = calibrate_block(layer, self.kwargs, self.q_in, targets, self.arch, self.cfg, index,
                                  fp_inputs=self.fp_in)
+        self.fp_in = None  # at most three caches at once: FP targets, quantized inputs, next inputs
         q_next = forward_all(layer, self.q_in, self.kwargs, bs, params=result.dequantized_params(),
                              abits=self.cfg.abits)
         self.fp_in, self.q_in = targets, q_next
@@ -73,6 +74,18 @@ class BlockCalibrator:
             "seconds": time.perf_counter() - t0,
             "peak_rss": peak_rss_bytes(),
         }
+
+    def replay(self, index: int, tensors: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> None:
+        """Advance both streams through an already-finished block: the FP block for the FP stream,
+        the stored quantized block (exactly the weights the original run used) for the other."""
+        layer = decoder_layer(self.layer_cls, self.config, index, tensors).to(self.device)
+        bs = self.cfg.batch_size
+        prefix = layer_prefix(index)
+        params = {k[len(prefix):]: v.to(self.device)
+                  for k, v in native_format.dequantize_tensors(stored, self.cfg.spec).items()}
+        targets = forward_all(layer, self.fp_in, self.kwargs, bs)
+        self.q_in = forward_all(layer, self.q_in, self.kwargs, bs, params=params, abits=self.cfg.abits)
+        self.fp_in = targets
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()

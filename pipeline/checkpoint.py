@@ -7,6 +7,7 @@ dtypes and shapes are checked against the header, the file size and the model co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -140,7 +141,13 @@ class Checkpoint:
 
     def read(self, names: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         """Read the named tensors (byte ranges), check they are finite, cast floats to ``dtype``."""
+        return self.read_with_fingerprint(names, dtype)[0]
+
+    def read_with_fingerprint(self, names: list[str], dtype: torch.dtype | None = torch.float32
+                              ) -> tuple[dict[str, torch.Tensor], str]:
+        """Like :meth:`read`, plus a fingerprint of the source bytes (names, dtypes, shapes, data)."""
         out = {}
+        digests: dict[str, str] = {}
         by_shard: dict[str, list[str]] = {}
         for n in names:
             if n not in self.tensors:
@@ -154,6 +161,7 @@ class Checkpoint:
                     raw = f.read(info.end - info.begin)
                     if len(raw) != info.end - info.begin:
                         raise CheckpointError(f"shard {shard} is truncated while reading {n}")
+                    digests[n] = hashlib.sha256(raw).hexdigest()
                     t = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(info.shape) \
                         if raw else torch.empty(info.shape, dtype=DTYPES[info.dtype])
                     if t.is_floating_point():
@@ -162,12 +170,15 @@ class Checkpoint:
                         if dtype is not None:
                             t = t.to(dtype)
                     out[n] = t
-        return out
+        summary = [(n, self.tensors[n].dtype, list(self.tensors[n].shape), digests[n]) for n in sorted(digests)]
+        return out, hashlib.sha256(json.dumps(summary).encode()).hexdigest()[:16]
 
-    def read_block(self, i: int) -> dict[str, torch.Tensor]:
-        """Block i's tensors, names relative to the block (``self_attn.q_proj.weight``), fp32."""
+    def read_block(self, i: int) -> tuple[dict[str, torch.Tensor], str]:
+        """Block i's tensors (names relative to the block, ``self_attn.q_proj.weight``, fp32) and
+        the fingerprint of their source bytes."""
         p = layer_prefix(i)
-        return {n[len(p):]: t for n, t in self.read(self.block_names(i)).items()}
+        tensors, fp = self.read_with_fingerprint(self.block_names(i))
+        return {n[len(p):]: t for n, t in tensors.items()}, fp
 
 
 def _fs_with(url: str, options: dict[str, Any]):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 from lsiq.block import METHODS, CalibConfig
@@ -25,12 +22,7 @@ class QuantizeConfig:
     address: str | None = None
     device: str = "auto"  # auto: the actor asks for a GPU when the cluster has one
     num_cpus: int | None = None  # CPUs for the calibrator actor (default: all of the local node's)
-    overwrite: bool = False
-
-    def fingerprint(self) -> str:
-        """Hash of the settings that determine the output bytes (not paths, not Ray address)."""
-        keys = {"calib_cfg": dataclasses.asdict(self.calib_cfg), "nsamples": self.nsamples, "seqlen": self.seqlen}
-        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    restart: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", required=True, help="output directory for the quantized checkpoint")
     io.add_argument("--calib", nargs="+", required=True, metavar="FILE", help="calibration text file(s)")
     io.add_argument("--report", default=None, help="JSON report path (a PNG plot is written beside it)")
-    io.add_argument("--overwrite", action="store_true", help="replace an output directory that holds a run")
+    io.add_argument("--restart", action="store_true",
+                    help="discard what the output holds (a finished run or the checkpoints of an unfinished one) and "
+                    "start over; without it, rerunning the same command resumes after the last finished block")
     q = p.add_argument_group("quantization")
     q.add_argument("--method", choices=METHODS, default="lsi",
                    help="rtn: round to nearest; gptq; lwc: OmniQuant weight clipping; lwc-let: + equivalent "
@@ -88,4 +82,4 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
         raise SystemExit("error: --nsamples must be >= 1 and --seqlen >= 2")
     return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,
-                          num_cpus=a.num_cpus, overwrite=a.overwrite)
+                          num_cpus=a.num_cpus, restart=a.restart)

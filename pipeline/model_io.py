@@ -23,8 +23,9 @@ MANIFEST = "lsiq_manifest.json"
 
 def skeleton(config: PretrainedConfig) -> nn.Module:
     """The model with every parameter on the meta device (buffers such as rotary inv_freq are real)."""
+    # sdpa explicitly: the captured mask (None = causal) must mean the same in every process.
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
 
 def decoder_layer_class(config: PretrainedConfig) -> type[nn.Module]:

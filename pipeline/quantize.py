@@ -8,25 +8,25 @@ a time, plus the embeddings and head). The manifest, written last, marks the out
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import json
+import os
 import sys
 import time
 from typing import Any
 
 import ray
-import torch
-from safetensors.torch import save as safetensors_save
 from transformers import AutoTokenizer
 
 from lsiq.arch import UnsupportedArchitecture
 from lsiq.capture import capture_first_layer_inputs
-from pipeline import native_format, ray_env, storage
+from pipeline import native_format, ray_env, resume, storage
 from pipeline.calibrator import peak_rss_bytes, remote_calibrator
 from pipeline.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
 from pipeline.config import QuantizeConfig, parse_quantize_args
 from pipeline.data import calibration_ids
 from pipeline.model_io import MANIFEST, skeleton, with_tensors
 from pipeline.report import write_report
+from pipeline.writer import OutputDir, sha256
 
 EXTRA_SHARD = "model-extra.safetensors"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -43,42 +43,21 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-class OutputDir:
-    """The output location: refuses to mix runs, writes shards atomically, writes the manifest last."""
-
-    def __init__(self, url: str, overwrite: bool) -> None:
-        self.fs, self.root = storage.filesystem(url)
-        existing = self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
-        ours = [p for p in existing if p.rsplit("/", 1)[-1] == MANIFEST or p.endswith(".safetensors")]
-        if ours and not overwrite:
-            raise FileExistsError(f"output {url!r} already holds a quantized run ({len(ours)} files); "
-                                  "choose another --output or pass --overwrite")
-        manifest = storage.join(self.root, MANIFEST)
-        if self.fs.exists(manifest):  # the old run must stop looking complete before anything else
-            self.fs.rm(manifest)
-        for p in ours:
-            if self.fs.exists(p):
-                self.fs.rm(p)
-        self.fs.makedirs(self.root, exist_ok=True)
-
-    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
-        data = safetensors_save(tensors, metadata=metadata)
-        storage.write_bytes(self.fs, storage.join(self.root, name), data)
-        return {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    def write_json(self, name: str, obj: Any) -> None:
-        storage.write_json(self.fs, storage.join(self.root, name), obj)
-
-    def copy_from(self, ckpt: Checkpoint, name: str) -> bool:
-        src = storage.join(ckpt.root, name)
-        if not ckpt.fs.exists(src):
-            return False
-        storage.write_bytes(self.fs, storage.join(self.root, name), ckpt.fs.cat_file(src))
-        return True
+def run_settings(cfg: QuantizeConfig, ckpt: Checkpoint) -> dict[str, Any]:
+    """Everything that determines the output bytes, by content (not by path)."""
+    calib_hashes = []
+    for f in cfg.calib:
+        with open(f, "rb") as fh:
+            calib_hashes.append(sha256(fh.read())[:16])
+    return dataclasses.asdict(cfg.calib_cfg) | {
+        "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "calib_sha256": calib_hashes,
+        "source_config_sha256": sha256(json.dumps(ckpt.config_dict, sort_keys=True).encode())[:16],
+        "format": native_format.FORMAT,
+    }
 
 
 def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
-    """Quantize ``cfg.model`` into ``cfg.output``; returns the report."""
+    """Quantize ``cfg.model`` into ``cfg.output`` (resuming a partial run there); returns the report."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     ccfg = cfg.calib_cfg
@@ -89,10 +68,17 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
             ccfg.spec.groups(in_f)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-    out = OutputDir(cfg.output, cfg.overwrite)
-    # One metadata key only: safetensors writes its metadata map in hash order, so several keys
-    # would make the bytes differ between identical runs. The quantization settings live in the manifest.
-    meta = {"format": "pt"}
+    for f in cfg.calib:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"calibration file not found: {f}")
+    settings = run_settings(cfg, ckpt)
+    out = OutputDir(cfg.output)
+    state = resume.prepare(out, settings, arch.num_layers, cfg.restart)
+    if state.complete:
+        log(f"output {cfg.output} already holds this run, complete; nothing to do (--restart to redo it)")
+        return {"already_complete": True, "output": cfg.output}
+    if state.next_block:
+        log(f"resuming: blocks 0..{state.next_block - 1} are done, replaying them to rebuild the activation cache")
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt.root)
     ids = calibration_ids(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, ccfg.seed)
@@ -100,7 +86,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     model = with_tensors(skeleton(ckpt.config), other)
     hidden, layer_kwargs = capture_first_layer_inputs(model, ids)
     del model
-    files = [out.write_tensors(EXTRA_SHARD, other, meta)]
+    files = [out.write_tensors(EXTRA_SHARD, other)]
     weight_map = {n: EXTRA_SHARD for n in other}
     del other
 
@@ -108,7 +94,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     try:
         gpus = 1 if (cfg.device == "cuda" or (cfg.device == "auto" and ray_env.cluster_gpus() > 0)) else 0
         device = "cuda" if gpus else "cpu"
-        cpus = cfg.num_cpus or ray_env.cluster_cpus()
+        cpus = cfg.num_cpus or ray_env.node_cpus()
         log(f"lsiq: {ckpt.config_dict.get('model_type')} {arch.num_layers} blocks, method={ccfg.method} "
             f"W{ccfg.wbits}A{ccfg.abits} g{ccfg.group_size}, {cfg.nsamples}x{cfg.seqlen} tokens, "
             f"{ccfg.epochs} epochs, calibrator on {device} ({cpus} CPUs, {gpus} GPUs)")
@@ -117,25 +103,43 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         del hidden
         blocks: list[dict[str, Any]] = []
         n = arch.num_layers
+        for rec in state.records:  # replay finished blocks: FP and quantized streams move on
+            i = rec["index"]
+            tensors, source_fp = ckpt.read_block(i)
+            if source_fp != rec["source_fingerprint"]:
+                raise resume.ResumeMismatch(f"block {i} of the source changed since it was quantized "
+                                            f"(fingerprint {rec['source_fingerprint']} -> {source_fp}); pass --restart")
+            stored = out.read_tensors(rec["file"])
+            ray.get(actor.replay.remote(i, tensors, stored))
+            weight_map.update({k: rec["file"] for k in stored})
+            files.append({k: rec[k] for k in ("file", "bytes", "sha256")})
+            blocks.append(rec["stats"] | {"resumed": True})
+            log(f"block {i + 1}/{n}  replayed (done in an earlier run)")
         t_loop = time.perf_counter()
-        next_tensors = ckpt.read_block(0)
-        read_bytes = ckpt.nbytes(ckpt.block_names(0))
-        for i in range(n):
+        first = state.next_block
+        if first < n:
+            next_tensors, next_fp = ckpt.read_block(first)
+            read_bytes = ckpt.nbytes(ckpt.block_names(first))
+        for i in range(first, n):
             ref = actor.calibrate.remote(i, next_tensors)
-            this_read = read_bytes
+            this_read, this_fp = read_bytes, next_fp
             if i + 1 < n:  # prefetch the next block while this one calibrates
-                next_tensors = ckpt.read_block(i + 1)
+                next_tensors, next_fp = ckpt.read_block(i + 1)
                 read_bytes = ckpt.nbytes(ckpt.block_names(i + 1))
             res = ray.get(ref)
             shard = block_shard(i)
-            info = out.write_tensors(shard, res["tensors"], meta)
+            info = out.write_tensors(shard, res["tensors"])
             weight_map.update({k: shard for k in res["tensors"]})
             files.append(info)
-            blocks.append({k: res[k] for k in ("index", "loss_before", "loss_after", "losses", "trainable_params",
-                                               "calib_seconds", "seconds", "peak_rss")}
-                          | {"bytes_read": this_read, "bytes_written": info["bytes"]})
-            elapsed = time.perf_counter() - t_loop
-            eta = elapsed / (i + 1) * (n - i - 1)
+            stats = {k: res[k] for k in ("index", "loss_before", "loss_after", "losses", "trainable_params",
+                                         "calib_seconds", "seconds", "peak_rss")} \
+                | {"bytes_read": this_read, "bytes_written": info["bytes"]}
+            blocks.append(stats)
+            # the block's checkpoint record goes after its shard: a record always points at a whole shard
+            out.write_json(resume.block_record_name(i), {"index": i, "fingerprint": resume.fingerprint(settings),
+                                                         "source_fingerprint": this_fp, **info, "stats": stats})
+            done = i + 1 - first
+            eta = (time.perf_counter() - t_loop) / done * (n - i - 1)
             log(f"block {i + 1}/{n}  loss {res['loss_before']:.4g} -> {res['loss_after']:.4g}  "
                 f"{res['seconds']:.1f}s  ETA {_fmt_eta(eta)}")
         actor_peak = ray.get(actor.peak_rss.remote())
@@ -146,14 +150,17 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
 
     out.write_json(INDEX_FILE, {"metadata": {"format": native_format.FORMAT}, "weight_map": dict(sorted(weight_map.items()))})
     for name in COPIED_FILES:
-        out.copy_from(ckpt, name)
+        src = storage.join(ckpt.root, name)
+        if ckpt.fs.exists(src):
+            out.write_bytes(name, ckpt.fs.cat_file(src))
     wall = time.perf_counter() - t_start
     report = {
         "model": cfg.model,
         "output": cfg.output,
         "config": dataclasses.asdict(ccfg) | {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen},
-        "fingerprint": cfg.fingerprint(),
+        "fingerprint": resume.fingerprint(settings),
         "device": device,
+        "resumed_blocks": len(state.records),
         "wall_seconds": wall,
         "calib_seconds": sum(b["calib_seconds"] for b in blocks),
         "trainable_params": sum(b["trainable_params"] for b in blocks),
@@ -170,9 +177,8 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         "format": native_format.FORMAT,
         "quantization": {"method": ccfg.method, "wbits": ccfg.wbits, "abits": ccfg.abits,
                          "group_size": ccfg.group_size, "sym": ccfg.sym},
-        "calibration": dataclasses.asdict(ccfg) | {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
-                                                   "calib_files": [str(c).rsplit("/", 1)[-1] for c in cfg.calib]},
-        "fingerprint": cfg.fingerprint(),
+        "settings": settings,
+        "fingerprint": resume.fingerprint(settings),
         "num_layers": arch.num_layers,
         "files": files,
     })
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_quantize_args(argv)
     try:
         run(cfg)
-    except (CheckpointError, UnsupportedArchitecture, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -25,5 +25,7 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def cluster_cpus() -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def node_cpus() -> int:
+    """CPUs of the largest alive node: an actor must fit on one node."""
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(max(cpus, default=1)))

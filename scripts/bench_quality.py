@@ -102,7 +102,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "pipeline.quantize", "--model", str(model), "--output", str(run_dir / "model"),
                    "--calib", str(calib), "--method", method, *SETTINGS[setting], "--nsamples", str(a.nsamples),
                    "--seqlen", str(a.seqlen), "--epochs", str(a.epochs), "--seed", str(a.seed),
-                   "--report", str(run_dir / "report.json"), "--overwrite", *shlex.split(a.extra)]
+                   "--report", str(run_dir / "report.json"), "--restart", *shlex.split(a.extra)]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall = time.perf_counter() - t0

@@ -64,7 +64,7 @@ def main() -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for b in range(max(a.blocks) + 1):
-        layer = decoder_layer(layer_cls, ck.config, b, ck.read_block(b))
+        layer = decoder_layer(layer_cls, ck.config, b, ck.read_block(b)[0])
         y_cal, y_held = forward_all(layer, x_cal, kw, 4), forward_all(layer, x_held, kw, 4)
         if b in a.blocks:
             for label, method, over in GRID:

@@ -45,7 +45,7 @@ def test_let_preserves_fp_output(cfg):
             "out": torch.rand(arch.n_kv_heads * arch.head_dim) * 2 + 0.25,
             "qk": torch.rand(arch.n_kv_heads, arch.head_dim // 2) * 2 + 0.25}
     let = LET(arch, init)
-    params = let.apply(dict(layer.state_dict()))
+    params = let.transform(dict(layer.state_dict()))
     with torch.no_grad():
         ref = block_forward(layer, x, kw)
         out = block_forward(layer, x, kw, params)
@@ -128,7 +128,7 @@ def test_weight_activation_calibration_runs():
     with torch.no_grad():
         y = block_forward(layer, x, kw)
     res = calibrate_block(layer, kw, x, y, BlockArch.from_config(cfg),
-                          CalibConfig(method="lsi", wbits=4, abits=4, group_size=0, epochs=2, batch_size=2),
+                          CalibConfig(method="lsi", wbits=4, abits=4, group_size=0, epochs=2, batch_size=2, lr_lsi=1e-3),
                           fp_inputs=x)
     assert res.loss_after < res.loss_before
 
