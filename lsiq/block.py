@@ -48,6 +48,7 @@ class CalibConfig:
     lr_let: float = 5e-3
     lr_lsi: float = 1e-2
     lsi_block_k: int = 0
+    lsi_relative: bool = False  # learn dS / S instead of dS (scale-free learning rate)
     let_init: str = "auto"  # auto: smooth for weight-activation runs, ones for weight-only
     let_alpha: float = 0.5
     gptq_damp: float = 0.01
@@ -189,7 +190,7 @@ class BlockQuantizer(nn.Module):
         self.lsi = nn.ModuleDict()
         if cfg.uses_lsi:
             for name in LINEARS:
-                self.lsi[key(name)] = SVDIncrement(self.base[f"{name}.weight"], cfg.lsi_block_k)
+                self.lsi[key(name)] = SVDIncrement(self.base[f"{name}.weight"], cfg.lsi_block_k, cfg.lsi_relative)
         self.let = LET(arch, let_init).to(_device(layer)) if cfg.uses_let else None
         self.lwc = nn.ModuleDict()
         if cfg.uses_lwc:

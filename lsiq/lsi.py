@@ -15,7 +15,7 @@ from torch import nn
 class SVDIncrement(nn.Module):
     """Learnable singular-value increment for one linear weight."""
 
-    def __init__(self, weight: torch.Tensor, block_k: int = 0) -> None:
+    def __init__(self, weight: torch.Tensor, block_k: int = 0, relative: bool = False) -> None:
         super().__init__()
         w64 = weight.detach().to(torch.float64)
         u, s, vh = torch.linalg.svd(w64, full_matrices=False)
@@ -24,6 +24,9 @@ class SVDIncrement(nn.Module):
         self.register_buffer("u", u.to(dtype), persistent=False)
         self.register_buffer("s", s.to(dtype), persistent=False)
         self.register_buffer("vh", vh.to(dtype), persistent=False)
+        # relative: the increment is S * delta, so an optimizer step moves every singular value by
+        # the same fraction of itself (Adam's steps are ~lr in parameter units whatever the scale).
+        self.relative = relative
         self.delta = nn.Parameter(torch.zeros_like(s, dtype=dtype))
         k = min(block_k, s.numel())
         self.block_k = k
@@ -31,7 +34,8 @@ class SVDIncrement(nn.Module):
 
     def forward(self) -> torch.Tensor:
         # U diag(dS) V^T costs one [out x r] x [r x in] product; called once per optimizer step.
-        w = self.base + (self.u * self.delta) @ self.vh
+        d = self.s * self.delta if self.relative else self.delta
+        w = self.base + (self.u * d) @ self.vh
         if self.block is not None:
             k = self.block_k
             w = w + self.u[:, :k] @ self.block @ self.vh[:k]

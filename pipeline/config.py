@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr-let", type=float, default=CalibConfig.lr_let, help="learning rate of LET scales")
     c.add_argument("--lr-lsi", type=float, default=CalibConfig.lr_lsi, help="learning rate of singular-value increments")
     c.add_argument("--lsi-block-k", type=int, default=0, help="learnable k x k top-left block of the singular values")
+    c.add_argument("--lsi-relative", action="store_true",
+                   help="learn the increment relative to each singular value (dS = S * r): a scale-free learning rate")
     c.add_argument("--let-init", choices=["auto", "ones", "smooth"], default="auto",
                    help="LET scale init; auto = SmoothQuant-style for weight-activation runs, ones for weight-only")
     r = p.add_argument_group("ray")
@@ -75,7 +77,7 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
     try:
         calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size, sym=a.sym,
                             epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr_lwc=a.lr_lwc, lr_let=a.lr_let,
-                            lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, let_init=a.let_init)
+                            lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, lsi_relative=a.lsi_relative, let_init=a.let_init)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if a.nsamples < 1 or a.seqlen < 2:

@@ -34,6 +34,7 @@ GRID = [  # (label, method, overrides)
     ("lsi lr=1e-3 k=128", "lsi", {"lr_lsi": 1e-3, "lsi_block_k": 128}),
     ("lsi lr=1e-3 epochs=10", "lsi", {"lr_lsi": 1e-3, "epochs": 10}),
     ("lwc-let epochs=10", "lwc-let", {"epochs": 10}),
+    *[(f"lsi relative lr={lr:g}", "lsi", {"lr_lsi": lr, "lsi_relative": True}) for lr in (1e-3, 3e-3, 1e-2)],
 ]
 
 

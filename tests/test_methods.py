@@ -69,6 +69,17 @@ def test_lsi_zero_increment_is_lwc():
     assert torch.equal(lwc(inc()), lwc(w))
 
 
+def test_lsi_relative_increment():
+    torch.manual_seed(0)
+    w = torch.randn(20, 12, dtype=torch.float64)
+    inc = SVDIncrement(w, relative=True)
+    assert torch.equal(inc(), w)
+    with torch.no_grad():
+        inc.delta.fill_(0.5)
+    # every singular value grows by half of itself: W' = 1.5 W
+    assert torch.allclose(inc(), 1.5 * w, atol=1e-10)
+
+
 def test_lsi_recomposition_and_gradient():
     torch.manual_seed(0)
     w = torch.randn(40, 24, dtype=torch.float64)
