@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--restart", action="store_true",
                     help="discard what the output holds (a finished run or the checkpoints of an unfinished one) and "
                     "start over; without it, rerunning the same command resumes after the last finished block")
+    io.add_argument("--overwrite", dest="restart", action="store_true", help=argparse.SUPPRESS)  # old name
     q = p.add_argument_group("quantization")
     q.add_argument("--method", choices=METHODS, default="lsi",
                    help="rtn: round to nearest; gptq; lwc: OmniQuant weight clipping; lwc-let: + equivalent "
