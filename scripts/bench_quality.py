@@ -57,7 +57,8 @@ def table(results: Path) -> str:
         rows[(r["setting"], r["label"])] = r
     out = ["| setting | method | ppl (eval.txt) | quant wall s | calib s | peak RSS MB | trainable params |",
            "|---|---|---|---|---|---|---|"]
-    for (setting, label), r in rows.items():
+    order = {k: i for i, k in enumerate(["fp32", *SETTINGS])}
+    for (setting, label), r in sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 99), -kv[1]["ppl"])):
         out.append(f"| {setting} | {label} | {r['ppl']:.2f} | {r.get('quant_wall_s', '')} | {r.get('calib_s', '')} | "
                    f"{r.get('peak_rss_mb', '')} | {r.get('trainable_params', '')} |")
     return "\n".join(out)
