@@ -51,7 +51,7 @@ class Checkpoint:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         try:
-            self.fs, self.root = storage.filesystem(url) if not storage_options else _fs_with(url, storage_options)
+            self.fs, self.root = storage.filesystem(url, storage_options)
         except Exception as e:  # noqa: BLE001 - any fsspec failure is the user's URL problem
             raise CheckpointError(f"cannot open model location {url!r}: {e}") from e
         cfg_path = storage.join(self.root, "config.json")
@@ -179,9 +179,3 @@ class Checkpoint:
         p = layer_prefix(i)
         tensors, fp = self.read_with_fingerprint(self.block_names(i))
         return {n[len(p):]: t for n, t in tensors.items()}, fp
-
-
-def _fs_with(url: str, options: dict[str, Any]):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url, **options)

@@ -13,9 +13,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of ``url``; ``options`` go to fsspec (endpoint URL and the like)."""
+    return fsspec.core.url_to_fs(url, **(options or {}))
 
 
 def join(base: str, *parts: str) -> str:
