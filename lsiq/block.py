@@ -152,10 +152,12 @@ def _batches(n: int, batch_size: int, order: torch.Tensor | None = None) -> Iter
 
 @torch.no_grad()
 def forward_all(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], batch_size: int,
-                params: dict[str, torch.Tensor] | None = None, abits: int = 16) -> torch.Tensor:
-    """Block outputs for every cached sample (kept where the inputs live)."""
+                params: dict[str, torch.Tensor] | None = None, abits: int = 16,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Block outputs for every cached sample, kept where the inputs live (or written into ``out``,
+    e.g. a memory-mapped cache)."""
     device = next(layer.parameters()).device
-    outs = torch.empty_like(inputs)
+    outs = torch.empty_like(inputs) if out is None else out
     with act_quant_hooks(layer, abits):
         for idx in _batches(inputs.shape[0], batch_size):
             outs[idx] = block_forward(layer, inputs[idx].to(device), layer_kwargs, params).to(outs.device)

@@ -54,8 +54,15 @@ class Checkpoint:
             self.fs, self.root = storage.filesystem(url, storage_options)
         except Exception as e:  # noqa: BLE001 - any fsspec failure is the user's URL problem
             raise CheckpointError(f"cannot open model location {url!r}: {e}") from e
+        self.storage_options = storage_options or {}
         cfg_path = storage.join(self.root, "config.json")
-        if not self.fs.exists(cfg_path):
+        try:
+            found = storage.exists(self.fs, cfg_path)
+        except PermissionError as e:
+            raise CheckpointError(f"access to {url!r} refused (check the credentials): {e}") from e
+        except OSError as e:
+            raise CheckpointError(f"cannot reach model location {url!r}: {e}") from e
+        if not found:
             raise CheckpointError(f"no config.json in {url!r}: not a transformers checkpoint directory")
         cfg = storage.read_json(self.fs, cfg_path)
         if "model_type" not in cfg:
@@ -68,12 +75,12 @@ class Checkpoint:
     # ------------------------------------------------------------------ layout
     def _shard_names(self) -> list[str]:
         index = storage.join(self.root, INDEX_FILE)
-        if self.fs.exists(index):
+        if storage.exists(self.fs, index):
             weight_map = storage.read_json(self.fs, index).get("weight_map")
             if not weight_map:
                 raise CheckpointError(f"{INDEX_FILE} has no weight_map")
             return sorted(set(weight_map.values()))
-        if self.fs.exists(storage.join(self.root, SINGLE_FILE)):
+        if storage.exists(self.fs, storage.join(self.root, SINGLE_FILE)):
             return [SINGLE_FILE]
         raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {self.url!r}")
 
@@ -81,17 +88,18 @@ class Checkpoint:
         out: dict[str, TensorInfo] = {}
         for shard in self._shard_names():
             path = storage.join(self.root, shard)
-            if not self.fs.exists(path):
+            if not storage.exists(self.fs, path):
                 raise CheckpointError(f"missing shard {shard} listed in {INDEX_FILE}")
-            size = self.fs.size(path)
-            with self.fs.open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise CheckpointError(f"shard {shard} is truncated ({size} bytes)")
-                (n,) = struct.unpack("<Q", head)
-                if n > size - 8 or n > 100 * 2**20:
-                    raise CheckpointError(f"shard {shard}: header length {n} does not fit the file size {size}")
-                header = json.loads(f.read(n))
+            size = storage.retrying(lambda p=path: self.fs.size(p), f"size of {path}")
+            if size < 8:
+                raise CheckpointError(f"shard {shard} is truncated ({size} bytes)")
+            (n,) = struct.unpack("<Q", storage.read_range(self.fs, path, 0, 8))
+            if n > size - 8 or n > 100 * 2**20:
+                raise CheckpointError(f"shard {shard}: header length {n} does not fit the file size {size}")
+            try:
+                header = json.loads(storage.read_range(self.fs, path, 8, 8 + n))
+            except ValueError as e:
+                raise CheckpointError(f"shard {shard}: unreadable safetensors header ({e})") from None
             header.pop("__metadata__", None)
             data_end = 8 + n
             for name, meta in header.items():
@@ -154,13 +162,17 @@ class Checkpoint:
                 raise CheckpointError(f"missing tensor {n}")
             by_shard.setdefault(self.tensors[n].shard, []).append(n)
         for shard, shard_names in by_shard.items():
-            with self.fs.open(storage.join(self.root, shard), "rb") as f:
-                for n in sorted(shard_names, key=lambda k: self.tensors[k].begin):
+            path = storage.join(self.root, shard)
+            # one ranged request per run of adjacent tensors (a block is usually contiguous in a shard)
+            for run in _contiguous_runs(sorted(shard_names, key=lambda k: self.tensors[k].begin), self.tensors):
+                start, end = self.tensors[run[0]].begin, self.tensors[run[-1]].end
+                try:
+                    buf = storage.read_range(self.fs, path, start, end)
+                except EOFError:
+                    raise CheckpointError(f"shard {shard} is truncated while reading {run[0]}") from None
+                for n in run:
                     info = self.tensors[n]
-                    f.seek(info.begin)
-                    raw = f.read(info.end - info.begin)
-                    if len(raw) != info.end - info.begin:
-                        raise CheckpointError(f"shard {shard} is truncated while reading {n}")
+                    raw = buf[info.begin - start:info.end - start]
                     digests[n] = hashlib.sha256(raw).hexdigest()
                     t = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(info.shape) \
                         if raw else torch.empty(info.shape, dtype=DTYPES[info.dtype])
@@ -170,6 +182,7 @@ class Checkpoint:
                         if dtype is not None:
                             t = t.to(dtype)
                     out[n] = t
+                del buf
         summary = [(n, self.tensors[n].dtype, list(self.tensors[n].shape), digests[n]) for n in sorted(digests)]
         return out, hashlib.sha256(json.dumps(summary).encode()).hexdigest()[:16]
 
@@ -179,3 +192,18 @@ class Checkpoint:
         p = layer_prefix(i)
         tensors, fp = self.read_with_fingerprint(self.block_names(i))
         return {n[len(p):]: t for n, t in tensors.items()}, fp
+
+
+def _contiguous_runs(names: list[str], tensors: dict[str, TensorInfo], max_bytes: int = 1 << 30) -> list[list[str]]:
+    """Group tensors (sorted by offset) into runs whose byte ranges touch, capped at ``max_bytes``."""
+    runs: list[list[str]] = []
+    for n in names:
+        info = tensors[n]
+        if runs:
+            last = tensors[runs[-1][-1]]
+            first = tensors[runs[-1][0]]
+            if info.begin == last.end and info.end - first.begin <= max_bytes:
+                runs[-1].append(n)
+                continue
+        runs.append([n])
+    return runs

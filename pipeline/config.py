@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from lsiq.block import METHODS, CalibConfig
 
@@ -23,6 +26,38 @@ class QuantizeConfig:
     device: str = "auto"  # auto: the actor asks for a GPU when the cluster has one
     num_cpus: int | None = None  # CPUs for the calibrator actor (default: all of the local node's)
     restart: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for --model (and --output)
+    output_storage_options: dict[str, Any] | None = None  # for --output, when it differs
+    max_shard_bytes: int = 5 * 10**9  # a block larger than this is split over several shards
+    activation_budget: int | None = None  # bytes of activation caches kept in RAM; above it they spill to disk
+    spill_dir: str | None = None  # local directory for spilled caches (default: the temp dir)
+    max_restarts: int = 3  # how often a dead calibrator is restarted before the run gives up
+
+    @property
+    def out_storage_options(self) -> dict[str, Any]:
+        return self.storage_options if self.output_storage_options is None else self.output_storage_options
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MB"``, ``"2GiB"``, ``"1e9"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MB, 2GiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return obj
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("input and output")
-    io.add_argument("--model", required=True, help="source checkpoint directory (config.json, *.safetensors)")
-    io.add_argument("--output", required=True, help="output directory for the quantized checkpoint")
+    io.add_argument("--model", required=True,
+                    help="source checkpoint (config.json, *.safetensors): a path or any fsspec URL (s3://bucket/prefix, "
+                    "gs://..., file://...); only one block's tensors are read at a time, as byte ranges")
+    io.add_argument("--output", required=True, help="output location for the quantized checkpoint (path or fsspec URL)")
+    io.add_argument("--storage-options", type=parse_json_object, default={}, metavar="JSON",
+                    help='fsspec options for --model and --output, e.g. \'{"client_kwargs": {"endpoint_url": '
+                    '"http://127.0.0.1:8333"}}\'; credentials come from the environment as s3fs/gcsfs read them '
+                    "(AWS_ACCESS_KEY_ID, ...) or from here (never logged)")
+    io.add_argument("--output-storage-options", type=parse_json_object, default=None, metavar="JSON",
+                    help="fsspec options for --output when they differ from --storage-options")
+    io.add_argument("--max-shard-size", type=parse_bytes, default="5GB",
+                    help="largest output shard; a quantized block above it is split over several shards")
     io.add_argument("--calib", nargs="+", required=True, metavar="FILE", help="calibration text file(s)")
     io.add_argument("--report", default=None, help="JSON report path (a PNG plot is written beside it)")
     io.add_argument("--restart", action="store_true",
@@ -70,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray on 127.0.0.1)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="calibrator device")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs for the calibrator actor")
+    r.add_argument("--activation-budget", type=parse_bytes, default=None, metavar="BYTES",
+                   help="RAM allowed for the calibrator's activation caches (3 x nsamples x seqlen x hidden x 4 bytes at "
+                   "peak); above it they live in memory-mapped files under --spill-dir; unset = no limit")
+    r.add_argument("--spill-dir", default=None, help="local directory for spilled activation caches; unset = the temp dir")
+    r.add_argument("--max-restarts", type=int, default=3,
+                   help="times a dead calibrator actor is restarted (its caches rebuilt by replay) before giving up")
     return p
 
 
@@ -85,4 +136,6 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
         raise SystemExit("error: --nsamples must be >= 1 and --seqlen >= 2")
     return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,
-                          num_cpus=a.num_cpus, restart=a.restart)
+                          num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,
+                          output_storage_options=a.output_storage_options, max_shard_bytes=a.max_shard_size,
+                          activation_budget=a.activation_budget, spill_dir=a.spill_dir, max_restarts=a.max_restarts)

@@ -1,17 +1,22 @@
-"""python -m pipeline.quantize: quantize a checkpoint block by block inside a Ray actor.
+"""python -m pipeline.quantize: quantize a checkpoint block by block through a Ray DAG.
 
-Data flows one way: checkpoint reader -> calibrator actor -> shard writer -> manifest. The driver
-reads block i+1 while the actor calibrates block i; the model is never loaded whole (one block at
-a time, plus the embeddings and head). The manifest, written last, marks the output complete.
+Data flows one way: reader actor -> calibrator actor -> writer actor -> manifest (see
+:mod:`pipeline.dag`). The reader fetches block i+1 while block i calibrates and the writer stores
+block i-1; the model is never loaded whole, by the driver or any actor (one block at a time, plus
+the embeddings and head in the driver during setup). The manifest, written last, marks the
+output complete; per-block checkpoint records let a rerun resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -20,9 +25,11 @@ from transformers import AutoTokenizer
 from lsiq.arch import UnsupportedArchitecture
 from lsiq.capture import capture_first_layer_inputs
 from pipeline import native_format, ray_env, resume, storage
-from pipeline.calibrator import peak_rss_bytes, remote_calibrator
+from pipeline.actors import peak_rss_bytes, remote_reader, remote_writer
+from pipeline.calibrator import remote_calibrator
 from pipeline.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
 from pipeline.config import QuantizeConfig, parse_quantize_args
+from pipeline.dag import BlockDAG
 from pipeline.data import calibration_ids
 from pipeline.model_io import MANIFEST, skeleton, with_tensors
 from pipeline.report import write_report
@@ -31,10 +38,6 @@ from pipeline.writer import OutputDir, sha256
 EXTRA_SHARD = "model-extra.safetensors"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def block_shard(i: int) -> str:
-    return f"model-layers-{i:05d}.safetensors"
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -56,13 +59,40 @@ def run_settings(cfg: QuantizeConfig, ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def local_tokenizer_dir(ckpt: Checkpoint) -> Iterator[str]:
+    """A local directory holding the checkpoint's tokenizer files (copied when the source is remote)."""
+    if storage.is_local(ckpt.fs):
+        yield ckpt.root
+        return
+    with tempfile.TemporaryDirectory(prefix="lsiq-tokenizer-") as tmp:
+        for name in COPIED_FILES:
+            src = storage.join(ckpt.root, name)
+            if storage.exists(ckpt.fs, src):
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(storage.read_all(ckpt.fs, src))
+        yield tmp
+
+
+def _open_output(cfg: QuantizeConfig, settings: dict[str, Any], num_layers: int) -> tuple[OutputDir, resume.ResumeState]:
+    out = OutputDir(cfg.output, cfg.out_storage_options)
+    try:
+        return out, resume.prepare(out, settings, num_layers, cfg.restart)
+    except PermissionError as e:
+        raise storage.StorageError(f"access to output {cfg.output!r} refused (check the credentials): {e}") from e
+    except storage.StorageError as e:
+        raise storage.StorageError(f"cannot reach output {cfg.output!r}: {e}") from e
+
+
 def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     """Quantize ``cfg.model`` into ``cfg.output`` (resuming a partial run there); returns the report."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
+    phases: dict[str, float] = {}
     ccfg = cfg.calib_cfg
-    ckpt = Checkpoint(cfg.model)
+    ckpt = Checkpoint(cfg.model, cfg.storage_options)
     arch = ckpt.arch
+    n = arch.num_layers
     for name, (_out_f, in_f) in arch.linear_shapes().items():
         try:
             ccfg.spec.groups(in_f)
@@ -72,101 +102,119 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"calibration file not found: {f}")
     settings = run_settings(cfg, ckpt)
-    out = OutputDir(cfg.output)
-    state = resume.prepare(out, settings, arch.num_layers, cfg.restart)
+    fingerprint = resume.fingerprint(settings)
+    out, state = _open_output(cfg, settings, n)
     if state.complete:
         log(f"output {cfg.output} already holds this run, complete; nothing to do (--restart to redo it)")
         return {"already_complete": True, "output": cfg.output}
     if state.next_block:
         log(f"resuming: blocks 0..{state.next_block - 1} are done, replaying them to rebuild the activation cache")
 
-    tokenizer = AutoTokenizer.from_pretrained(ckpt.root)
+    with local_tokenizer_dir(ckpt) as tok_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     ids = calibration_ids(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, ccfg.seed)
     other = ckpt.read(ckpt.other_names())
     model = with_tensors(skeleton(ckpt.config), other)
     hidden, layer_kwargs = capture_first_layer_inputs(model, ids)
     del model
-    files = [out.write_tensors(EXTRA_SHARD, other)]
-    weight_map = {n: EXTRA_SHARD for n in other}
+    extra = out.write_tensors(EXTRA_SHARD, other)
+    extra_map = {k: EXTRA_SHARD for k in other}
     del other
 
+    records: dict[int, dict[str, Any]] = {}
+    earlier = {rec["index"] for rec in state.records}
     started_ray = ray_env.connect(cfg.address, cfg.num_cpus)
     try:
         gpus = 1 if (cfg.device == "cuda" or (cfg.device == "auto" and ray_env.cluster_gpus() > 0)) else 0
         device = "cuda" if gpus else "cpu"
         cpus = cfg.num_cpus or ray_env.node_cpus()
-        log(f"lsiq: {ckpt.config_dict.get('model_type')} {arch.num_layers} blocks, method={ccfg.method} "
+        log(f"lsiq: {ckpt.config_dict.get('model_type')} {n} blocks, method={ccfg.method} "
             f"W{ccfg.wbits}A{ccfg.abits} g{ccfg.group_size}, {cfg.nsamples}x{cfg.seqlen} tokens, "
             f"{ccfg.epochs} epochs, calibrator on {device} ({cpus} CPUs, {gpus} GPUs)")
-        actor = remote_calibrator(ckpt.config_dict, ccfg, device, cpus, gpus)
-        cache_bytes = ray.get(actor.set_inputs.remote(hidden, layer_kwargs))
+        inputs_ref = ray.put((hidden, layer_kwargs))
         del hidden
-        blocks: list[dict[str, Any]] = []
-        n = arch.num_layers
-        for rec in state.records:  # replay finished blocks: FP and quantized streams move on
-            i = rec["index"]
-            tensors, source_fp = ckpt.read_block(i)
-            if source_fp != rec["source_fingerprint"]:
-                raise resume.ResumeMismatch(f"block {i} of the source changed since it was quantized "
-                                            f"(fingerprint {rec['source_fingerprint']} -> {source_fp}); pass --restart")
-            stored = out.read_tensors(rec["file"])
-            ray.get(actor.replay.remote(i, tensors, stored))
-            weight_map.update({k: rec["file"] for k in stored})
-            files.append({k: rec[k] for k in ("file", "bytes", "sha256")})
-            blocks.append(rec["stats"] | {"resumed": True})
-            log(f"block {i + 1}/{n}  replayed (done in an earlier run)")
-        t_loop = time.perf_counter()
-        first = state.next_block
-        if first < n:
-            next_tensors, next_fp = ckpt.read_block(first)
-            read_bytes = ckpt.nbytes(ckpt.block_names(first))
-        for i in range(first, n):
-            ref = actor.calibrate.remote(i, next_tensors)
-            this_read, this_fp = read_bytes, next_fp
-            if i + 1 < n:  # prefetch the next block while this one calibrates
-                next_tensors, next_fp = ckpt.read_block(i + 1)
-                read_bytes = ckpt.nbytes(ckpt.block_names(i + 1))
-            res = ray.get(ref)
-            shard = block_shard(i)
-            info = out.write_tensors(shard, res["tensors"])
-            weight_map.update({k: shard for k in res["tensors"]})
-            files.append(info)
-            stats = {k: res[k] for k in ("index", "loss_before", "loss_after", "losses", "trainable_params",
-                                         "calib_seconds", "seconds", "peak_rss")} \
-                | {"bytes_read": this_read, "bytes_written": info["bytes"]}
-            blocks.append(stats)
-            # the block's checkpoint record goes after its shard: a record always points at a whole shard
-            out.write_json(resume.block_record_name(i), {"index": i, "fingerprint": resume.fingerprint(settings),
-                                                         "source_fingerprint": this_fp, **info, "stats": stats})
-            done = i + 1 - first
-            eta = (time.perf_counter() - t_loop) / done * (n - i - 1)
-            log(f"block {i + 1}/{n}  loss {res['loss_before']:.4g} -> {res['loss_after']:.4g}  "
-                f"{res['seconds']:.1f}s  ETA {_fmt_eta(eta)}")
-        actor_peak = ray.get(actor.peak_rss.remote())
-        ray.kill(actor)
+        calibrator = remote_calibrator(ckpt.config_dict, ccfg, device, cpus, gpus, cfg.activation_budget,
+                                       cfg.spill_dir, cfg.max_restarts)
+        dag = BlockDAG(remote_reader(ckpt), calibrator, remote_writer(cfg.output, cfg.out_storage_options,
+                                                                       fingerprint, cfg.max_shard_bytes))
+
+        def check_source(meta: dict[str, Any], rec: dict[str, Any]) -> None:
+            if meta["fingerprint"] != rec["source_fingerprint"]:
+                raise resume.ResumeMismatch(
+                    f"block {rec['index']} of the source changed since it was quantized "
+                    f"(fingerprint {rec['source_fingerprint']} -> {meta['fingerprint']}); pass --restart")
+
+        phases["setup"] = time.perf_counter() - t_start
+        restarts = 0
+        while True:
+            try:
+                t0 = time.perf_counter()
+                cache = ray.get(calibrator.set_inputs.remote(inputs_ref))
+                for i in dag.replay(state.records, check_source):
+                    why = "done in an earlier run" if i in earlier else "cache rebuilt after a calibrator restart"
+                    log(f"block {i + 1}/{n}  replayed ({why})")
+                phases["replay"] = phases.get("replay", 0.0) + time.perf_counter() - t0
+                t_loop = time.perf_counter()
+                first = state.next_block
+                for rec in dag.run(first, n):
+                    i = rec["index"]
+                    records[i] = rec
+                    st = rec["stats"]
+                    eta = (time.perf_counter() - t_loop) / (i + 1 - first) * (n - i - 1)
+                    log(f"block {i + 1}/{n}  loss {st['loss_before']:.4g} -> {st['loss_after']:.4g}  "
+                        f"{st['seconds']:.1f}s  io-wait {st['io_wait_seconds']:.1f}s  ETA {_fmt_eta(eta)}")
+                phases["blocks"] = time.perf_counter() - t_loop
+                break
+            except ray.exceptions.RayActorError as e:
+                dag.drain()
+                restarts += 1
+                if restarts > cfg.max_restarts:
+                    raise RuntimeError(f"the calibrator died {restarts} times; giving up ({e})") from e
+                state = resume.prepare(out, settings, n, restart=False)
+                log(f"calibrator actor died ({type(e).__name__}); Ray restarted it ({restarts}/{cfg.max_restarts}); "
+                    f"rebuilding its caches by replaying blocks 0..{state.next_block - 1}, then redoing block "
+                    f"{state.next_block + 1}")
+        for rec in state.records:
+            records.setdefault(rec["index"], rec)
+        peak_calibrator = ray.get(calibrator.peak_rss.remote())
+        for actor in (dag.reader, calibrator, dag.writer):
+            ray.kill(actor)
     finally:
         if started_ray:
             ray.shutdown()
 
+    t_finish = time.perf_counter()
+    files = [extra] + [f for i in range(n) for f in records[i]["files"]]
+    weight_map = extra_map | {k: v for i in range(n) for k, v in records[i]["weight_map"].items()}
     out.write_json(INDEX_FILE, {"metadata": {"format": native_format.FORMAT}, "weight_map": dict(sorted(weight_map.items()))})
     for name in COPIED_FILES:
         src = storage.join(ckpt.root, name)
-        if ckpt.fs.exists(src):
-            out.write_bytes(name, ckpt.fs.cat_file(src))
-    wall = time.perf_counter() - t_start
+        if storage.exists(ckpt.fs, src):
+            out.write_bytes(name, storage.read_all(ckpt.fs, src))
+    blocks = [records[i]["stats"] | {"resumed": i in earlier} for i in range(n)]
+    new_blocks = [b for b in blocks if not b["resumed"]]
     report = {
         "model": cfg.model,
         "output": cfg.output,
         "config": dataclasses.asdict(ccfg) | {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen},
-        "fingerprint": resume.fingerprint(settings),
+        "fingerprint": fingerprint,
         "device": device,
-        "resumed_blocks": len(state.records),
-        "wall_seconds": wall,
-        "calib_seconds": sum(b["calib_seconds"] for b in blocks),
+        "resumed_blocks": len(earlier),
+        "calibrator_restarts": restarts,
+        "calib_seconds": sum(b["seconds"] for b in new_blocks),
+        "io_wait_seconds": sum(b["io_wait_seconds"] for b in new_blocks),
+        "bytes_read": sum(b["bytes_read"] for b in new_blocks),
+        "bytes_written": sum(b["bytes_written"] for b in new_blocks),
         "trainable_params": sum(b["trainable_params"] for b in blocks),
-        "activation_cache_bytes": cache_bytes,
-        "peak_rss_driver": peak_rss_bytes(),
-        "peak_rss_calibrator": actor_peak,
+        "activation_cache_bytes": cache["cache_bytes"],
+        "activation_cache_peak_bytes": cache["peak_cache_bytes"],
+        "activation_spilled": cache["spilled"],
+        "peak_rss": {
+            "driver": peak_rss_bytes(),
+            "reader": max((b["peak_rss_reader"] for b in new_blocks), default=0),
+            "calibrator": peak_calibrator,
+            "writer": max((b["peak_rss_writer"] for b in new_blocks), default=0),
+        },
         "blocks": blocks,
     }
     if cfg.report:
@@ -178,21 +226,36 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         "quantization": {"method": ccfg.method, "wbits": ccfg.wbits, "abits": ccfg.abits,
                          "group_size": ccfg.group_size, "sym": ccfg.sym},
         "settings": settings,
-        "fingerprint": resume.fingerprint(settings),
-        "num_layers": arch.num_layers,
+        "fingerprint": fingerprint,
+        "num_layers": n,
         "files": files,
     })
-    log(f"done: {arch.num_layers} blocks in {_fmt_eta(wall)}, output {cfg.output}")
+    phases["finish"] = time.perf_counter() - t_finish
+    report["wall_seconds"] = time.perf_counter() - t_start
+    report["phases"] = phases
+    if cfg.report:
+        write_report(cfg.report, report)
+    log(f"done: {n} blocks in {_fmt_eta(report['wall_seconds'])}, output {cfg.output}")
     return report
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The user's error inside a Ray task error (its traceback is noise for a CLI user)."""
+    while isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+        e = e.cause
+    return e
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_quantize_args(argv)
     try:
         run(cfg)
-    except (CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        cause = _cause(e)
+        if isinstance(cause, CheckpointError | UnsupportedArchitecture | OSError | ValueError | RuntimeError):
+            print(f"error: {cause}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

@@ -79,9 +79,10 @@ def prepare(out: OutputDir, settings: dict[str, Any], num_layers: int, restart: 
         if name not in ours:
             break
         rec = out.read_json(name)
-        if rec.get("fingerprint") != fp or rec.get("index") != i or rec["file"] not in ours:
+        files = rec.get("files") or []
+        if rec.get("fingerprint") != fp or rec.get("index") != i or not files or any(f["file"] not in ours for f in files):
             break
-        if sha256(out.read_bytes(rec["file"])) != rec["sha256"]:
+        if any(sha256(out.read_bytes(f["file"])) != f["sha256"] for f in files):
             break  # a shard that does not match its record is redone
         records.append(rec)
     return ResumeState(records=records)

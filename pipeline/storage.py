@@ -1,38 +1,143 @@
-"""Storage I/O through fsspec: plain paths and URLs. Writes are atomic on local filesystems
-(write to a temporary name, then rename), so a crash never leaves a file a later run would trust."""
+"""Storage I/O through fsspec: plain paths and URLs (``s3://``, ``gs://``, ``file://``).
+
+Writes never leave an object a later run would trust: on local filesystems they go to a temporary
+name that is renamed into place; on object stores (whose PUT is all-or-nothing) the object is
+verified after the write (size, then MD5 ETag or a read-back checksum). Transient errors (503s,
+dropped connections, timeouts) are retried with exponential backoff; permanent ones (missing
+object, refused credentials) surface at once.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+T = TypeVar("T")
+RETRIES = int(os.environ.get("LSIQ_STORAGE_RETRIES", "6"))
+BACKOFF_SECONDS = float(os.environ.get("LSIQ_STORAGE_BACKOFF", "0.25"))
+# Errors that retrying cannot fix: the object is not there, or we may not touch it.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+SECRET_KEYS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+               "aws_session_token", "sas_token", "account_key")
+
+
+class StorageError(OSError):
+    """A storage operation failed for good (after retries), with the URL and the cause."""
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    try:  # the S3 stack's own connection errors, when s3fs is in use
+        import aiohttp
+        import botocore.exceptions
+
+        types += [aiohttp.ClientError, botocore.exceptions.BotoCoreError]
+    except ImportError:  # pragma: no cover - s3fs is a dependency
+        pass
+    return tuple(types)
+
+
+TRANSIENT = _transient_types()
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, PERMANENT)
+
+
+def retrying(fn: Callable[[], T], what: str, retries: int = RETRIES, backoff: float = BACKOFF_SECONDS) -> T:
+    """Call ``fn``; on a transient error wait ``backoff * 2**attempt`` seconds and try again."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if attempt == retries:
+                raise StorageError(f"{what}: still failing after {retries + 1} attempts: {type(e).__name__}: {e}") from e
+            time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def redact(options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` with credentials masked, for logs and reports."""
+    def walk(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: "***" if k.lower() in SECRET_KEYS else walk(v) for k, v in o.items()}
+        return o
+
+    return walk(options or {})
+
 
 def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and path of ``url``; ``options`` go to fsspec (endpoint URL and the like)."""
+    """The filesystem and path of ``url``; ``options`` go to fsspec (endpoint URL, credentials, ...)."""
     return fsspec.core.url_to_fs(url, **(options or {}))
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
 
 
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of ``path`` in one ranged request, retried; short reads are errors."""
+    data = retrying(lambda: fs.cat_file(path, start=start, end=end), f"read {path} [{start}, {end})")
+    if len(data) != end - start:
+        raise EOFError(f"{path}: asked for bytes [{start}, {end}), got {len(data)}: the object is shorter")
+    return data
+
+
+def read_all(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    return retrying(lambda: fs.cat_file(path), f"read {path}")
+
+
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    return retrying(lambda: fs.exists(path), f"look up {path}")
+
+
+def _verify(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Check a just-written object: size, then its MD5 ETag when it has one (single-part PUT),
+    else a read-back SHA-256."""
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    if info.get("size") != len(data):
+        raise OSError(f"{path}: wrote {len(data)} bytes, the store holds {info.get('size')}")
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    if etag and "-" not in etag and len(etag) == 32:
+        if etag != hashlib.md5(data).hexdigest():
+            raise OSError(f"{path}: stored object's MD5 {etag} differs from the data written")
+        return
+    if hashlib.sha256(fs.cat_file(path)).digest() != hashlib.sha256(data).digest():
+        raise OSError(f"{path}: stored object differs from the data written")
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically where the filesystem can rename."""
-    if isinstance(fs, LocalFileSystem):
+    """Write ``data`` to ``path`` so that no half-written object is ever visible as complete."""
+    if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    else:
+        return
+
+    def put_and_verify() -> None:
         fs.pipe_file(path, data)
+        _verify(fs, path, data)
+
+    retrying(put_and_verify, f"write {path}")
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
@@ -40,5 +145,4 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+    return json.loads(read_all(fs, path))

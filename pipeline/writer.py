@@ -23,34 +23,41 @@ def sha256(data: bytes) -> str:
 class OutputDir:
     """A directory (any fsspec URL) that receives one run's files."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
-        self.fs, self.root = storage.filesystem(url)
+        self.storage_options = storage_options or {}
+        self.fs, self.root = storage.filesystem(url, storage_options)
+
+    def _parent(self, name: str) -> None:
+        if "/" in name and storage.is_local(self.fs):  # object stores have no directories to make
+            self.fs.makedirs(self.path(name.rsplit("/", 1)[0]), exist_ok=True)
 
     def path(self, name: str) -> str:
         return storage.join(self.root, name)
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
+        return storage.exists(self.fs, self.path(name))
 
     def listing(self) -> list[str]:
         """Names (relative) of every file under the output, recursively."""
-        if not self.fs.exists(self.root):
+        self.fs.invalidate_cache(self.root)
+        if not storage.exists(self.fs, self.root):
             return []
         prefix = self.root.rstrip("/") + "/"
-        return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in self.fs.find(self.root))
+        found = storage.retrying(lambda: self.fs.find(self.root), f"list {self.url}")
+        return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
 
     def makedirs(self) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
+        if storage.is_local(self.fs):
+            self.fs.makedirs(self.root, exist_ok=True)
 
     def remove(self, names: list[str]) -> None:
         for n in names:
             if self.exists(n):
-                self.fs.rm(self.path(n))
+                storage.retrying(lambda n=n: self.fs.rm(self.path(n)), f"remove {self.path(n)}")
 
     def write_bytes(self, name: str, data: bytes) -> dict[str, Any]:
-        if "/" in name:
-            self.fs.makedirs(self.path(name.rsplit("/", 1)[0]), exist_ok=True)
+        self._parent(name)
         storage.write_bytes(self.fs, self.path(name), data)
         return {"file": name, "bytes": len(data), "sha256": sha256(data)}
 
@@ -58,15 +65,30 @@ class OutputDir:
         return self.write_bytes(name, safetensors_save(tensors, metadata=SHARD_METADATA))
 
     def read_bytes(self, name: str) -> bytes:
-        return self.fs.cat_file(self.path(name))
+        return storage.read_all(self.fs, self.path(name))
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return safetensors_load(self.read_bytes(name))
 
     def write_json(self, name: str, obj: Any) -> None:
-        if "/" in name:
-            self.fs.makedirs(self.path(name.rsplit("/", 1)[0]), exist_ok=True)
+        self._parent(name)
         storage.write_json(self.fs, self.path(name), obj)
 
     def read_json(self, name: str) -> Any:
         return storage.read_json(self.fs, self.path(name))
+
+
+def split_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split ``tensors`` (in name order) into groups of at most ``max_bytes`` each (a tensor larger
+    than the cap gets a group of its own); ``max_bytes <= 0`` means one group."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if max_bytes > 0 and groups[-1] and size + nbytes > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += nbytes
+    return groups

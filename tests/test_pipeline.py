@@ -59,14 +59,38 @@ def test_quantize_and_load(tiny_checkpoint, texts_dir, tmp_path, ray_local, meth
     assert torch.isfinite(torch.tensor(perplexity(model, ids)))
 
 
-def test_same_seed_same_bytes(tiny_checkpoint, texts_dir, tmp_path, ray_local):
+def test_same_seed_same_bytes_with_spilled_caches(tiny_checkpoint, texts_dir, tmp_path, ray_local):
     a, b = tmp_path / "a", tmp_path / "b"
-    _run(_cfg(tiny_checkpoint, a, texts_dir / "calib.txt"))
-    _run(_cfg(tiny_checkpoint, b, texts_dir / "calib.txt"))
+    ra = _run(_cfg(tiny_checkpoint, a, texts_dir / "calib.txt"))
+    # a 1-byte budget puts every activation cache in a memory-mapped file under spill/
+    rb = _run(_cfg(tiny_checkpoint, b, texts_dir / "calib.txt", activation_budget=1, spill_dir=str(tmp_path / "spill")))
+    assert not ra["activation_spilled"] and rb["activation_spilled"]
+    assert list((tmp_path / "spill").iterdir()) == []  # spill files are unlinked once mapped
     files = sorted(p.name for p in a.iterdir() if p.is_file())  # checkpoints/ records hold timings
     assert files == sorted(p.name for p in b.iterdir() if p.is_file())
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for blk in rb["blocks"]:
+        assert blk["bytes_read"] > 0 and blk["bytes_written"] > 0 and blk["io_wait_seconds"] >= 0
+        assert blk["peak_rss_calibrator"] > 0 and blk["peak_rss_reader"] > 0 and blk["peak_rss_writer"] > 0
+    assert set(rb["peak_rss"]) == {"driver", "reader", "calibrator", "writer"}
+
+
+def test_shard_size_cap_splits_blocks(tiny_checkpoint, texts_dir, tmp_path, ray_local):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _run(_cfg(tiny_checkpoint, whole, texts_dir / "calib.txt", method="rtn"))
+    _run(_cfg(tiny_checkpoint, split, texts_dir / "calib.txt", method="rtn", max_shard_bytes=20_000))
+    parts = sorted(p.name for p in split.glob("model-layers-00001-*.safetensors"))
+    assert len(parts) > 1 and parts[0] == f"model-layers-00001-00001-of-{len(parts):05d}.safetensors"
+    for p in parts:
+        tensors = load_file(split / p)
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 20_000
+    index = json.loads((split / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in split.glob("*.safetensors")}
+    a, _ = load_quantized(str(whole))
+    b, _ = load_quantized(str(split))
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert na == nb and torch.equal(ta, tb), na
 
 
 def test_output_with_other_run_is_refused(tiny_checkpoint, texts_dir, tmp_path, ray_local):

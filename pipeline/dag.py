@@ -1,0 +1,91 @@
+"""The block DAG, in one place: ``reader.read(i) -> calibrator.calibrate(i) -> writer.write(i)``.
+
+Each block is three actor calls chained through ObjectRefs: Ray starts a call when its inputs
+exist, so tensors move reader -> calibrator -> writer through the object store without passing
+through the driver. The driver keeps ``depth`` blocks in flight: while block i calibrates, the
+reader fetches block i+1 and the writer uploads block i-1. Calls to one actor run in the order
+they were submitted, which keeps the calibrator's activation caches in block order.
+
+This is the execution model of Ray's classic DAG API, written with plain ``.remote()`` calls:
+``DAGNode.execute()`` is deprecated in Ray 2.60, and compiled graphs do not restart dead actors
+(see README, "The Ray DAG"). Switching the execution API is a change to this module only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+
+@dataclass
+class BlockRefs:
+    index: int
+    meta: ray.ObjectRef  # the reader's small record of the block (fingerprint, bytes, seconds)
+    calibrated: ray.ObjectRef  # the calibrator's result: stored tensors and statistics
+    written: ray.ObjectRef  # the writer's checkpoint record
+
+
+class BlockDAG:
+    """The three actors of a run and the shape of the graph between them."""
+
+    def __init__(self, reader: ray.actor.ActorHandle, calibrator: ray.actor.ActorHandle,
+                 writer: ray.actor.ActorHandle, depth: int = 2) -> None:
+        self.reader, self.calibrator, self.writer = reader, calibrator, writer
+        self.depth = depth
+        # refs of blocks not yet finished (only for drain: holding refs keeps their objects alive)
+        self._inflight: dict[tuple[str, int], list[ray.ObjectRef]] = {}
+
+    def submit(self, i: int) -> BlockRefs:
+        meta, tensors = self.reader.read.options(num_returns=2).remote(i)
+        calibrated = self.calibrator.calibrate.remote(i, tensors, meta)
+        written = self.writer.write.remote(i, calibrated)
+        self._inflight[("run", i)] = [meta, calibrated, written]
+        return BlockRefs(i, meta, calibrated, written)
+
+    def submit_replay(self, i: int, record: dict[str, Any]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        """Replay a finished block: (reader's metadata, the calibrator's replay call)."""
+        meta, tensors = self.reader.read.options(num_returns=2).remote(i)
+        stored = self.writer.read_block.remote(record)
+        done = self.calibrator.replay.remote(i, tensors, stored)
+        self._inflight[("replay", i)] = [meta, stored, done]
+        return meta, done
+
+    def replay(self, records: list[dict[str, Any]], check: Callable[[dict[str, Any], dict[str, Any]], None]
+               ) -> Iterator[int]:
+        """Replay finished blocks in order, ``depth`` at a time; ``check(meta, record)`` may refuse
+        a block whose source changed. Yields each block index once replayed."""
+        pending: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}
+        for k, rec in enumerate(records):
+            for j in range(k, min(k + self.depth, len(records))):
+                if j not in pending:
+                    pending[j] = self.submit_replay(records[j]["index"], records[j])
+            meta, done = pending.pop(k)
+            check(ray.get(meta), rec)
+            ray.get(done)
+            self._inflight.pop(("replay", rec["index"]), None)
+            yield rec["index"]
+
+    def run(self, first: int, n: int) -> Iterator[dict[str, Any]]:
+        """Calibrate blocks ``first..n-1`` pipelined; yields each block's checkpoint record, in order,
+        once its shard and record are stored."""
+        pending = {i: self.submit(i) for i in range(first, min(first + self.depth, n))}
+        for i in range(first, n):
+            refs = pending.pop(i)
+            # wait for the calibration only (not fetching its tensors here), then start the next read
+            ray.wait([refs.calibrated], fetch_local=False)
+            if i + self.depth < n:
+                pending[i + self.depth] = self.submit(i + self.depth)
+            record = ray.get(refs.written)
+            del refs
+            self._inflight.pop(("run", i), None)
+            yield record
+
+    def drain(self) -> None:
+        """Wait until every submitted call has finished or failed (after a failure, before a retry)."""
+        refs = [r for rs in self._inflight.values() for r in rs]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        self._inflight = {}

@@ -1,0 +1,65 @@
+"""Faults during a run: the calibrator actor's process killed mid-block."""
+
+import subprocess
+import sys
+import threading
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import tiny_llama_config, write_sharded_checkpoint
+
+
+def _outputs(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*")
+            if p.is_file() and not str(p.relative_to(d)).startswith("checkpoints/")}
+
+
+def _calibrator_processes():
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::BlockCalibrator"):
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+def test_calibrator_killed_mid_block_is_restarted_and_block_redone(smollm2_dir, texts_dir, tmp_path):
+    torch.manual_seed(2)
+    ck = write_sharded_checkpoint(AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=5, vocab_size=49152)),
+                                  tmp_path / "ck", shards=2)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (ck / f).write_bytes((smollm2_dir / f).read_bytes())
+
+    def cmd(out):
+        return [sys.executable, "-m", "pipeline.quantize", "--model", str(ck), "--output", str(out), "--calib",
+                str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "3", "--group-size", "32", "--nsamples", "8",
+                "--seqlen", "64", "--epochs", "12", "--num-cpus", "1"]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(cmd(full), check=True, capture_output=True)
+
+    proc = subprocess.Popen(cmd(killed), stderr=subprocess.PIPE, text=True)
+    lines, victims = [], []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("block 2/5  loss") and not victims:
+            # block 3 is calibrating now (its input was prefetched): kill the actor's process under it
+            victims = _calibrator_processes()
+            for p in victims:
+                p.kill()
+            break
+    tail = threading.Thread(target=lambda: lines.extend(proc.stderr))
+    tail.start()
+    proc.wait(timeout=600)
+    tail.join()
+    log = "".join(lines)
+    assert len(victims) == 1, log
+    assert proc.returncode == 0, log[-3000:]
+    assert "calibrator actor died" in log and "Ray restarted it (1/3)" in log, log[-3000:]
+    assert "block 2/5  replayed (cache rebuilt after a calibrator restart)" in log
+    assert "block 3/5  loss" in log and "block 5/5  loss" in log
+    assert _outputs(full) == _outputs(killed)
