@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,6 +42,52 @@ def write_smollm2(out_dir: str | Path, max_shard_size: str = "100MB") -> Path:
     model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def write_random_llama(url: str, config: Any, storage_options: dict[str, Any] | None = None,
+                       blocks_per_shard: int = 4, dtype: Any = None, tokenizer_dir: str | Path | None = None,
+                       seed: int = 0) -> int:
+    """Write a random Llama checkpoint of any depth to ``url`` (any fsspec URL) one shard at a time,
+    never holding more than ``blocks_per_shard`` blocks: for scale tests of depth and width.
+    Tensor shapes come from a meta-device skeleton of the transformers model. Returns bytes written."""
+    import torch
+    from safetensors.torch import save as safetensors_save
+
+    from pipeline import storage
+    from pipeline.model_io import skeleton
+
+    dtype = dtype or torch.bfloat16
+    fs, root = storage.filesystem(url, storage_options)
+    if storage.is_local(fs):
+        fs.makedirs(root, exist_ok=True)
+    shapes = {n: tuple(p.shape) for n, p in skeleton(config).named_parameters()}
+    gen = torch.Generator().manual_seed(seed)
+
+    def tensor(name: str) -> torch.Tensor:
+        shape = shapes[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=dtype)
+        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+    layers = config.num_hidden_layers
+    groups = [[n for n in shapes if not n.startswith("model.layers.")]]
+    for start in range(0, layers, blocks_per_shard):
+        groups.append([n for n in shapes if n.startswith("model.layers.")
+                       and start <= int(n.split(".")[2]) < start + blocks_per_shard])
+    weight_map, total = {}, 0
+    for k, names in enumerate(groups):
+        shard = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        data = safetensors_save({n: tensor(n) for n in names}, metadata={"format": "pt"})
+        storage.write_bytes(fs, storage.join(root, shard), data)
+        weight_map.update({n: shard for n in names})
+        total += len(data)
+    storage.write_json(fs, storage.join(root, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+    storage.write_bytes(fs, storage.join(root, "config.json"), config.to_json_string().encode())
+    for f in sorted(Path(tokenizer_dir).iterdir()) if tokenizer_dir else []:
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+            storage.write_bytes(fs, storage.join(root, f.name), f.read_bytes())
+    return total
 
 
 def write_texts(out_dir: str | Path) -> tuple[Path, Path]:

@@ -22,8 +22,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 T = TypeVar("T")
-RETRIES = int(os.environ.get("LSIQ_STORAGE_RETRIES", "6"))
-BACKOFF_SECONDS = float(os.environ.get("LSIQ_STORAGE_BACKOFF", "0.25"))
+# Defaults, overridable per process (read at each call): attempts = RETRIES + 1, waits 0.25, 0.5, 1, ... s.
+RETRIES_ENV, BACKOFF_ENV = "LSIQ_STORAGE_RETRIES", "LSIQ_STORAGE_BACKOFF"
 # Errors that retrying cannot fix: the object is not there, or we may not touch it.
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 SECRET_KEYS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
@@ -53,8 +53,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT) and not isinstance(exc, PERMANENT)
 
 
-def retrying(fn: Callable[[], T], what: str, retries: int = RETRIES, backoff: float = BACKOFF_SECONDS) -> T:
+def retrying(fn: Callable[[], T], what: str, retries: int | None = None, backoff: float | None = None) -> T:
     """Call ``fn``; on a transient error wait ``backoff * 2**attempt`` seconds and try again."""
+    retries = int(os.environ.get(RETRIES_ENV, "6")) if retries is None else retries
+    backoff = float(os.environ.get(BACKOFF_ENV, "0.25")) if backoff is None else backoff
     for attempt in range(retries + 1):
         try:
             return fn()

@@ -1,0 +1,129 @@
+"""The pipeline against a real S3 server (SeaweedFS on 127.0.0.1): S3 -> S3 runs, transient
+faults through a fault-injecting proxy, and bad URLs or credentials."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import s3fs
+
+from pipeline.quantize import run
+from pipeline.resume import ResumeMismatch
+from pipeline.storage import StorageError
+from tests.fault_proxy import FaultProxy
+from tests.s3_server import start_s3_server
+from tests.test_pipeline import _cfg
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    server.make_bucket("lsiq")
+    yield server
+    server.stop()
+
+
+def _fs(opts):
+    return s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+
+
+def _upload(s3, local_dir, prefix):
+    fs = _fs(s3.storage_options())
+    for p in sorted(local_dir.iterdir()):
+        if p.is_file():
+            fs.pipe_file(f"lsiq/{prefix}/{p.name}", p.read_bytes())
+    return f"s3://lsiq/{prefix}"
+
+
+def _remote_files(opts, url):
+    fs = _fs(opts)
+    root = url.removeprefix("s3://")
+    return {p[len(root) + 1:]: fs.cat_file(p) for p in fs.find(root) if not p[len(root) + 1:].startswith("checkpoints/")}
+
+
+def _local_files(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*")
+            if p.is_file() and not str(p.relative_to(d)).startswith("checkpoints/")}
+
+
+@pytest.fixture(scope="module")
+def tiny_s3(s3, tiny_checkpoint):
+    return _upload(s3, tiny_checkpoint, "tiny")
+
+
+def _s3_cfg(url, out, texts_dir, opts, **kw):
+    return _cfg(url, out, texts_dir / "calib.txt", storage_options=opts, **kw)
+
+
+def test_s3_to_s3_equals_local_run(s3, tiny_s3, tiny_checkpoint, texts_dir, tmp_path, ray_local):
+    opts = s3.storage_options()
+    local = tmp_path / "local"
+    run(_cfg(tiny_checkpoint, local, texts_dir / "calib.txt"), log=lambda m: None)
+    report = run(_s3_cfg(tiny_s3, "s3://lsiq/out/tiny-q", texts_dir, opts), log=lambda m: None)
+    assert report["bytes_read"] > 0 and report["bytes_written"] > 0
+    assert _remote_files(opts, "s3://lsiq/out/tiny-q") == _local_files(local)
+    # the same command again: the manifest says complete, nothing to do
+    assert run(_s3_cfg(tiny_s3, "s3://lsiq/out/tiny-q", texts_dir, opts), log=lambda m: None)["already_complete"]
+    # a different run into the same prefix is refused, naming the difference
+    with pytest.raises(ResumeMismatch, match="epochs: 2 -> 3"):
+        cfg = _s3_cfg(tiny_s3, "s3://lsiq/out/tiny-q", texts_dir, opts)
+        cfg.calib_cfg.epochs = 3
+        run(cfg, log=lambda m: None)
+
+
+def test_transient_faults_are_retried_with_same_output(s3, tiny_s3, texts_dir, tmp_path, ray_local, monkeypatch):
+    opts = s3.storage_options()
+    run(_s3_cfg(tiny_s3, "s3://lsiq/out/clean", texts_dir, opts, method="rtn"), log=lambda m: None)
+    monkeypatch.setenv("LSIQ_STORAGE_BACKOFF", "0.05")
+    with FaultProxy(s3.endpoint, fail_rate=0.2, seed=3) as proxy:
+        faulty = opts | {"client_kwargs": {"endpoint_url": proxy.start()}}
+        run(_s3_cfg(tiny_s3, "s3://lsiq/out/faulty", texts_dir, faulty, method="rtn"), log=lambda m: None)
+        assert proxy.injected_503 > 3 and proxy.injected_drops > 3, vars(proxy)
+    assert _remote_files(opts, "s3://lsiq/out/faulty") == _remote_files(opts, "s3://lsiq/out/clean")
+
+
+def _cli(args, env=None):
+    return subprocess.run([sys.executable, "-m", "pipeline.quantize", *args], capture_output=True, text=True,
+                          env=(os.environ | (env or {})), timeout=300)
+
+
+def test_bad_urls_and_credentials_fail_clearly(s3, tiny_s3, texts_dir):
+    calib = ["--calib", str(texts_dir / "calib.txt"), "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
+             "--group-size", "32"]
+    endpoint = json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}})
+    creds = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+    # wrong secret: refused, and the secret is not printed
+    r = _cli(["--model", tiny_s3, "--output", "s3://lsiq/out/bad1", "--storage-options", endpoint, *calib],
+             env=creds | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"})
+    assert r.returncode == 2 and "refused" in r.stderr and "not-the-secret" not in r.stderr, r.stderr[-2000:]
+    # a bucket that does not exist
+    r = _cli(["--model", "s3://no-such-bucket/model", "--output", "s3://lsiq/out/bad2", "--storage-options", endpoint,
+              *calib], env=creds)
+    assert r.returncode == 2 and "no config.json in 's3://no-such-bucket/model'" in r.stderr, r.stderr[-2000:]
+    # nothing listening at the endpoint
+    dead = json.dumps({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                       "config_kwargs": {"retries": {"max_attempts": 1}}})
+    r = _cli(["--model", tiny_s3, "--output", "s3://lsiq/out/bad3", "--storage-options", dead, *calib],
+             env=creds | {"LSIQ_STORAGE_RETRIES": "1"})
+    assert r.returncode == 2 and "cannot reach model location" in r.stderr, r.stderr[-2000:]
+    # a missing shard in the bucket
+    fs = _fs(s3.storage_options())
+    broken = "lsiq/broken"
+    fs.copy(tiny_s3.removeprefix("s3://"), broken, recursive=True)
+    victim = sorted(p for p in fs.find(broken) if p.endswith(".safetensors"))[0]
+    fs.rm(victim)
+    r = _cli(["--model", f"s3://{broken}", "--output", "s3://lsiq/out/bad4", "--storage-options", endpoint, *calib], env=creds)
+    assert r.returncode == 2 and f"missing shard {victim.rsplit('/', 1)[1]}" in r.stderr, r.stderr[-2000:]
+    for i in range(1, 5):
+        assert not fs.exists(f"lsiq/out/bad{i}/lsiq_manifest.json")
+
+
+def test_unreachable_output_is_a_storage_error(tiny_s3, s3, texts_dir, monkeypatch):
+    monkeypatch.setenv("LSIQ_STORAGE_RETRIES", "1")
+    cfg = _s3_cfg(tiny_s3, "s3://lsiq/out/x", texts_dir, s3.storage_options())
+    cfg.output_storage_options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                                  "config_kwargs": {"retries": {"max_attempts": 1}}}
+    with pytest.raises(StorageError, match="cannot reach output"):
+        run(cfg, log=lambda m: None)
