@@ -22,7 +22,7 @@ def s3(tmp_path_factory):
     server = start_s3_server(tmp_path_factory.mktemp("s3"))
     server.make_bucket("lsiq")
     yield server
-    server.stop()
+    server.stop(timeout=3)  # a throwaway data dir: no need for weed's 15 s graceful filer shutdown
 
 
 def _fs(opts):
