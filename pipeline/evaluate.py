@@ -17,8 +17,9 @@ import time
 import torch
 from transformers import AutoTokenizer
 
+from pipeline.config import parse_json_object
 from pipeline.data import eval_windows
-from pipeline.model_io import load_for_eval
+from pipeline.model_io import load_for_eval, local_copy
 
 
 @torch.no_grad()
@@ -45,16 +46,20 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="FP checkpoint or our quantized output directory")
+    p.add_argument("--model", required=True,
+                   help="FP checkpoint or our quantized output: a path or an fsspec URL (s3://..., downloaded first)")
+    p.add_argument("--storage-options", type=parse_json_object, default={}, metavar="JSON",
+                   help="fsspec options for a remote --model (endpoint URL and the like)")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="evaluation text file(s)")
     p.add_argument("--seqlen", type=int, default=512, help="window length L in tokens")
     p.add_argument("--max-windows", type=int, default=None, help="keep only the first K windows")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     a = p.parse_args(argv)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(a.model)
-        windows = eval_windows(tokenizer, a.text, a.seqlen, a.max_windows)
-        model, hooks = load_for_eval(a.model)
+        with local_copy(a.model, a.storage_options) as path:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            windows = eval_windows(tokenizer, a.text, a.seqlen, a.max_windows)
+            model, hooks = load_for_eval(path)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

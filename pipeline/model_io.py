@@ -4,6 +4,9 @@ layer class for one block, and full models for evaluation (FP or our quantized o
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,27 @@ def with_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Modul
     """Put real tensors into a skeleton (assign), leaving the rest on meta."""
     model.load_state_dict(tensors, strict=False, assign=True)
     return model
+
+
+@contextlib.contextmanager
+def local_copy(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """A local directory with the files of ``url`` (itself when local; else a temporary download,
+    without the per-block checkpoint records). For evaluation, which loads the whole model anyway."""
+    fs, root = storage.filesystem(url, storage_options)
+    if storage.is_local(fs):
+        yield root
+        return
+    root = root.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="lsiq-model-") as tmp:
+        for p in storage.retrying(lambda: fs.find(root), f"list {url}"):
+            rel = p[len(root) + 1:]
+            if not rel or rel.startswith("checkpoints/"):
+                continue
+            dest = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(storage.read_all(fs, p))
+        yield tmp
 
 
 def read_manifest(path: str) -> dict[str, Any] | None:

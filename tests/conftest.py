@@ -79,3 +79,25 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 with a bucket ``lsiq``."""
+    from tests.s3_server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    server.make_bucket("lsiq")
+    yield server
+    server.stop(timeout=3)  # a throwaway data dir: no need for weed's 15 s graceful filer shutdown
+
+
+def upload_dir(server, local_dir: Path, prefix: str) -> str:
+    """Copy the files of ``local_dir`` to ``s3://lsiq/PREFIX``; returns that URL."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
+    for p in sorted(local_dir.iterdir()):
+        if p.is_file():
+            fs.pipe_file(f"lsiq/{prefix}/{p.name}", p.read_bytes())
+    return f"s3://lsiq/{prefix}"

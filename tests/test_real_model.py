@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.data import eval_windows
 from pipeline.evaluate import perplexity
+from tests.conftest import upload_dir
 
 
 def test_fp_perplexity_equals_plain_transformers(smollm2_dir, texts_dir):
@@ -30,24 +33,34 @@ def test_fp_perplexity_equals_plain_transformers(smollm2_dir, texts_dir):
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path):
-    out = tmp_path / "q"
+def test_cli_s3_to_s3_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path, s3):
+    """SmolLM2 from S3, quantized with LSI into S3 by the CLI (credentials from the environment),
+    then evaluated from S3."""
+    src = upload_dir(s3, smollm2_dir, "smollm2")
+    out = "s3://lsiq/out/smollm2-lsi-w3"
+    endpoint = json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}})
+    env = os.environ | {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                        "AWS_DEFAULT_REGION": "us-east-1"}
 
     def evaluate(model):
-        r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", str(model), "--text",
-                            str(texts_dir / "eval.txt"), "--seqlen", "128", "--max-windows", "2"],
-                           check=True, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", str(model), "--storage-options",
+                            endpoint, "--text", str(texts_dir / "eval.txt"), "--seqlen", "128", "--max-windows", "2"],
+                           check=True, capture_output=True, text=True, env=env)
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    r = subprocess.run([sys.executable, "-m", "pipeline.quantize", "--model", str(smollm2_dir), "--output", str(out),
+    r = subprocess.run([sys.executable, "-m", "pipeline.quantize", "--model", src, "--output", out,
+                        "--storage-options", endpoint,
                         "--calib", str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "3", "--group-size", "64",
                         "--nsamples", "2", "--seqlen", "64", "--epochs", "1", "--batch-size", "2",
-                        "--report", str(tmp_path / "report.json")], capture_output=True, text=True)
+                        "--report", str(tmp_path / "report.json")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "block 30/30" in r.stderr and "ETA" in r.stderr
+    assert s3.secret_key not in r.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["blocks"]) == 30 and report["trainable_params"] > 0
-    fp, q = evaluate(smollm2_dir), evaluate(out)
+    ck = Checkpoint(str(smollm2_dir))  # every block's bytes read once, nothing else (embeddings: by the driver)
+    assert report["bytes_read"] == sum(ck.nbytes(ck.block_names(i)) for i in range(30))
+    fp, q = evaluate(src), evaluate(out)
     assert fp["tokens"] == q["tokens"] == 256
     assert math.isfinite(q["ppl"]) and q["ppl"] > fp["ppl"]  # 3-bit weights cost some perplexity
     assert q["ppl"] < 20 * fp["ppl"]

@@ -1,4 +1,4 @@
-"""A job killed with SIGKILL mid-run resumes where it stopped and gives the same bytes."""
+"""A job killed with SIGKILL mid-run (S3 -> S3) resumes where it stopped and gives the same bytes."""
 
 import json
 import os
@@ -7,34 +7,37 @@ import subprocess
 import sys
 
 import pytest
+import s3fs
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import tiny_llama_config, write_sharded_checkpoint
-
-
-def _files(d):
-    return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*")
-            if p.is_file() and not str(p.relative_to(d)).startswith("checkpoints/")}
+from tests.conftest import tiny_llama_config, upload_dir, write_sharded_checkpoint
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_resumes_byte_identical(smollm2_dir, texts_dir, tmp_path):
+def test_sigkill_then_rerun_resumes_byte_identical(smollm2_dir, texts_dir, tmp_path, s3):
     torch.manual_seed(1)
     ck = write_sharded_checkpoint(AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=8, vocab_size=49152)),
                                   tmp_path / "ck", shards=3)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (ck / f).write_bytes((smollm2_dir / f).read_bytes())
+    src = upload_dir(s3, ck, "sigkill-src")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options())
+    env = os.environ | {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                        "AWS_DEFAULT_REGION": "us-east-1"}
 
     def cmd(out):
-        return [sys.executable, "-m", "pipeline.quantize", "--model", str(ck), "--output", str(out), "--calib",
-                str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "3", "--group-size", "32", "--nsamples", "8",
-                "--seqlen", "64", "--epochs", "4", "--num-cpus", "1"]
+        return [sys.executable, "-m", "pipeline.quantize", "--model", src, "--output", f"s3://lsiq/{out}",
+                "--storage-options", json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}}),
+                "--calib", str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "3", "--group-size", "32",
+                "--nsamples", "8", "--seqlen", "64", "--epochs", "4", "--num-cpus", "1"]
 
-    full, part = tmp_path / "full", tmp_path / "part"
-    subprocess.run(cmd(full), check=True, capture_output=True)
+    def outputs(prefix):  # checkpoint records hold timings; everything else must match
+        return {p.split("/", 2)[2]: fs.cat_file(p) for p in fs.find(f"lsiq/{prefix}") if "/checkpoints/" not in p}
 
-    proc = subprocess.Popen(cmd(part), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    subprocess.run(cmd("full"), check=True, capture_output=True, env=env)
+
+    proc = subprocess.Popen(cmd("part"), stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     killed_after = None
     for line in proc.stderr:
         if line.startswith("block 3/8"):
@@ -43,13 +46,16 @@ def test_sigkill_then_rerun_resumes_byte_identical(smollm2_dir, texts_dir, tmp_p
             break
     proc.wait()
     assert killed_after == 3 and proc.returncode == -signal.SIGKILL
-    assert not (part / "lsiq_manifest.json").exists()
-    done = sorted(p.name for p in (part / "checkpoints").glob("block-*.json"))
+    assert not fs.exists("lsiq/part/lsiq_manifest.json")
+    fs.invalidate_cache()
+    done = sorted(fs.glob("lsiq/part/checkpoints/block-*.json"))
     assert 3 <= len(done) < 8
 
-    r = subprocess.run(cmd(part), capture_output=True, text=True)
+    r = subprocess.run(cmd("part"), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming: blocks 0..{len(done) - 1} are done" in r.stderr
     assert f"block {len(done) + 1}/8  loss" in r.stderr and f"block {len(done)}/8  replayed" in r.stderr
-    assert json.loads((part / "lsiq_manifest.json").read_text())["status"] == "complete"
-    assert _files(full) == _files(part)
+    assert json.loads(fs.cat_file("lsiq/part/lsiq_manifest.json"))["status"] == "complete"
+    full, part = outputs("full"), outputs("part")
+    assert sum(k.startswith("model-layers-") for k in full) == 8 and "lsiq_manifest.json" in full
+    assert full == part

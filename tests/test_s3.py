@@ -12,29 +12,13 @@ import s3fs
 from pipeline.quantize import run
 from pipeline.resume import ResumeMismatch
 from pipeline.storage import StorageError
+from tests.conftest import upload_dir
 from tests.fault_proxy import FaultProxy
-from tests.s3_server import start_s3_server
 from tests.test_pipeline import _cfg
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = start_s3_server(tmp_path_factory.mktemp("s3"))
-    server.make_bucket("lsiq")
-    yield server
-    server.stop(timeout=3)  # a throwaway data dir: no need for weed's 15 s graceful filer shutdown
 
 
 def _fs(opts):
     return s3fs.S3FileSystem(skip_instance_cache=True, **opts)
-
-
-def _upload(s3, local_dir, prefix):
-    fs = _fs(s3.storage_options())
-    for p in sorted(local_dir.iterdir()):
-        if p.is_file():
-            fs.pipe_file(f"lsiq/{prefix}/{p.name}", p.read_bytes())
-    return f"s3://lsiq/{prefix}"
 
 
 def _remote_files(opts, url):
@@ -50,7 +34,7 @@ def _local_files(d):
 
 @pytest.fixture(scope="module")
 def tiny_s3(s3, tiny_checkpoint):
-    return _upload(s3, tiny_checkpoint, "tiny")
+    return upload_dir(s3, tiny_checkpoint, "tiny")
 
 
 def _s3_cfg(url, out, texts_dir, opts, **kw):
