@@ -203,3 +203,40 @@ def test_cli_parsing_errors():
     cfg = parse_quantize_args(["--model", "m", "--output", "o", "--calib", "c", "--method", "gptq",
                                "--group-size", "0", "--abits", "8"])
     assert cfg.calib_cfg.method == "gptq" and cfg.calib_cfg.group_size == 0 and cfg.calib_cfg.abits == 8
+
+
+def test_header_that_disagrees_with_file_size_is_refused(tiny_checkpoint, tmp_path):
+    import struct
+
+    bad = tmp_path / "hdr"
+    shutil.copytree(tiny_checkpoint, bad)
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[:8] = struct.pack("<Q", len(data))  # header length larger than the file
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{shard.name}: header length {len(data)} does not fit the file size"):
+        Checkpoint(str(bad))
+
+
+def test_nan_in_a_later_block_fails_the_cli_run_cleanly(tiny_checkpoint, texts_dir, tmp_path):
+    """The reader actor finds the NaN mid-run: the CLI exits 2 with the plain message, no manifest."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "nan2"
+    shutil.copytree(tiny_checkpoint, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    shard = bad / index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    tensors = load_file(shard)
+    tensors["model.layers.2.mlp.up_proj.weight"][3, 1] = float("inf")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "pipeline.quantize", "--model", str(bad), "--output", str(out), "--calib",
+                        str(texts_dir / "calib.txt"), "--method", "rtn", "--group-size", "32", "--nsamples", "2",
+                        "--seqlen", "16", "--num-cpus", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "error: tensor model.layers.2.mlp.up_proj.weight contains NaN or Inf values" in r.stderr
+    assert "Traceback" not in r.stderr.split("error:")[-1]
+    assert not (out / MANIFEST).exists() and (out / "checkpoints" / "block-00001.json").exists()
