@@ -111,7 +111,7 @@ def main() -> int:
             ev = evaluate(run_dir / "model", eval_txt, windows)
             row = {"setting": setting, "method": method, "label": label, "ppl": ev["ppl"], "eval_tokens": ev["tokens"],
                    "quant_wall_s": round(wall, 1), "calib_s": round(rep["calib_seconds"], 1),
-                   "peak_rss_mb": round(max(rep["peak_rss_driver"], rep["peak_rss_calibrator"]) / 2**20),
+                   "peak_rss_mb": round(max(rep["peak_rss"].values()) / 2**20),
                    "trainable_params": rep["trainable_params"],
                    "mean_block_loss_after": sum(b["loss_after"] for b in rep["blocks"]) / len(rep["blocks"]),
                    "command": " ".join(shlex.quote(c) for c in cmd)}
