@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,18 +171,13 @@ class Checkpoint:
                     buf = storage.read_range(self.fs, path, start, end)
                 except EOFError:
                     raise CheckpointError(f"shard {shard} is truncated while reading {run[0]}") from None
+                view = memoryview(buf)
                 for n in run:
                     info = self.tensors[n]
-                    raw = buf[info.begin - start:info.end - start]
+                    raw = view[info.begin - start:info.end - start]  # no copy
                     digests[n] = hashlib.sha256(raw).hexdigest()
-                    t = torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype]).reshape(info.shape) \
-                        if raw else torch.empty(info.shape, dtype=DTYPES[info.dtype])
-                    if t.is_floating_point():
-                        if not torch.isfinite(t).all():
-                            raise CheckpointError(f"tensor {n} contains NaN or Inf values")
-                        if dtype is not None:
-                            t = t.to(dtype)
-                    out[n] = t
+                    out[n] = _to_tensor(n, raw, info, dtype)
+                del view
                 del buf
         summary = [(n, self.tensors[n].dtype, list(self.tensors[n].shape), digests[n]) for n in sorted(digests)]
         return out, hashlib.sha256(json.dumps(summary).encode()).hexdigest()[:16]
@@ -207,3 +203,20 @@ def _contiguous_runs(names: list[str], tensors: dict[str, TensorInfo], max_bytes
                 continue
         runs.append([n])
     return runs
+
+
+def _to_tensor(name: str, raw: memoryview, info: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
+    """The tensor in ``raw`` (checked finite), cast to ``dtype`` if it is a float; one copy at most."""
+    src = DTYPES[info.dtype]
+    if not len(raw):
+        return torch.empty(info.shape, dtype=src)
+    cast = dtype is not None and src.is_floating_point and src != dtype
+    if cast:
+        with warnings.catch_warnings():  # read-only view of the buffer: the cast below makes the copy
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(raw, dtype=src).reshape(info.shape)
+    else:
+        t = torch.frombuffer(bytearray(raw), dtype=src).reshape(info.shape)
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise CheckpointError(f"tensor {name} contains NaN or Inf values")
+    return t.to(dtype) if cast else t

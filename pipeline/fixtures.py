@@ -61,6 +61,8 @@ def write_random_llama(url: str, config: Any, storage_options: dict[str, Any] | 
     if storage.is_local(fs):
         fs.makedirs(root, exist_ok=True)
     shapes = {n: tuple(p.shape) for n, p in skeleton(config).named_parameters()}
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)  # tied: the head is the embedding matrix
     gen = torch.Generator().manual_seed(seed)
 
     def tensor(name: str) -> torch.Tensor:

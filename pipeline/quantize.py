@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import ray
+from safetensors.torch import save as safetensors_save
 from transformers import AutoTokenizer
 
 from lsiq.arch import UnsupportedArchitecture
@@ -33,7 +34,7 @@ from pipeline.dag import BlockDAG
 from pipeline.data import calibration_ids
 from pipeline.model_io import MANIFEST, skeleton, with_tensors
 from pipeline.report import write_report
-from pipeline.writer import OutputDir, sha256
+from pipeline.writer import SHARD_METADATA, OutputDir, sha256
 
 EXTRA_SHARD = "model-extra.safetensors"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -117,9 +118,11 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     model = with_tensors(skeleton(ckpt.config), other)
     hidden, layer_kwargs = capture_first_layer_inputs(model, ids)
     del model
-    extra = out.write_tensors(EXTRA_SHARD, other)
     extra_map = {k: EXTRA_SHARD for k in other}
-    del other
+    extra_bytes = safetensors_save(other, metadata=SHARD_METADATA)
+    del other  # only the serialized copy while it uploads
+    extra = out.write_bytes(EXTRA_SHARD, extra_bytes)
+    del extra_bytes
 
     records: dict[int, dict[str, Any]] = {}
     earlier = {rec["index"] for rec in state.records}

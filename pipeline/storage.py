@@ -22,6 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 T = TypeVar("T")
+VERIFY_CHUNK = 16 * 2**20
 # Defaults, overridable per process (read at each call): attempts = RETRIES + 1, waits 0.25, 0.5, 1, ... s.
 RETRIES_ENV, BACKOFF_ENV = "LSIQ_STORAGE_RETRIES", "LSIQ_STORAGE_BACKOFF"
 # Errors that retrying cannot fix: the object is not there, or we may not touch it.
@@ -120,7 +121,12 @@ def _verify(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         if etag != hashlib.md5(data).hexdigest():
             raise OSError(f"{path}: stored object's MD5 {etag} differs from the data written")
         return
-    if hashlib.sha256(fs.cat_file(path)).digest() != hashlib.sha256(data).digest():
+    # multipart upload: read back in 16 MiB pieces (not the whole object at once) and compare digests
+    h = hashlib.sha256()
+    with fs.open(path, "rb", block_size=VERIFY_CHUNK, cache_type="none") as f:
+        while chunk := f.read(VERIFY_CHUNK):
+            h.update(chunk)
+    if h.digest() != hashlib.sha256(data).digest():
         raise OSError(f"{path}: stored object differs from the data written")
 
 
