@@ -116,6 +116,48 @@ class BlockResult:
         return params
 
 
+@dataclass
+class SampleShard:
+    """One worker's share of the calibration samples in data-parallel calibration.
+
+    Row j of the worker's caches is global sample ``owned[j]``; ``total`` samples exist across all
+    workers; ``all_reduce(t, op)`` reduces ``t`` in place across workers (op "sum" or "max"). Every
+    optimizer step draws the same global batch on every worker; each worker computes the loss of
+    the samples it owns, scaled by the global batch size, and the summed gradients are exactly the
+    single-worker gradient (up to float summation order).
+    """
+
+    owned: list[int]
+    total: int
+    all_reduce: Callable[[torch.Tensor, str], None]
+
+    def __post_init__(self) -> None:
+        self._pos = {g: j for j, g in enumerate(self.owned)}
+
+    @staticmethod
+    def whole(n: int) -> SampleShard:
+        """A single worker holding every sample (no communication)."""
+        return SampleShard(list(range(n)), n, _no_reduce)
+
+    @property
+    def trivial(self) -> bool:
+        return self.all_reduce is _no_reduce
+
+    def local(self, idx: torch.Tensor) -> torch.Tensor:
+        """Local cache rows of the global indices in ``idx`` that this worker owns (in idx order)."""
+        return torch.tensor([self._pos[g] for g in idx.tolist() if g in self._pos], dtype=torch.long)
+
+
+def _no_reduce(t: torch.Tensor, op: str) -> None:
+    return None
+
+
+def shard_range(total: int, workers: int, rank: int) -> list[int]:
+    """Contiguous, balanced split of ``total`` samples: the global indices of worker ``rank``."""
+    lo, hi = rank * total // workers, (rank + 1) * total // workers
+    return list(range(lo, hi))
+
+
 # ----------------------------------------------------------------------------- forward helpers
 
 
@@ -166,14 +208,19 @@ def forward_all(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, 
 
 @torch.no_grad()
 def mean_loss(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, layer_kwargs: dict[str, Any],
-              batch_size: int, params: dict[str, torch.Tensor] | None, abits: int) -> float:
+              batch_size: int, params: dict[str, torch.Tensor] | None, abits: int,
+              shard: SampleShard | None = None) -> float:
+    """Block-output MSE over every cached sample (of every worker, with ``shard``)."""
     device = next(layer.parameters()).device
     total = 0.0
     with act_quant_hooks(layer, abits):
         for idx in _batches(inputs.shape[0], batch_size):
             out = block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
             total += torch.nn.functional.mse_loss(out, targets[idx].to(device), reduction="sum").item()
-    return total / targets.numel()
+    acc = torch.tensor([total, float(targets.numel())], dtype=torch.float64)
+    if shard is not None:
+        shard.all_reduce(acc, "sum")
+    return (acc[0] / acc[1]).item()
 
 
 # ----------------------------------------------------------------------------- the learnable block
@@ -261,8 +308,8 @@ def _device(layer: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def input_absmax(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any],
-                 batch_size: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Per-channel max |x| of the inputs of the named linears over the cached samples."""
+                 batch_size: int, names: tuple[str, ...], shard: SampleShard | None = None) -> dict[str, torch.Tensor]:
+    """Per-channel max |x| of the inputs of the named linears over the cached samples (of every worker)."""
     device = _device(layer)
     stats: dict[str, torch.Tensor] = {}
 
@@ -279,13 +326,16 @@ def input_absmax(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str,
     finally:
         for h in handles:
             h.remove()
+    if shard is not None:
+        for name in names:
+            shard.all_reduce(stats[name], "max")
     return stats
 
 
 def smooth_let_init(layer: nn.Module, arch: BlockArch, inputs: torch.Tensor, layer_kwargs: dict[str, Any],
-                    batch_size: int, alpha: float) -> dict[str, torch.Tensor]:
+                    batch_size: int, alpha: float, shard: SampleShard | None = None) -> dict[str, torch.Tensor]:
     """OmniQuant's LET initialisation from activation maxima (SmoothQuant, GQA-aware for `out`)."""
-    acts = input_absmax(layer, inputs, layer_kwargs, batch_size, (ATTN_QKV[0], MLP_IN[0], ATTN_OUT))
+    acts = input_absmax(layer, inputs, layer_kwargs, batch_size, (ATTN_QKV[0], MLP_IN[0], ATTN_OUT), shard)
     sd = layer.state_dict()
 
     def wmax(names: tuple[str, ...]) -> torch.Tensor:
@@ -315,8 +365,8 @@ def _rtn_params(layer: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig
-          ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
+def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
+          shard: SampleShard | None = None) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
     device = _device(layer)
     hess = {n: HessianAccumulator(layer.get_submodule(n).in_features, device) for n in LINEARS}
     # The activation quantizers' hooks go first so that H is built from the inputs the layer sees.
@@ -329,6 +379,13 @@ def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], 
         finally:
             for h in handles:
                 h.remove()
+    if shard is not None and not shard.trivial:
+        for acc in hess.values():  # H of all samples = count-weighted mean of the workers' H
+            n = torch.tensor([float(acc.n)], dtype=torch.float64)
+            acc.h *= acc.n
+            shard.all_reduce(acc.h, "sum")
+            shard.all_reduce(n, "sum")
+            acc.h /= n.item()
     linears = {}
     for name in LINEARS:
         w = layer.get_submodule(name).weight.detach()
@@ -342,48 +399,63 @@ def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], 
 def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor,
                     arch: BlockArch, cfg: CalibConfig, block_index: int = 0,
                     fp_inputs: torch.Tensor | None = None,
-                    on_step: Callable[[int, int, float], None] | None = None) -> BlockResult:
+                    on_step: Callable[[int, int, float], None] | None = None,
+                    shard: SampleShard | None = None) -> BlockResult:
     """Quantize one block.
 
     ``inputs``: [N, L, hidden], the previous quantized blocks' outputs; ``targets``: the FP block's
     output on the FP inputs; ``fp_inputs`` (optional) feed the LET activation statistics.
     ``layer`` is left unchanged. Deterministic for a given ``cfg.seed`` and ``block_index``.
+    With ``shard``, this is one of several data-parallel workers holding some of the samples.
     """
+    shard = shard or SampleShard.whole(inputs.shape[0])
     t0 = time.perf_counter()
     device = _device(layer)
     for p in layer.parameters():
         p.requires_grad_(False)
-    loss_rtn = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size, _rtn_params(layer, cfg.spec), cfg.abits)
+    loss_rtn = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size, _rtn_params(layer, cfg.spec), cfg.abits,
+                         shard)
     losses: list[float] = []
     trainable = 0
     if cfg.method == "rtn":
         linears, tensors = BlockQuantizer(layer, arch, cfg).finalize()
     elif cfg.method == "gptq":
-        linears, tensors = _gptq(layer, inputs, layer_kwargs, cfg)
+        linears, tensors = _gptq(layer, inputs, layer_kwargs, cfg, shard)
     else:
         let_init = None
         if cfg.uses_let and (cfg.let_init == "smooth" or (cfg.let_init == "auto" and cfg.abits < 16)):
             let_init = smooth_let_init(layer, arch, fp_inputs if fp_inputs is not None else inputs,
-                                       layer_kwargs, cfg.batch_size, cfg.let_alpha)
+                                       layer_kwargs, cfg.batch_size, cfg.let_alpha, shard)
         bq = BlockQuantizer(layer, arch, cfg, let_init)
         trainable = bq.trainable_params()
         opt = torch.optim.AdamW(bq.param_groups(), weight_decay=0.0)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + block_index)
-        n = inputs.shape[0]
+        n = shard.total
         steps = cfg.epochs * math.ceil(n / cfg.batch_size)
+        per_sample = targets[0].numel()
+        learnable = [p for g in bq.param_groups() for p in g["params"]]
         step = 0
         with act_quant_hooks(layer, cfg.abits):
             for _epoch in range(cfg.epochs):
                 for idx in _batches(n, cfg.batch_size, torch.randperm(n, generator=gen)):
-                    params = bq.effective()  # LSI recomposition + LET + LWC, once per step
-                    out = block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
-                    loss = torch.nn.functional.mse_loss(out, targets[idx].to(device))
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"block {block_index}: loss became {loss.item()} at step {step}")
+                    # mean over the global batch = (sum over the samples each worker owns) / batch elements
+                    loc = shard.local(idx)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss_sum = torch.zeros((), dtype=torch.float64)
+                    if len(loc):
+                        params = bq.effective()  # LSI recomposition + LET + LWC, once per step
+                        out = block_forward(layer, inputs[loc].to(device), layer_kwargs, params)
+                        loss = torch.nn.functional.mse_loss(out, targets[loc].to(device), reduction="sum") \
+                            / (len(idx) * per_sample)
+                        loss.backward()
+                        loss_sum = loss.detach().to(torch.float64).cpu()
+                    if not shard.trivial:
+                        _all_reduce_grads(learnable, shard)
+                        shard.all_reduce(loss_sum, "sum")
+                    if not torch.isfinite(loss_sum):
+                        raise FloatingPointError(f"block {block_index}: loss became {loss_sum.item()} at step {step}")
                     opt.step()
-                    losses.append(loss.item())
+                    losses.append(loss_sum.item())
                     step += 1
                     if on_step is not None:
                         on_step(step, steps, losses[-1])
@@ -391,6 +463,17 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
     result = BlockResult(linears, tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=losses,
                          trainable_params=trainable)
     result.loss_after = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size,
-                                  result.dequantized_params(), cfg.abits)
+                                  result.dequantized_params(), cfg.abits, shard)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _all_reduce_grads(params: list[torch.Tensor], shard: SampleShard) -> None:
+    """Sum the gradients of the learnable parameters across workers, in one flat buffer."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    shard.all_reduce(flat, "sum")
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig
 
 from lsiq.arch import BlockArch
-from lsiq.block import CalibConfig, calibrate_block, forward_all
+from lsiq.block import CalibConfig, SampleShard, calibrate_block, forward_all, shard_range
 from pipeline import native_format
 from pipeline.actors import peak_rss_bytes
 from pipeline.checkpoint import layer_prefix
@@ -57,11 +57,17 @@ class ActivationCache:
 
 
 class BlockCalibrator:
-    """Calibrates one block per call, in order; narrow methods, state = the activation caches."""
+    """Calibrates one block per call, in order; narrow methods, state = the activation caches.
+
+    With several workers (data parallel), each holds the caches of its own samples (``owned``,
+    global indices, of ``total``) for the whole run, and the workers sum their gradients and
+    statistics with torch.distributed (gloo on CPU, nccl on GPU) at every optimizer step.
+    """
 
     def __init__(self, config_dict: dict[str, Any], calib_cfg: CalibConfig, device: str = "cpu",
                  num_threads: int | None = None, activation_budget: int | None = None,
-                 spill_dir: str | None = None) -> None:
+                 spill_dir: str | None = None, rank: int = 0, world: int = 1,
+                 owned: list[int] | None = None, total: int = 0) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.config = AutoConfig.for_model(**config_dict)
@@ -75,15 +81,61 @@ class BlockCalibrator:
         self.kwargs: dict[str, Any] = {}
         self.position = -1  # the block whose inputs the caches hold; -1 = no inputs yet
         self.idle_since = time.perf_counter()
+        self.rank, self.world = rank, world
+        self.owned, self.total = owned, total
+        self.group: Any = None
 
-    def set_inputs(self, inputs: tuple[torch.Tensor, dict[str, Any]]) -> dict[str, Any]:
-        """Start both streams from the embeddings' output (block 0's inputs)."""
+    # ------------------------------------------------------------------ data parallel
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, free port) on this worker's node for the process group's TCP store (rank 0)."""
+        import socket
+
+        addr = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((addr, 0))
+            return addr, s.getsockname()[1]
+
+    def join_group(self, addr: str, port: int, timeout_s: float = 120.0) -> int:
+        """Join (or rejoin, after a restart elsewhere) the workers' process group."""
+        import datetime
+
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.group = dist.group.WORLD
+        return self.rank
+
+    def _shard(self) -> SampleShard | None:
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        device = self.device
+
+        def all_reduce(t: torch.Tensor, op: str) -> None:
+            buf = t.to(device) if device.type == "cuda" else t
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+            if buf is not t:
+                t.copy_(buf)
+
+        return SampleShard(self.owned, self.total, all_reduce)
+
+    def state(self) -> dict[str, Any]:
+        """Where this worker stands: a restarted worker reports position -1 (no caches)."""
+        return {"rank": self.rank, "position": self.position, "pid": os.getpid()}
+
+    def set_inputs(self, inputs: tuple[torch.Tensor, dict[str, Any]], position: int = 0) -> dict[str, Any]:
+        """Start both streams from block ``position``'s inputs (the embeddings' output for block 0)."""
         hidden, layer_kwargs = inputs
         hidden = hidden.to(torch.float32)
         self.cache.plan(hidden.numel() * hidden.element_size())
         self.q_in, self.fp_in = self.cache.copy(hidden), self.cache.copy(hidden)
         self.kwargs = _to_device(layer_kwargs, self.device)
-        self.position = 0
+        self.position = position
         self.idle_since = time.perf_counter()
         one = hidden.numel() * hidden.element_size()
         return {"cache_bytes": one, "peak_cache_bytes": CACHES_AT_ONCE * one, "spilled": self.cache.spilled}
@@ -107,7 +159,7 @@ class BlockCalibrator:
         bs = self.cfg.batch_size
         targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
         result = calibrate_block(layer, self.kwargs, self.q_in, targets, self.arch, self.cfg, index,
-                                 fp_inputs=self.fp_in)
+                                 fp_inputs=self.fp_in, shard=self._shard())
         self.fp_in = None  # at most three caches at once: FP targets, quantized inputs, next inputs
         q_next = forward_all(layer, self.q_in, self.kwargs, bs, params=result.dequantized_params(),
                              abits=self.cfg.abits, out=self.cache.empty_like(self.q_in))
@@ -129,8 +181,9 @@ class BlockCalibrator:
             "peak_rss_reader": meta["peak_rss_reader"],
             "peak_rss_calibrator": peak_rss_bytes(),
         }
-        return {"tensors": native_format.block_tensors(layer_prefix(index), result),
-                "source_fingerprint": meta["fingerprint"], "stats": stats}
+        # every worker ends with the same parameters; only rank 0 ships the tensors to the writer
+        tensors = native_format.block_tensors(layer_prefix(index), result) if self.rank == 0 else {}
+        return {"tensors": tensors, "source_fingerprint": meta["fingerprint"], "stats": stats}
 
     def replay(self, index: int, tensors: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> None:
         """Advance both streams through an already-finished block: the FP block for the FP stream,
@@ -165,12 +218,23 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def remote_calibrator(config_dict: dict[str, Any], calib_cfg: CalibConfig, device: str, num_cpus: int,
-                      num_gpus: int, activation_budget: int | None = None, spill_dir: str | None = None,
-                      max_restarts: int = 3) -> ray.actor.ActorHandle:
-    """Start the calibrator actor with explicit resources. Ray restarts its process if it dies
-    (``max_restarts``); calls are not retried, because a restarted calibrator has lost its caches:
-    the driver rebuilds them (set_inputs, then replay of the finished blocks) and redoes the block."""
+def remote_calibrators(config_dict: dict[str, Any], calib_cfg: CalibConfig, device: str, num_cpus: int,
+                       num_gpus: float, workers: int, nsamples: int, activation_budget: int | None = None,
+                       spill_dir: str | None = None, max_restarts: int = 3) -> list[ray.actor.ActorHandle]:
+    """Start ``workers`` calibrator actors with explicit resources, worker r owning a contiguous
+    share of the samples. Ray restarts a dead worker's process (``max_restarts``); calls are not
+    retried, because a restarted calibrator has lost its caches: the driver rebuilds them
+    (set_inputs, then replay of the finished blocks) and redoes the block."""
     actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                            max_task_retries=0)(BlockCalibrator)
-    return actor_cls.remote(config_dict, calib_cfg, device, num_cpus, activation_budget, spill_dir)
+    return [actor_cls.remote(config_dict, calib_cfg, device, num_cpus, activation_budget, spill_dir, rank, workers,
+                             shard_range(nsamples, workers, rank), nsamples)
+            for rank in range(workers)]
+
+
+def form_group(calibrators: list[ray.actor.ActorHandle]) -> None:
+    """(Re)form the workers' process group: rank 0 picks the address, all join at once."""
+    if len(calibrators) == 1:
+        return
+    addr, port = ray.get(calibrators[0].rendezvous.remote())
+    ray.get([c.join_group.remote(addr, port) for c in calibrators])

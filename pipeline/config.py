@@ -32,6 +32,9 @@ class QuantizeConfig:
     activation_budget: int | None = None  # bytes of activation caches kept in RAM; above it they spill to disk
     spill_dir: str | None = None  # local directory for spilled caches (default: the temp dir)
     max_restarts: int = 3  # how often a dead calibrator is restarted before the run gives up
+    workers: int = 1  # data-parallel calibrator workers, each holding a share of the samples
+    gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: int | None = None  # default: --num-cpus (or the node's CPUs) / workers
 
     @property
     def out_storage_options(self) -> dict[str, Any]:
@@ -119,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAM allowed for the calibrator's activation caches (3 x nsamples x seqlen x hidden x 4 bytes at "
                    "peak); above it they live in memory-mapped files under --spill-dir; unset = no limit")
     r.add_argument("--spill-dir", default=None, help="local directory for spilled activation caches; unset = the temp dir")
+    r.add_argument("--workers", type=int, default=1,
+                   help="data-parallel calibrator workers: the calibration samples are split between them, each keeps "
+                   "its share of the activation caches for the whole run, and they all-reduce the gradients of the "
+                   "learnable parameters every step (gloo on CPU, nccl on GPU); workers may sit on different nodes")
+    r.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 if the cluster has GPUs)")
+    r.add_argument("--cpus-per-worker", type=int, default=None,
+                   help="CPUs per worker (default: --num-cpus, or the largest node's CPUs, divided by --workers)")
     r.add_argument("--max-restarts", type=int, default=3,
                    help="times a dead calibrator actor is restarted (its caches rebuilt by replay) before giving up")
     return p
@@ -134,8 +144,11 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
         raise SystemExit(f"error: {e}") from None
     if a.nsamples < 1 or a.seqlen < 2:
         raise SystemExit("error: --nsamples must be >= 1 and --seqlen >= 2")
+    if not 1 <= a.workers <= a.nsamples:
+        raise SystemExit(f"error: --workers must be between 1 and --nsamples ({a.nsamples})")
     return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,
                           num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,
                           output_storage_options=a.output_storage_options, max_shard_bytes=a.max_shard_size,
-                          activation_budget=a.activation_budget, spill_dir=a.spill_dir, max_restarts=a.max_restarts)
+                          activation_budget=a.activation_budget, spill_dir=a.spill_dir, max_restarts=a.max_restarts,
+                          workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker)

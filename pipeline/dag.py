@@ -1,5 +1,9 @@
 """The block DAG, in one place: ``reader.read(i) -> calibrator.calibrate(i) -> writer.write(i)``.
 
+With data-parallel calibration the middle node is N calibrator workers, each given the same block
+tensors (one object in the object store, fetched once per node) and each holding its own share of
+the samples; rank 0's result goes to the writer.
+
 Each block is three actor calls chained through ObjectRefs: Ray starts a call when its inputs
 exist, so tensors move reader -> calibrator -> writer through the object store without passing
 through the driver. The driver keeps ``depth`` blocks in flight: while block i calibrates, the
@@ -24,40 +28,40 @@ import ray
 class BlockRefs:
     index: int
     meta: ray.ObjectRef  # the reader's small record of the block (fingerprint, bytes, seconds)
-    calibrated: ray.ObjectRef  # the calibrator's result: stored tensors and statistics
+    calibrated: list[ray.ObjectRef]  # each worker's result (rank 0's carries the stored tensors)
     written: ray.ObjectRef  # the writer's checkpoint record
 
 
 class BlockDAG:
     """The three actors of a run and the shape of the graph between them."""
 
-    def __init__(self, reader: ray.actor.ActorHandle, calibrator: ray.actor.ActorHandle,
+    def __init__(self, reader: ray.actor.ActorHandle, calibrators: list[ray.actor.ActorHandle],
                  writer: ray.actor.ActorHandle, depth: int = 2) -> None:
-        self.reader, self.calibrator, self.writer = reader, calibrator, writer
+        self.reader, self.calibrators, self.writer = reader, calibrators, writer
         self.depth = depth
         # refs of blocks not yet finished (only for drain: holding refs keeps their objects alive)
         self._inflight: dict[tuple[str, int], list[ray.ObjectRef]] = {}
 
     def submit(self, i: int) -> BlockRefs:
         meta, tensors = self.reader.read.options(num_returns=2).remote(i)
-        calibrated = self.calibrator.calibrate.remote(i, tensors, meta)
-        written = self.writer.write.remote(i, calibrated)
-        self._inflight[("run", i)] = [meta, calibrated, written]
+        calibrated = [c.calibrate.remote(i, tensors, meta) for c in self.calibrators]
+        written = self.writer.write.remote(i, calibrated[0])
+        self._inflight[("run", i)] = [meta, *calibrated, written]
         return BlockRefs(i, meta, calibrated, written)
 
-    def submit_replay(self, i: int, record: dict[str, Any]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-        """Replay a finished block: (reader's metadata, the calibrator's replay call)."""
+    def submit_replay(self, i: int, record: dict[str, Any]) -> tuple[ray.ObjectRef, list[ray.ObjectRef]]:
+        """Replay a finished block: (reader's metadata, every worker's replay call)."""
         meta, tensors = self.reader.read.options(num_returns=2).remote(i)
         stored = self.writer.read_block.remote(record)
-        done = self.calibrator.replay.remote(i, tensors, stored)
-        self._inflight[("replay", i)] = [meta, stored, done]
+        done = [c.replay.remote(i, tensors, stored) for c in self.calibrators]
+        self._inflight[("replay", i)] = [meta, stored, *done]
         return meta, done
 
     def replay(self, records: list[dict[str, Any]], check: Callable[[dict[str, Any], dict[str, Any]], None]
                ) -> Iterator[int]:
         """Replay finished blocks in order, ``depth`` at a time; ``check(meta, record)`` may refuse
         a block whose source changed. Yields each block index once replayed."""
-        pending: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}
+        pending: dict[int, tuple[ray.ObjectRef, list[ray.ObjectRef]]] = {}
         for k, rec in enumerate(records):
             for j in range(k, min(k + self.depth, len(records))):
                 if j not in pending:
@@ -75,9 +79,10 @@ class BlockDAG:
         for i in range(first, n):
             refs = pending.pop(i)
             # wait for the calibration only (not fetching its tensors here), then start the next read
-            ray.wait([refs.calibrated], fetch_local=False)
+            ray.wait(refs.calibrated, num_returns=len(refs.calibrated), fetch_local=False)
             if i + self.depth < n:
                 pending[i + self.depth] = self.submit(i + self.depth)
+            ray.get(refs.calibrated[1:])  # other workers' statistics: small; raises if a worker failed
             record = ray.get(refs.written)
             del refs
             self._inflight.pop(("run", i), None)

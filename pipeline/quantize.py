@@ -24,10 +24,11 @@ from safetensors.torch import save as safetensors_save
 from transformers import AutoTokenizer
 
 from lsiq.arch import UnsupportedArchitecture
+from lsiq.block import shard_range
 from lsiq.capture import capture_first_layer_inputs
 from pipeline import native_format, ray_env, resume, storage
 from pipeline.actors import peak_rss_bytes, remote_reader, remote_writer
-from pipeline.calibrator import remote_calibrator
+from pipeline.calibrator import form_group, remote_calibrators
 from pipeline.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
 from pipeline.config import QuantizeConfig, parse_quantize_args
 from pipeline.dag import BlockDAG
@@ -128,18 +129,23 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     earlier = {rec["index"] for rec in state.records}
     started_ray = ray_env.connect(cfg.address, cfg.num_cpus)
     try:
-        gpus = 1 if (cfg.device == "cuda" or (cfg.device == "auto" and ray_env.cluster_gpus() > 0)) else 0
+        workers = cfg.workers
+        if workers > cfg.nsamples:
+            raise ValueError(f"--workers {workers} is more than --nsamples {cfg.nsamples}: every worker needs a sample")
+        want_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray_env.cluster_gpus() > 0)
+        gpus = (cfg.gpus_per_worker if cfg.gpus_per_worker is not None else 1) if want_gpu else 0
         device = "cuda" if gpus else "cpu"
-        cpus = cfg.num_cpus or ray_env.node_cpus()
+        cpus = cfg.cpus_per_worker or max(1, (cfg.num_cpus or ray_env.node_cpus()) // workers)
         log(f"lsiq: {ckpt.config_dict.get('model_type')} {n} blocks, method={ccfg.method} "
             f"W{ccfg.wbits}A{ccfg.abits} g{ccfg.group_size}, {cfg.nsamples}x{cfg.seqlen} tokens, "
-            f"{ccfg.epochs} epochs, calibrator on {device} ({cpus} CPUs, {gpus} GPUs)")
-        inputs_ref = ray.put((hidden, layer_kwargs))
+            f"{ccfg.epochs} epochs, {workers} calibrator worker(s) on {device} ({cpus} CPUs, {gpus} GPUs each)")
+        # each worker's share of the samples goes to it once and stays there for the whole run
+        input_refs = [ray.put((hidden[shard_range(cfg.nsamples, workers, r)], layer_kwargs)) for r in range(workers)]
         del hidden
-        calibrator = remote_calibrator(ckpt.config_dict, ccfg, device, cpus, gpus, cfg.activation_budget,
-                                       cfg.spill_dir, cfg.max_restarts)
-        dag = BlockDAG(remote_reader(ckpt), calibrator, remote_writer(cfg.output, cfg.out_storage_options,
-                                                                       fingerprint, cfg.max_shard_bytes))
+        calibrators = remote_calibrators(ckpt.config_dict, ccfg, device, cpus, gpus, workers, cfg.nsamples,
+                                         cfg.activation_budget, cfg.spill_dir, cfg.max_restarts)
+        dag = BlockDAG(remote_reader(ckpt), calibrators, remote_writer(cfg.output, cfg.out_storage_options,
+                                                                        fingerprint, cfg.max_shard_bytes))
 
         def check_source(meta: dict[str, Any], rec: dict[str, Any]) -> None:
             if meta["fingerprint"] != rec["source_fingerprint"]:
@@ -152,7 +158,8 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         while True:
             try:
                 t0 = time.perf_counter()
-                cache = ray.get(calibrator.set_inputs.remote(inputs_ref))
+                form_group(calibrators)
+                cache = ray.get([c.set_inputs.remote(ref) for c, ref in zip(calibrators, input_refs, strict=True)])[0]
                 for i in dag.replay(state.records, check_source):
                     why = "done in an earlier run" if i in earlier else "cache rebuilt after a calibrator restart"
                     log(f"block {i + 1}/{n}  replayed ({why})")
@@ -168,19 +175,24 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
                         f"{st['seconds']:.1f}s  io-wait {st['io_wait_seconds']:.1f}s  ETA {_fmt_eta(eta)}")
                 phases["blocks"] = time.perf_counter() - t_loop
                 break
-            except ray.exceptions.RayActorError as e:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                 dag.drain()
+                # a worker that Ray restarted has no caches (position -1); the survivors of a data-parallel
+                # group fail their collective when a peer dies. Anything else is a real error.
+                lost = [s["rank"] for s in ray.get([c.state.remote() for c in calibrators]) if s["position"] < 0]
+                if not lost and not isinstance(e, ray.exceptions.RayActorError):
+                    raise
                 restarts += 1
                 if restarts > cfg.max_restarts:
-                    raise RuntimeError(f"the calibrator died {restarts} times; giving up ({e})") from e
+                    raise RuntimeError(f"calibrator workers died {restarts} times; giving up ({e})") from e
                 state = resume.prepare(out, settings, n, restart=False)
-                log(f"calibrator actor died ({type(e).__name__}); Ray restarted it ({restarts}/{cfg.max_restarts}); "
-                    f"rebuilding its caches by replaying blocks 0..{state.next_block - 1}, then redoing block "
-                    f"{state.next_block + 1}")
+                log(f"calibrator actor died (worker {lost or '?'}; {type(e).__name__}); Ray restarted it "
+                    f"({restarts}/{cfg.max_restarts}); rebuilding the caches by replaying blocks "
+                    f"0..{state.next_block - 1}, then redoing block {state.next_block + 1}")
         for rec in state.records:
             records.setdefault(rec["index"], rec)
-        peak_calibrator = ray.get(calibrator.peak_rss.remote())
-        for actor in (dag.reader, calibrator, dag.writer):
+        peak_calibrator = max(ray.get([c.peak_rss.remote() for c in calibrators]))
+        for actor in (dag.reader, *calibrators, dag.writer):
             ray.kill(actor)
     finally:
         if started_ray:
@@ -204,6 +216,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         "device": device,
         "resumed_blocks": len(earlier),
         "calibrator_restarts": restarts,
+        "workers": workers,
         "calib_seconds": sum(b["seconds"] for b in new_blocks),
         "io_wait_seconds": sum(b["io_wait_seconds"] for b in new_blocks),
         "bytes_read": sum(b["bytes_read"] for b in new_blocks),
