@@ -179,7 +179,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
                 dag.drain()
                 # a worker that Ray restarted has no caches (position -1); the survivors of a data-parallel
                 # group fail their collective when a peer dies. Anything else is a real error.
-                lost = [s["rank"] for s in ray.get([c.state.remote() for c in calibrators]) if s["position"] < 0]
+                lost = [s["rank"] for s in _worker_states(calibrators) if s["position"] < 0]
                 if not lost and not isinstance(e, ray.exceptions.RayActorError):
                     raise
                 restarts += 1
@@ -253,6 +253,18 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         write_report(cfg.report, report)
     log(f"done: {n} blocks in {_fmt_eta(report['wall_seconds'])}, output {cfg.output}")
     return report
+
+
+def _worker_states(calibrators: list[ray.actor.ActorHandle], wait_s: float = 300.0) -> list[dict[str, Any]]:
+    """Each calibrator's state, waiting for the ones Ray is restarting."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get([c.state.remote() for c in calibrators])
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _cause(e: BaseException) -> BaseException:

@@ -18,12 +18,15 @@ def _outputs(d):
             if p.is_file() and not str(p.relative_to(d)).startswith("checkpoints/")}
 
 
-def _calibrator_processes():
+def _calibrator_processes(root_pid):
+    """The calibrator actor processes of the job ``root_pid`` (its embedded Ray's workers descend from it)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::BlockCalibrator"):
-            found.append(p)
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::BlockCalibrator"):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
     return found
 
 
@@ -51,7 +54,7 @@ def test_calibrator_killed_mid_block_is_restarted_and_block_redone(smollm2_dir, 
         lines.append(line)
         if line.startswith("block 2/5  loss") and not victims:
             # block 3 is calibrating now (its input was prefetched): kill the actor's process under it
-            victims = _calibrator_processes()
+            victims = _calibrator_processes(proc.pid)
             victims[-1].kill()  # one worker; with two, the survivor's all-reduce fails and the group re-forms
             break
     tail = threading.Thread(target=lambda: lines.extend(proc.stderr))
