@@ -46,8 +46,7 @@ def main() -> int:
         try:
             server.make_bucket("lsiq")
             src = upload_dir(server, fixtures / "smollm2", "smollm2")
-            env = os.environ | {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
-                                "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
+            env = os.environ | server.credentials_env() | {"PYTHONPATH": str(ROOT)}
             report_path = out / "report.json"
             cmd = [sys.executable, "-m", "pipeline.quantize", "--model", src, "--output", "s3://lsiq/smollm2-lsi-w3",
                    "--storage-options", json.dumps({"client_kwargs": {"endpoint_url": server.endpoint}}),

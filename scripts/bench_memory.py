@@ -55,8 +55,7 @@ def main() -> int:
             server.make_bucket("bench")
             opts = server.storage_options()
             # credentials through the environment, as a user would set them; the endpoint as a storage option
-            env = os.environ | {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
-                                "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
+            env = os.environ | server.credentials_env() | {"PYTHONPATH": str(ROOT)}
             endpoint_opts = json.dumps({"client_kwargs": {"endpoint_url": server.endpoint}})
             results = []
             for depth in args.depths:

@@ -41,6 +41,16 @@ def write_sharded_checkpoint(model: torch.nn.Module, out: Path, shards: int = 2)
     return out
 
 
+def tiny_checkpoint_with_tokenizer(out: Path, smollm2_dir: Path, layers: int, shards: int, seed: int) -> Path:
+    """A random tiny GQA Llama of ``layers`` blocks with SmolLM2's tokenizer, sharded in ``shards`` files."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=layers, vocab_size=49152))
+    ck = write_sharded_checkpoint(model, out, shards=shards)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (ck / f).write_bytes((smollm2_dir / f).read_bytes())
+    return ck
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     from pipeline.fixtures import write_smollm2
@@ -60,13 +70,7 @@ def texts_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
     """A random 3-block GQA Llama with SmolLM2's tokenizer, sharded in two files."""
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(vocab_size=49152)
-    model = AutoModelForCausalLM.from_config(cfg)
-    out = write_sharded_checkpoint(model, tmp_path_factory.mktemp("tiny") / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (out / f).write_bytes((smollm2_dir / f).read_bytes())
-    return out
+    return tiny_checkpoint_with_tokenizer(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir, 3, 2, 0)
 
 
 @pytest.fixture(scope="session")

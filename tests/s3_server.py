@@ -76,6 +76,11 @@ class S3Server:
         os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
         return {"key": self.access_key, "secret": self.secret_key, "client_kwargs": {"endpoint_url": self.endpoint}}
 
+    def credentials_env(self) -> dict[str, str]:
+        """The environment a client process reads its credentials and region from (as users set them)."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": REGION}
+
     def make_bucket(self, name: str) -> None:
         """Create bucket ``name`` (S3 rules: 3-63 chars, lowercase); no error if it exists."""
         import s3fs

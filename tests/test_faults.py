@@ -7,10 +7,8 @@ import threading
 
 import psutil
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
-from tests.conftest import tiny_llama_config, write_sharded_checkpoint
+from tests.conftest import tiny_checkpoint_with_tokenizer
 
 
 def _outputs(d):
@@ -33,11 +31,7 @@ def _calibrator_processes(root_pid):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_calibrator_killed_mid_block_is_restarted_and_block_redone(smollm2_dir, texts_dir, tmp_path, workers):
-    torch.manual_seed(2)
-    ck = write_sharded_checkpoint(AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=4, vocab_size=49152)),
-                                  tmp_path / "ck", shards=2)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (ck / f).write_bytes((smollm2_dir / f).read_bytes())
+    ck = tiny_checkpoint_with_tokenizer(tmp_path / "ck", smollm2_dir, layers=4, shards=2, seed=2)
 
     def cmd(out):
         return [sys.executable, "-m", "pipeline.quantize", "--model", str(ck), "--output", str(out), "--calib",

@@ -39,8 +39,7 @@ def test_cli_s3_to_s3_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path, s3
     src = upload_dir(s3, smollm2_dir, "smollm2")
     out = "s3://lsiq/out/smollm2-lsi-w3"
     endpoint = json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}})
-    env = os.environ | {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                        "AWS_DEFAULT_REGION": "us-east-1"}
+    env = os.environ | s3.credentials_env()
 
     def evaluate(model):
         r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", str(model), "--storage-options",

@@ -8,23 +8,16 @@ import sys
 
 import pytest
 import s3fs
-import torch
-from transformers import AutoModelForCausalLM
 
-from tests.conftest import tiny_llama_config, upload_dir, write_sharded_checkpoint
+from tests.conftest import tiny_checkpoint_with_tokenizer, upload_dir
 
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_byte_identical(smollm2_dir, texts_dir, tmp_path, s3):
-    torch.manual_seed(1)
-    ck = write_sharded_checkpoint(AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=8, vocab_size=49152)),
-                                  tmp_path / "ck", shards=3)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (ck / f).write_bytes((smollm2_dir / f).read_bytes())
+    ck = tiny_checkpoint_with_tokenizer(tmp_path / "ck", smollm2_dir, layers=8, shards=3, seed=1)
     src = upload_dir(s3, ck, "sigkill-src")
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options())
-    env = os.environ | {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                        "AWS_DEFAULT_REGION": "us-east-1"}
+    env = os.environ | s3.credentials_env()
 
     def cmd(out):
         return [sys.executable, "-m", "pipeline.quantize", "--model", src, "--output", f"s3://lsiq/{out}",

@@ -77,7 +77,7 @@ def test_bad_urls_and_credentials_fail_clearly(s3, tiny_s3, texts_dir):
     calib = ["--calib", str(texts_dir / "calib.txt"), "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
              "--group-size", "32"]
     endpoint = json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}})
-    creds = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+    creds = s3.credentials_env()
     # wrong secret: refused, and the secret is not printed
     r = _cli(["--model", tiny_s3, "--output", "s3://lsiq/out/bad1", "--storage-options", endpoint, *calib],
              env=creds | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"})
