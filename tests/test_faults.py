@@ -1,19 +1,17 @@
-"""Faults during a run: a calibrator worker's process killed mid-block (one worker, or one of two
-data-parallel workers)."""
+"""Faults during a run (S3 -> S3): a calibrator worker's process killed mid-block (one worker, or
+one of two data-parallel workers)."""
 
+import json
+import os
 import subprocess
 import sys
 import threading
 
 import psutil
 import pytest
+import s3fs
 
-from tests.conftest import tiny_checkpoint_with_tokenizer
-
-
-def _outputs(d):
-    return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*")
-            if p.is_file() and not str(p.relative_to(d)).startswith("checkpoints/")}
+from tests.conftest import tiny_checkpoint_with_tokenizer, upload_dir
 
 
 def _calibrator_processes(root_pid):
@@ -30,19 +28,26 @@ def _calibrator_processes(root_pid):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
-def test_calibrator_killed_mid_block_is_restarted_and_block_redone(smollm2_dir, texts_dir, tmp_path, workers):
+def test_calibrator_killed_mid_block_is_restarted_and_block_redone(smollm2_dir, texts_dir, tmp_path, workers, s3):
     ck = tiny_checkpoint_with_tokenizer(tmp_path / "ck", smollm2_dir, layers=4, shards=2, seed=2)
+    src = upload_dir(s3, ck, f"kill-src-{workers}")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options())
+    env = os.environ | s3.credentials_env()
+
+    def outputs(prefix):  # checkpoint records hold timings; everything else must match
+        return {p.split("/", 2)[2]: fs.cat_file(p) for p in fs.find(f"lsiq/{prefix}") if "/checkpoints/" not in p}
 
     def cmd(out):
-        return [sys.executable, "-m", "pipeline.quantize", "--model", str(ck), "--output", str(out), "--calib",
+        return [sys.executable, "-m", "pipeline.quantize", "--model", src, "--output", f"s3://lsiq/{out}",
+                "--storage-options", json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}}), "--calib",
                 str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "3", "--group-size", "32", "--nsamples", "8",
                 "--seqlen", "64", "--epochs", "8", "--batch-size", "2", "--workers", str(workers),
                 "--cpus-per-worker", "1", "--num-cpus", "2"]
 
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(cmd(full), check=True, capture_output=True)
+    full, killed = f"kill-full-{workers}", f"kill-killed-{workers}"
+    subprocess.run(cmd(full), check=True, capture_output=True, env=env)
 
-    proc = subprocess.Popen(cmd(killed), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd(killed), stderr=subprocess.PIPE, text=True, env=env)
     lines, victims = [], []
     for line in proc.stderr:
         lines.append(line)
@@ -61,4 +66,6 @@ def test_calibrator_killed_mid_block_is_restarted_and_block_redone(smollm2_dir, 
     assert "calibrator actor died" in log and "Ray restarted it (1/3)" in log, log[-3000:]
     assert "block 2/4  replayed (cache rebuilt after a calibrator restart)" in log
     assert "block 3/4  loss" in log and "block 4/4  loss" in log
-    assert _outputs(full) == _outputs(killed)
+    full_files = outputs(full)
+    assert sum(k.startswith("model-layers-") for k in full_files) == 4 and "lsiq_manifest.json" in full_files
+    assert full_files == outputs(killed)
