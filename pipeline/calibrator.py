@@ -83,7 +83,6 @@ class BlockCalibrator:
         self.idle_since = time.perf_counter()
         self.rank, self.world = rank, world
         self.owned, self.total = owned, total
-        self.group: Any = None
 
     # ------------------------------------------------------------------ data parallel
     def rendezvous(self) -> tuple[str, int]:
@@ -106,7 +105,6 @@ class BlockCalibrator:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        self.group = dist.group.WORLD
         return self.rank
 
     def _shard(self) -> SampleShard | None:
@@ -204,8 +202,6 @@ class BlockCalibrator:
     def peak_rss(self) -> int:
         return peak_rss_bytes()
 
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -36,6 +36,12 @@ class QuantizeConfig:
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_worker: int | None = None  # default: --num-cpus (or the node's CPUs) / workers
 
+    def __post_init__(self) -> None:
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
+        if not 1 <= self.workers <= self.nsamples:
+            raise ValueError(f"--workers must be between 1 and --nsamples ({self.nsamples}): every worker needs a sample")
+
     @property
     def out_storage_options(self) -> dict[str, Any]:
         return self.storage_options if self.output_storage_options is None else self.output_storage_options
@@ -140,15 +146,11 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
         calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size, sym=a.sym,
                             epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr_lwc=a.lr_lwc, lr_let=a.lr_let,
                             lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, lsi_relative=a.lsi_relative, let_init=a.let_init)
+        return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
+                              seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,
+                              num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,
+                              output_storage_options=a.output_storage_options, max_shard_bytes=a.max_shard_size,
+                              activation_budget=a.activation_budget, spill_dir=a.spill_dir, max_restarts=a.max_restarts,
+                              workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if a.nsamples < 1 or a.seqlen < 2:
-        raise SystemExit("error: --nsamples must be >= 1 and --seqlen >= 2")
-    if not 1 <= a.workers <= a.nsamples:
-        raise SystemExit(f"error: --workers must be between 1 and --nsamples ({a.nsamples})")
-    return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
-                          seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,
-                          num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,
-                          output_storage_options=a.output_storage_options, max_shard_bytes=a.max_shard_size,
-                          activation_budget=a.activation_budget, spill_dir=a.spill_dir, max_restarts=a.max_restarts,
-                          workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker)

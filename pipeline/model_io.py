@@ -52,9 +52,10 @@ def with_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Modul
 
 
 @contextlib.contextmanager
-def local_copy(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+def local_copy(url: str, storage_options: dict[str, Any] | None = None,
+               names: tuple[str, ...] | None = None) -> Iterator[str]:
     """A local directory with the files of ``url`` (itself when local; else a temporary download,
-    without the per-block checkpoint records). For evaluation, which loads the whole model anyway."""
+    without the per-block checkpoint records, or of only the top-level ``names`` that exist)."""
     fs, root = storage.filesystem(url, storage_options)
     if storage.is_local(fs):
         yield root
@@ -63,7 +64,7 @@ def local_copy(url: str, storage_options: dict[str, Any] | None = None) -> Itera
     with tempfile.TemporaryDirectory(prefix="lsiq-model-") as tmp:
         for p in storage.retrying(lambda: fs.find(root), f"list {url}"):
             rel = p[len(root) + 1:]
-            if not rel or rel.startswith("checkpoints/"):
+            if not rel or rel.startswith("checkpoints/") or (names is not None and rel not in names):
                 continue
             dest = os.path.join(tmp, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)

@@ -9,14 +9,11 @@ output complete; per-block checkpoint records let a rerun resume.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -33,7 +30,7 @@ from pipeline.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
 from pipeline.config import QuantizeConfig, parse_quantize_args
 from pipeline.dag import BlockDAG
 from pipeline.data import calibration_ids
-from pipeline.model_io import MANIFEST, skeleton, with_tensors
+from pipeline.model_io import MANIFEST, local_copy, skeleton, with_tensors
 from pipeline.report import write_report
 from pipeline.writer import SHARD_METADATA, OutputDir, sha256
 
@@ -59,21 +56,6 @@ def run_settings(cfg: QuantizeConfig, ckpt: Checkpoint) -> dict[str, Any]:
         "source_config_sha256": sha256(json.dumps(ckpt.config_dict, sort_keys=True).encode())[:16],
         "format": native_format.FORMAT,
     }
-
-
-@contextlib.contextmanager
-def local_tokenizer_dir(ckpt: Checkpoint) -> Iterator[str]:
-    """A local directory holding the checkpoint's tokenizer files (copied when the source is remote)."""
-    if storage.is_local(ckpt.fs):
-        yield ckpt.root
-        return
-    with tempfile.TemporaryDirectory(prefix="lsiq-tokenizer-") as tmp:
-        for name in COPIED_FILES:
-            src = storage.join(ckpt.root, name)
-            if storage.exists(ckpt.fs, src):
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(storage.read_all(ckpt.fs, src))
-        yield tmp
 
 
 def _open_output(cfg: QuantizeConfig, settings: dict[str, Any], num_layers: int) -> tuple[OutputDir, resume.ResumeState]:
@@ -112,7 +94,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     if state.next_block:
         log(f"resuming: blocks 0..{state.next_block - 1} are done, replaying them to rebuild the activation cache")
 
-    with local_tokenizer_dir(ckpt) as tok_dir:
+    with local_copy(ckpt.url, ckpt.storage_options, names=COPIED_FILES) as tok_dir:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     ids = calibration_ids(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, ccfg.seed)
     other = ckpt.read(ckpt.other_names())
@@ -130,8 +112,6 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     started_ray = ray_env.connect(cfg.address, cfg.num_cpus)
     try:
         workers = cfg.workers
-        if workers > cfg.nsamples:
-            raise ValueError(f"--workers {workers} is more than --nsamples {cfg.nsamples}: every worker needs a sample")
         want_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray_env.cluster_gpus() > 0)
         gpus = (cfg.gpus_per_worker if cfg.gpus_per_worker is not None else 1) if want_gpu else 0
         device = "cuda" if gpus else "cpu"

@@ -27,8 +27,6 @@ VERIFY_CHUNK = 16 * 2**20
 RETRIES_ENV, BACKOFF_ENV = "LSIQ_STORAGE_RETRIES", "LSIQ_STORAGE_BACKOFF"
 # Errors that retrying cannot fix: the object is not there, or we may not touch it.
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-SECRET_KEYS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
-               "aws_session_token", "sas_token", "account_key")
 
 
 class StorageError(OSError):
@@ -68,16 +66,6 @@ def retrying(fn: Callable[[], T], what: str, retries: int | None = None, backoff
                 raise StorageError(f"{what}: still failing after {retries + 1} attempts: {type(e).__name__}: {e}") from e
             time.sleep(backoff * 2**attempt)
     raise AssertionError("unreachable")
-
-
-def redact(options: dict[str, Any] | None) -> dict[str, Any]:
-    """``options`` with credentials masked, for logs and reports."""
-    def walk(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: "***" if k.lower() in SECRET_KEYS else walk(v) for k, v in o.items()}
-        return o
-
-    return walk(options or {})
 
 
 def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

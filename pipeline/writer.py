@@ -6,7 +6,6 @@ import hashlib
 from typing import Any
 
 import torch
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from pipeline import storage
@@ -25,7 +24,6 @@ class OutputDir:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
-        self.storage_options = storage_options or {}
         self.fs, self.root = storage.filesystem(url, storage_options)
 
     def _parent(self, name: str) -> None:
@@ -66,9 +64,6 @@ class OutputDir:
 
     def read_bytes(self, name: str) -> bytes:
         return storage.read_all(self.fs, self.path(name))
-
-    def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return safetensors_load(self.read_bytes(name))
 
     def write_json(self, name: str, obj: Any) -> None:
         self._parent(name)
