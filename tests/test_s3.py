@@ -61,7 +61,7 @@ def test_transient_faults_are_retried_with_same_output(s3, tiny_s3, texts_dir, t
     opts = s3.storage_options()
     run(_s3_cfg(tiny_s3, "s3://lsiq/out/clean", texts_dir, opts, method="rtn"), log=lambda m: None)
     monkeypatch.setenv("LSIQ_STORAGE_BACKOFF", "0.05")
-    with FaultProxy(s3.endpoint, fail_rate=0.2, seed=3) as proxy:
+    with FaultProxy(s3.endpoint, fail_rate=0.3, seed=3) as proxy:
         faulty = opts | {"client_kwargs": {"endpoint_url": proxy.start()}}
         run(_s3_cfg(tiny_s3, "s3://lsiq/out/faulty", texts_dir, faulty, method="rtn"), log=lambda m: None)
         assert proxy.injected_503 > 3 and proxy.injected_drops > 3, vars(proxy)
