@@ -51,19 +51,20 @@ class LET(nn.Module):
         return s.repeat_interleave(self.arch.kv_groups, dim=0).reshape(-1)
 
     def transform(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Return a copy of the block tensors ``t`` (names relative to the block) transformed."""
+        """Return a copy of the block tensors ``t`` (names relative to the block) transformed.
+        Tensors absent from ``t`` are skipped, so one linear can be transformed on its own."""
         t = dict(t)
         s = self.qkv.clamp(min=SCALE_MIN)
-        t["input_layernorm.weight"] = t["input_layernorm.weight"] / s
+        _scale(t, "input_layernorm.weight", s, divide=True)
         for name in ATTN_QKV:
-            t[f"{name}.weight"] = t[f"{name}.weight"] * s
+            _scale(t, f"{name}.weight", s)
         s = self.fc1.clamp(min=SCALE_MIN)
-        t["post_attention_layernorm.weight"] = t["post_attention_layernorm.weight"] / s
+        _scale(t, "post_attention_layernorm.weight", s, divide=True)
         for name in MLP_IN:
-            t[f"{name}.weight"] = t[f"{name}.weight"] * s
+            _scale(t, f"{name}.weight", s)
         s = self.out.clamp(min=SCALE_MIN)
         _scale_rows(t, "self_attn.v_proj", 1 / s)
-        t["self_attn.o_proj.weight"] = t["self_attn.o_proj.weight"] * self._expand_heads(s.view(self.arch.n_kv_heads, -1))
+        _scale(t, "self_attn.o_proj.weight", self._expand_heads(s.view(self.arch.n_kv_heads, -1)))
         s = self.qk.clamp(min=SCALE_MIN)
         s_kv = torch.cat([s, s], dim=-1)  # rotary pairs (d, d + head_dim/2) share a scale
         _scale_rows(t, "self_attn.k_proj", s_kv.reshape(-1))
@@ -71,7 +72,11 @@ class LET(nn.Module):
         return t
 
 
+def _scale(t: dict[str, torch.Tensor], key: str, s: torch.Tensor, divide: bool = False) -> None:
+    if key in t:
+        t[key] = t[key] / s if divide else t[key] * s
+
+
 def _scale_rows(t: dict[str, torch.Tensor], linear: str, s: torch.Tensor) -> None:
-    t[f"{linear}.weight"] = t[f"{linear}.weight"] * s[:, None]
-    if f"{linear}.bias" in t:
-        t[f"{linear}.bias"] = t[f"{linear}.bias"] * s
+    _scale(t, f"{linear}.weight", s[:, None])
+    _scale(t, f"{linear}.bias", s)

@@ -1,6 +1,8 @@
 """LSI, learnable singular-value increments (paper 000/004).
 
-W = U diag(S) V^T (thin SVD, computed once per block in float64). The calibrated weight is
+W = U diag(S) V^T (thin SVD, computed once per block: in float64 on CPU, in float32 on a GPU,
+where float64 runs at a small fraction of the float32 rate; the factors only set the directions
+of the increment, the base weight stays exact). The calibrated weight is
 W' = U diag(S + dS) V^T (+ U_k B V_k^T with an optional learnable k x k block B on the top-left
 of the singular-value matrix), evaluated as W + U diag(dS) V^T (+ U_k B V_k^T) so that dS = 0
 reproduces W bit for bit. dS and B start at zero.
@@ -17,10 +19,11 @@ class SVDIncrement(nn.Module):
 
     def __init__(self, weight: torch.Tensor, block_k: int = 0, relative: bool = False) -> None:
         super().__init__()
-        w64 = weight.detach().to(torch.float64)
-        u, s, vh = torch.linalg.svd(w64, full_matrices=False)
+        svd_dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
+        u, s, vh = torch.linalg.svd(weight.detach().to(svd_dtype), full_matrices=False)
         dtype = weight.dtype
-        self.register_buffer("base", weight.detach().clone(), persistent=False)
+        # the base is the caller's weight itself, not a copy: one block's weights less in memory
+        self.register_buffer("base", weight.detach(), persistent=False)
         self.register_buffer("u", u.to(dtype), persistent=False)
         self.register_buffer("s", s.to(dtype), persistent=False)
         self.register_buffer("vh", vh.to(dtype), persistent=False)

@@ -1,0 +1,304 @@
+"""Plan a run before paying for it: per-worker memory and a time estimate from a model's config.json.
+
+    python -m pipeline.plan --model-config clusters/models/llama-2-70b/config.json --gpus 8 --gpu-mem 24GB
+
+The memory model counts what the calibrator actually allocates on its device for one block (the
+coefficients are measured from the code with autograd's saved-tensor hooks; tests/test_plan.py
+checks them against it); the time model counts FLOPs and bytes moved per block and divides by
+throughputs that are parameters (defaults: an A10G-class 24 GB GPU, fp32 matmuls; measured
+values for this CPU are in BENCHMARKS.md). The formula is in README.md ("Planning a run").
+The last line on stdout is one JSON object: ``fits``, ``hours``, ``per_worker_bytes`` and the
+breakdowns. Exit status 1 when the plan does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lsiq.arch import ATTN_OUT, ATTN_QKV, MLP_IN, MLP_OUT, BlockArch, UnsupportedArchitecture
+from lsiq.block import METHODS, CalibConfig
+from pipeline.config import parse_bytes
+
+F32 = 4  # the calibrator works in float32 whatever the checkpoint's dtype
+
+# Bytes that one optimizer step keeps for the backward pass, in float32 weights of the block's
+# linears (measured with torch.autograd.graph.saved_tensors_hooks on random Llama blocks; checked
+# by tests/test_plan.py). The linears' own saved weights count as 1.0.
+SAVED_WEIGHTS = {"lwc": 4.1, "lwc-let": 5.0, "lsi": 6.5}
+SAVED_WEIGHTS_RECOMPUTE = 1.0  # --recompute-weights: only the fake-quantized weights stay
+# ... and per token of the micro-batch, in float32 values: 7.5 x hidden + 4 x intermediate
+# (norms, attention projections and SDPA outputs, the gated MLP's three intermediate tensors).
+SAVED_PER_TOKEN_HIDDEN = 7.5
+SAVED_PER_TOKEN_INTER = 4.0
+
+
+@dataclass
+class Hardware:
+    """Per-worker throughputs: what one GPU (or CPU share) sustains. Defaults: an A10G-class 24 GB GPU."""
+
+    tflops: float = 20.0  # sustained fp32 matmul TFLOP/s (A10G peak 31.2)
+    mem_gbs: float = 450.0  # sustained memory bandwidth, GB/s (A10G peak 600), for elementwise weight work
+    svd_tflops: float = 0.5  # sustained TFLOP/s of a float32 SVD (LAPACK/cuSOLVER are far from matmul speed)
+    link_gbps: float = 10.0  # all-reduce bandwidth between workers, Gbit/s (g5.xlarge: up to 10)
+    svd_bytes: int = 4  # bytes per value of the SVD: float32 on a GPU, float64 on a CPU (lsiq/lsi.py)
+
+
+@dataclass
+class PlanConfig:
+    """One planned run: the model's shapes, the cluster, the calibration settings."""
+
+    arch: BlockArch
+    gpus: int
+    gpu_mem: int
+    calib: CalibConfig = field(default_factory=lambda: CalibConfig(wbits=4, group_size=128))
+    nsamples: int = 128
+    seqlen: int = 2048
+    hw: Hardware = field(default_factory=Hardware)
+    recompute: str = "auto"  # auto | on | off
+    target_hours: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1 or self.gpu_mem <= 0:
+            raise ValueError("--gpus must be >= 1 and --gpu-mem > 0")
+        if not 1 <= self.gpus <= self.nsamples:
+            raise ValueError(f"--gpus must be at most --nsamples ({self.nsamples}): every worker needs a sample")
+
+
+def linear_shapes(arch: BlockArch) -> dict[str, tuple[int, int]]:
+    """[out, in] of each linear of one block."""
+    q, kv = arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim
+    h, i = arch.hidden, arch.intermediate
+    return {ATTN_QKV[0]: (q, h), ATTN_QKV[1]: (kv, h), ATTN_QKV[2]: (kv, h), ATTN_OUT: (h, q),
+            MLP_IN[0]: (i, h), MLP_IN[1]: (i, h), MLP_OUT: (h, i)}
+
+
+def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
+    """Learnable parameters per block: LWC bounds, LET scales, LSI increments (as lsiq builds them)."""
+    n = 0
+    for out_f, in_f in linear_shapes(arch).values():
+        if cfg.uses_lwc:
+            n += 2 * out_f * cfg.spec.groups(in_f)
+        if cfg.uses_lsi:
+            k = min(cfg.lsi_block_k, out_f, in_f)
+            n += min(out_f, in_f) + k * k
+    if cfg.uses_let:
+        n += 2 * arch.hidden + arch.n_kv_heads * arch.head_dim + arch.n_kv_heads * arch.head_dim // 2
+    return n
+
+
+def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
+    """Peak bytes on one worker's device while it calibrates a block, by part."""
+    a, cfg = p.arch, p.calib
+    shapes = linear_shapes(a)
+    lin = sum(m * n for m, n in shapes.values())
+    largest = max(m * n for m, n in shapes.values())
+    mem = {"block_weights": F32 * (lin + 2 * a.hidden)}
+    rank = {k: min(m, n) for k, (m, n) in shapes.items()}
+    mem["svd_factors"] = F32 * sum(m * r + r + r * n for (m, n), r in zip(shapes.values(), rank.values(), strict=True)) \
+        if cfg.uses_lsi else 0
+    mem["optimizer_state"] = 4 * F32 * trainable_params(a, cfg) if cfg.trains else 0  # param, grad, Adam m and v
+    b_local = math.ceil(cfg.batch_size / p.gpus)  # samples of the global batch one worker computes per step
+    tokens = b_local * p.seqlen
+    if cfg.trains:
+        coef = SAVED_WEIGHTS_RECOMPUTE if recompute else SAVED_WEIGHTS[cfg.method]
+        mem["saved_weights"] = int(F32 * coef * lin)
+        per_token = SAVED_PER_TOKEN_HIDDEN * a.hidden + SAVED_PER_TOKEN_INTER * a.intermediate
+        mem["saved_activations"] = int(F32 * tokens * per_token)
+        # the largest linear's weight gradient, plus (recomputing) its rebuilt intermediates
+        extra = (SAVED_WEIGHTS[cfg.method] - 1.0) if recompute else 0.0
+        mem["backward_transient"] = int(F32 * largest * (1.0 + extra))
+    else:  # forward passes only: a micro-batch's activations at a time
+        mem["saved_weights"] = 0
+        mem["saved_activations"] = int(F32 * tokens * (2 * a.hidden + 3 * a.intermediate))
+        mem["backward_transient"] = F32 * largest if cfg.method == "gptq" else 0  # GPTQ's Hessian work
+    mem["batch_io"] = 2 * F32 * tokens * a.hidden  # inputs and targets of the micro-batch on the device
+    # setup: the SVD of the largest linear (its copy, U, V^T and a workspace of its size), before training
+    m, n = max(shapes.values(), key=lambda s: s[0] * s[1])
+    svd = p.hw.svd_bytes * (2 * m * n + m * min(m, n) + min(m, n) * n) if cfg.uses_lsi else 0
+    steady = sum(mem.values())
+    setup = mem["block_weights"] + mem["svd_factors"] + svd
+    mem["peak"] = max(steady, setup)
+    return mem
+
+
+def host_plan(p: PlanConfig) -> dict[str, int]:
+    """Host RAM per worker: its share of the three activation caches and the block's FP tensors."""
+    share = math.ceil(p.nsamples / p.gpus)
+    caches = 3 * share * p.seqlen * p.arch.hidden * F32
+    return {"activation_caches": caches, "block_tensors": F32 * sum(m * n for m, n in linear_shapes(p.arch).values())}
+
+
+def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
+    """Seconds per block by part, and hours for the model. Token work divides over workers; the
+    weight-side work of each step (LSI recomposition, LET, LWC) and the SVD are repeated on each."""
+    a, cfg, hw = p.arch, p.calib, p.hw
+    shapes = linear_shapes(a)
+    lin = sum(m * n for m, n in shapes.values())
+    flops_per_token = 2 * lin + 2 * p.seqlen * a.n_heads * a.head_dim  # matmuls + causal attention
+    fwd_passes = 4  # FP targets, loss before, loss after, the next block's inputs
+    if cfg.uses_let and cfg.abits < 16:
+        fwd_passes += 1  # SmoothQuant-style LET init statistics
+    if cfg.method == "gptq":
+        fwd_passes += 1
+    train_passes = 3 * cfg.epochs if cfg.trains else 0  # forward + backward (input and weight gradients)
+    local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
+    tokens_s = (fwd_passes + train_passes) * local_tokens * flops_per_token / (hw.tflops * 1e12)
+    steps = cfg.epochs * math.ceil(p.nsamples / cfg.batch_size) if cfg.trains else 0
+    recompose = sum(2 * m * n * min(m, n) for m, n in shapes.values()) if cfg.uses_lsi else 0
+    # LSI: U diag(dS) V^T forward, its gradient backward, once more when recomputing
+    weight_flops = recompose * (3 if recompute else 2)
+    coef = SAVED_WEIGHTS.get(cfg.method, 0.0)
+    weight_bytes = 3 * coef * F32 * lin * (1.5 if recompute else 1.0)  # saved tensors written, read, their grads
+    step_weight_s = weight_flops / (hw.tflops * 1e12) + weight_bytes / (hw.mem_gbs * 1e9)
+    allreduce_bytes = F32 * trainable_params(a, cfg) if p.gpus > 1 else 0
+    step_comm_s = 2 * (p.gpus - 1) / p.gpus * allreduce_bytes * 8 / (hw.link_gbps * 1e9) if p.gpus > 1 else 0.0
+    svd_flops = sum(6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3 for m, n in shapes.values()) \
+        if cfg.uses_lsi else 0
+    svd_s = svd_flops / (hw.svd_tflops * 1e12)
+    block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s)
+    return {"steps_per_block": steps, "svd_s": svd_s, "tokens_s": tokens_s, "weight_s": steps * step_weight_s,
+            "allreduce_s": steps * step_comm_s, "allreduce_bytes_per_step": allreduce_bytes,
+            "block_s": block_s, "hours": a.num_layers * block_s / 3600}
+
+
+def make_plan(p: PlanConfig) -> dict[str, Any]:
+    """Choose recomputation (when auto) and assemble the plan."""
+    options = {"on": [True], "off": [False], "auto": [False, True]}[p.recompute]
+    for recompute in options:
+        mem = memory_plan(p, recompute)
+        if mem["peak"] <= p.gpu_mem:
+            break
+    t = time_plan(p, recompute)
+    plan = {"fits": mem["peak"] <= p.gpu_mem, "hours": round(t["hours"], 3), "per_worker_bytes": mem["peak"],
+            "gpu_mem_bytes": p.gpu_mem, "gpus": p.gpus, "recompute_weights": recompute,
+            "memory": mem, "host": host_plan(p), "time": {k: round(v, 3) for k, v in t.items()},
+            "settings": {"method": p.calib.method, "wbits": p.calib.wbits, "abits": p.calib.abits,
+                         "group_size": p.calib.group_size, "nsamples": p.nsamples, "seqlen": p.seqlen,
+                         "epochs": p.calib.epochs, "batch_size": p.calib.batch_size},
+            "hardware": asdict(p.hw), "blocks": p.arch.num_layers}
+    if p.target_hours is not None:
+        plan["target_hours"] = p.target_hours
+        plan["meets_target"] = plan["fits"] and t["hours"] <= p.target_hours
+    return plan
+
+
+def load_arch(path: str) -> BlockArch:
+    """BlockArch from a config.json (a file, a folder holding one, or an fsspec URL of either)."""
+    from transformers import AutoConfig
+
+    from pipeline.storage import filesystem
+
+    fs, root = filesystem(path)
+    if fs.isdir(root):
+        root = root.rstrip("/") + "/config.json"
+    try:
+        data = json.loads(fs.cat_file(root))
+    except FileNotFoundError:
+        raise SystemExit(f"error: no model config at {path}") from None
+    except ValueError as e:
+        raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
+    if "model_type" not in data:
+        raise SystemExit(f"error: {path} has no model_type: not a transformers config.json")
+    try:
+        config = AutoConfig.for_model(**data)
+        return BlockArch.from_config(config)
+    except (UnsupportedArchitecture, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def render(plan: dict[str, Any]) -> str:
+    """The human-readable plan (the JSON line follows it)."""
+    s, mem, t = plan["settings"], plan["memory"], plan["time"]
+    lines = [f"plan: {plan['blocks']} blocks, {s['method']} W{s['wbits']}A{s['abits']} g{s['group_size']}, "
+             f"{s['nsamples']} x {s['seqlen']} tokens, {s['epochs']} epochs, global batch {s['batch_size']}, "
+             f"{plan['gpus']} workers x {_gib(plan['gpu_mem_bytes'])}",
+             f"per-worker device memory (recompute weights: {'on' if plan['recompute_weights'] else 'off'}):"]
+    for k, v in mem.items():
+        if k != "peak":
+            lines.append(f"  {k:<20} {_gib(v):>12}")
+    lines.append(f"  {'peak':<20} {_gib(mem['peak']):>12}  of {_gib(plan['gpu_mem_bytes'])}")
+    host = plan["host"]
+    lines.append(f"per-worker host RAM: activation caches {_gib(host['activation_caches'])}, "
+                 f"block tensors {_gib(host['block_tensors'])} (caches spill to disk above --activation-budget)")
+    lines.append(f"time per block: {t['block_s']:.1f} s = SVD {t['svd_s']:.1f} + tokens {t['tokens_s']:.1f} + "
+                 f"weight side {t['weight_s']:.1f} + all-reduce {t['allreduce_s']:.1f} ({t['steps_per_block']} steps)")
+    lines.append(f"estimate: {plan['hours']:.2f} h for the model")
+    flags = (f"--workers {plan['gpus']} --gpus-per-worker 1 --device cuda --method {s['method']} --wbits {s['wbits']} "
+             f"--abits {s['abits']} --group-size {s['group_size']} --nsamples {s['nsamples']} --seqlen {s['seqlen']} "
+             f"--epochs {s['epochs']} --batch-size {s['batch_size']}")
+    lines.append(f"pipeline.quantize flags: {flags}{' --recompute-weights' if plan['recompute_weights'] else ''}")
+    if "meets_target" in plan:
+        lines.append(f"target {plan['target_hours']} h: {'met' if plan['meets_target'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.plan",
+        description="Per-worker memory plan and time estimate for quantizing a model with pipeline.quantize "
+        "on N GPU workers, from its config.json alone. Refuses (exit 1) a plan that does not fit. "
+        "The last stdout line is a JSON object with fits, hours and per_worker_bytes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-config", required=True, help="config.json of the model (file, folder or fsspec URL)")
+    p.add_argument("--gpus", type=int, required=True, help="data-parallel workers, one GPU each (--workers)")
+    p.add_argument("--gpu-mem", type=parse_bytes, required=True, help="memory of one GPU, e.g. 24GB")
+    p.add_argument("--method", choices=METHODS, default="lsi")
+    p.add_argument("--wbits", type=int, default=4)
+    p.add_argument("--abits", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=CalibConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step (default: --gpus)")
+    p.add_argument("--lsi-block-k", type=int, default=0)
+    p.add_argument("--recompute-weights", choices=["auto", "on", "off"], default="auto",
+                   help="auto: recompute the calibrated weights in backward only when the plan does not fit without")
+    hw = p.add_argument_group("hardware (per worker)")
+    hw.add_argument("--tflops", type=float, default=Hardware.tflops, help="sustained fp32 matmul TFLOP/s")
+    hw.add_argument("--mem-gbs", type=float, default=Hardware.mem_gbs, help="sustained memory bandwidth, GB/s")
+    hw.add_argument("--svd-tflops", type=float, default=Hardware.svd_tflops, help="sustained SVD TFLOP/s")
+    hw.add_argument("--link-gbps", type=float, default=Hardware.link_gbps, help="all-reduce bandwidth, Gbit/s")
+    p.add_argument("--target-hours", type=float, default=None, help="also report whether the estimate meets this")
+    return p
+
+
+def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
+    a = build_parser().parse_args(argv)
+    arch = load_arch(a.model_config)
+    try:
+        calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size,
+                            epochs=a.epochs, batch_size=a.batch_size or a.gpus, lsi_block_k=a.lsi_block_k)
+        return PlanConfig(arch=arch, gpus=a.gpus, gpu_mem=a.gpu_mem, calib=calib, nsamples=a.nsamples,
+                          seqlen=a.seqlen, recompute=a.recompute_weights, target_hours=a.target_hours,
+                          hw=Hardware(a.tflops, a.mem_gbs, a.svd_tflops, a.link_gbps))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parse_plan_args(argv)
+    try:
+        plan = make_plan(p)
+    except ValueError as e:  # e.g. a group size that does not divide a linear's input width
+        raise SystemExit(f"error: {e}") from None
+    print(render(plan))
+    if not plan["fits"]:
+        need, have = plan["per_worker_bytes"], plan["gpu_mem_bytes"]
+        print(f"error: does not fit: a worker needs {_gib(need)} at its peak and a GPU has {_gib(have)}; "
+              "lower --batch-size (fewer samples per worker per step), use GPUs with more memory, or a smaller "
+              "--seqlen", file=sys.stderr)
+    print(json.dumps(plan), flush=True)
+    return 0 if plan["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Check pipeline.plan's memory and time model against real block calibrations on this machine.
+
+Measures this machine's throughputs first (fp32 matmul TFLOP/s, memory bandwidth, float64 SVD
+TFLOP/s), then calibrates a random Llama block with the real calibrator (pipeline.calibrator,
+in-process, one worker) for several settings, each in a fresh process, and compares:
+- memory: the process's peak RSS during the block (reset just before it, block tensors and caches
+  already held) plus the block weights, against the plan's per-worker peak. The runs set glibc's
+  MALLOC_MMAP_THRESHOLD_ so that freed tensors go back to the OS: RSS then follows the live
+  tensors, as torch.cuda.max_memory_allocated does on a GPU, instead of glibc's retained heap;
+- time: the block's wall seconds (a second run, default allocator) against the plan's block_s
+  computed with the measured throughputs.
+
+    python scripts/bench_plan.py                                  # hidden 1024, 16 x 256 tokens, 1 epoch
+    python scripts/bench_plan.py --hidden 1536 --out bench_out/plan
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SETTINGS = [  # (method, batch_size, recompute)
+    ("lsi", 1, False),
+    ("lsi", 4, False),
+    ("lsi", 4, True),
+    ("lwc-let", 4, False),
+]
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def measure_hardware(threads: int) -> dict[str, float]:
+    """Sustained fp32 matmul TFLOP/s, memory GB/s and float64 SVD TFLOP/s (the plan's formula) here."""
+    torch.set_num_threads(threads)
+
+    def best(fn, reps: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    a, b = torch.randn(2048, 1024), torch.randn(1024, 2816)
+    tflops = 2 * 2048 * 1024 * 2816 / best(lambda: a @ b) / 1e12
+    x = torch.randn(64 * 2**20)  # 256 MB
+    y = torch.empty_like(x)
+    mem_gbs = 2 * x.numel() * 4 / best(lambda: y.copy_(x)) / 1e9
+    w = torch.randn(2816, 1024, dtype=torch.float64)
+    m, r = 2816, 1024
+    svd_tflops = (6 * m * r * r + 20 * r**3) / best(lambda: torch.linalg.svd(w, full_matrices=False), 2) / 1e12
+    return {"tflops": tflops, "mem_gbs": mem_gbs, "svd_tflops": svd_tflops}
+
+
+def one(args: argparse.Namespace, method: str, batch: int, recompute: bool) -> dict:
+    """Calibrate one random block in this process; peak RSS reset right before it."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lsiq.block import CalibConfig
+    from pipeline.calibrator import BlockCalibrator
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 256,
+                         num_hidden_layers=1, vocab_size=256)
+    tensors = {k: v.detach().clone() for k, v in LlamaDecoderLayer(config, 0).state_dict().items()}
+    cfg = CalibConfig(method=method, wbits=4, group_size=128, epochs=args.epochs, batch_size=batch,
+                      recompute_weights=recompute)
+    cal = BlockCalibrator(config.to_dict(), cfg, "cpu", args.threads)
+    hidden = torch.randn(args.nsamples, args.seqlen, args.hidden)
+    pos = torch.arange(args.seqlen)[None]
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    kwargs = {"position_embeddings": LlamaRotaryEmbedding(config)(hidden, pos), "position_ids": pos}
+    cal.set_inputs((hidden, kwargs))
+    del hidden
+    meta = {"fingerprint": "", "bytes_read": 0, "read_seconds": 0.0, "peak_rss_reader": 0}
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak) to the current RSS
+    before = _rss("VmRSS")
+    t0 = time.perf_counter()
+    out = cal.calibrate(0, tensors, meta)
+    seconds = time.perf_counter() - t0
+    peak = _rss("VmHWM")
+    weights = sum(v.numel() * v.element_size() for v in tensors.values())
+    return {"method": method, "batch": batch, "recompute": recompute, "seconds": seconds,
+            "measured_bytes": peak - before + weights, "loss_after": out["stats"]["loss_after"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="bench_out/plan")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: method,batch,recompute
+    args = p.parse_args()
+    if args.one:
+        method, batch, rec = args.one.split(",")
+        print(json.dumps(one(args, method, int(batch), rec == "1")))
+        return 0
+
+    from lsiq.arch import BlockArch
+    from lsiq.block import CalibConfig
+    from pipeline import plan
+
+    hw = measure_hardware(args.threads)
+    print(f"this machine: {hw['tflops']:.3f} TFLOP/s fp32 matmul, {hw['mem_gbs']:.1f} GB/s copy, "
+          f"{hw['svd_tflops']:.4f} TFLOP/s float64 SVD", flush=True)
+    arch = BlockArch("llama", args.hidden, args.intermediate, args.hidden // 64, args.hidden // 256, 64, 1)
+    rows = []
+    for method, batch, rec in SETTINGS:
+        cmd = [sys.executable, __file__, "--one", f"{method},{batch},{int(rec)}", "--hidden", str(args.hidden),
+               "--intermediate", str(args.intermediate), "--nsamples", str(args.nsamples), "--seqlen",
+               str(args.seqlen), "--epochs", str(args.epochs), "--threads", str(args.threads)]
+        # memory with mmap'd allocations (slower: every allocation faults in fresh pages), time without
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=e).stdout
+                           .strip().splitlines()[-1]) for e in (env, dict(os.environ))]
+        got = {**runs[1], "measured_bytes": runs[0]["measured_bytes"]}
+        cfg = CalibConfig(method=method, wbits=4, group_size=128, epochs=args.epochs, batch_size=batch)
+        pc = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**12, calib=cfg, nsamples=args.nsamples,
+                             seqlen=args.seqlen,
+                             hw=plan.Hardware(hw["tflops"], hw["mem_gbs"], hw["svd_tflops"], 10.0, svd_bytes=8))
+        mem, t = plan.memory_plan(pc, rec), plan.time_plan(pc, rec)
+        row = {**got, "predicted_bytes": mem["peak"], "predicted_seconds": t["block_s"], "predicted_time": t,
+               "memory_ratio": got["measured_bytes"] / mem["peak"], "time_ratio": got["seconds"] / t["block_s"]}
+        rows.append(row)
+        print(f"{method:8s} batch {batch} recompute {'on ' if rec else 'off'}: memory {got['measured_bytes'] / 1e6:7.0f} MB "
+              f"measured vs {mem['peak'] / 1e6:7.0f} MB planned ({row['memory_ratio']:.2f}); time {got['seconds']:6.1f} s "
+              f"vs {t['block_s']:6.1f} s ({row['time_ratio']:.2f})", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan_check.json").write_text(json.dumps({"hardware": hw, "args": vars(args), "rows": rows}, indent=2))
+    print(f"wrote {out / 'plan_check.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
