@@ -124,7 +124,8 @@ class BlockCalibrator:
 
     def state(self) -> dict[str, Any]:
         """Where this worker stands: a restarted worker reports position -1 (no caches)."""
-        return {"rank": self.rank, "position": self.position, "pid": os.getpid()}
+        return {"rank": self.rank, "position": self.position, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def set_inputs(self, inputs: tuple[torch.Tensor, dict[str, Any]], position: int = 0) -> dict[str, Any]:
         """Start both streams from block ``position``'s inputs (the embeddings' output for block 0)."""

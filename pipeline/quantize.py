@@ -172,6 +172,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         for rec in state.records:
             records.setdefault(rec["index"], rec)
         peak_calibrator = max(ray.get([c.peak_rss.remote() for c in calibrators]))
+        worker_nodes = [s["node_id"] for s in _worker_states(calibrators)]
         for actor in (dag.reader, *calibrators, dag.writer):
             ray.kill(actor)
     finally:
@@ -197,6 +198,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         "resumed_blocks": len(earlier),
         "calibrator_restarts": restarts,
         "workers": workers,
+        "worker_nodes": worker_nodes,  # the Ray node each calibrator worker ran on (rank order)
         "calib_seconds": sum(b["seconds"] for b in new_blocks),
         "io_wait_seconds": sum(b["io_wait_seconds"] for b in new_blocks),
         "bytes_read": sum(b["bytes_read"] for b in new_blocks),

@@ -294,6 +294,9 @@ def test_cronjob_runs_schedule_once_without_overlap():
     known = {s for a in build_parser()._actions for s in a.option_strings}
     assert settings and all(f"--{k}" in known for k in settings), sorted(f"--{k}" for k in settings if f"--{k}" not in known)
     assert not {"model", "output"} & set(settings), "model and output come from --source / --output"
+    from pipeline.schedule import quantize_args
+
+    assert "--calib" in quantize_args(settings)  # what the scheduler itself accepts
 
 
 def test_runtime_env_is_valid_and_small():

@@ -3,7 +3,11 @@ gradients give the single-worker result (threads stand in for the workers here; 
 with torch.distributed are tested in test_pipeline)."""
 
 import copy
+import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from lsiq.arch import BlockArch
 from lsiq.block import CalibConfig, SampleShard, calibrate_block, forward_all, shard_range
 from tests.conftest import tiny_llama_config
 from tests.test_methods import _block
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class ThreadCollective:
@@ -117,3 +123,14 @@ def test_pipeline_two_ray_workers_match_one(tiny_checkpoint, texts_dir, tmp_path
                 torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-8)
             elif k.endswith(".qweight"):
                 assert (ta[k] != tb[k]).float().mean().item() <= 0.05, k  # packed words: a code differs in a few
+
+    # The same two workers on a two-node cluster (one CPU per node, so one worker per node): the
+    # gloo group spans the nodes and the output is the single-node two-worker output, byte for byte.
+    nodes2 = tmp_path / "two-nodes"
+    proc = subprocess.run([sys.executable, "-m", "tests.two_node", str(tiny_checkpoint), str(nodes2),
+                           str(texts_dir / "calib.txt")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(set(rep["worker_nodes"])) == 2, rep["worker_nodes"]
+    for f in sorted(p.name for p in two.glob("*.safetensors")):
+        assert (two / f).read_bytes() == (nodes2 / f).read_bytes(), f

@@ -66,8 +66,8 @@ def _kill_tree(root_pid: int, marker: str) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     # A short temp dir: Ray's unix sockets live under it and must fit in 107 bytes (pytest's tmp_path is too long).
     temp_dir = tempfile.mkdtemp(prefix="lsiqray-", dir="/tmp")
     gcs, dash, client, agent_http, agent_grpc, metrics = _free_ports(6)
@@ -82,7 +82,7 @@ def ray_head(tmp_path):
            "--temp-dir", temp_dir, "--ray-client-server-port", str(client),
            "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
            "--metrics-export-port", str(metrics), "--block"]
-    log = tmp_path / "ray-start.log"
+    log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
     with open(log, "w") as fh:
         head = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
@@ -166,3 +166,26 @@ def test_ray_job_submit_quantizes(ray_head, tiny_checkpoint, texts_dir, tmp_path
     assert f"Job '{job_id}' succeeded" in plain, plain[-2000:]
     listening = _listening(head_pid)
     assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_schedule_submits_ray_jobs(ray_head, tiny_checkpoint, texts_dir, tmp_path):
+    """pipeline.schedule --address: each new checkpoint becomes a Ray job through the Jobs SDK."""
+    url, env, _ = ray_head
+    shutil.copytree(tiny_checkpoint, tmp_path / "src" / "m")
+    runtime_env = yaml.safe_load((REPO / "clusters" / "runtime-env.yaml").read_text()) | {"working_dir": str(REPO)}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "rtn", "group_size": 32, "nsamples": 2, "seqlen": 16,
+                                   "calib": [str(texts_dir / "calib.txt")], "runtime_env": runtime_env}))
+    cmd = [sys.executable, "-m", "pipeline.schedule", "--source", str(tmp_path / "src"), "--output",
+           str(tmp_path / "out"), "--config", str(cfg), "--once", "--address", url]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["quantized"] == ["m"], summary
+    record = json.loads((tmp_path / "out" / "m" / "schedule.json").read_text())
+    assert record["status"] == "complete" and record["run"].startswith("ray job lsiq-"), record
+    assert json.loads((tmp_path / "out" / "m" / "lsiq_manifest.json").read_text())["status"] == "complete"
+    again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["done"] == ["m"]

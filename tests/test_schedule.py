@@ -1,0 +1,177 @@
+"""pipeline.schedule and pipeline.lease against the real S3 server: leases under contention and
+takeover, two scheduler processes side by side, half-uploaded checkpoints, RUN.yaml checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+import s3fs
+import yaml
+
+from pipeline import lease as leases
+from pipeline.schedule import quantize_args
+from tests.conftest import upload_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fs(s3):
+    return s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options())
+
+
+# ----------------------------------------------------------------------------- leases
+
+
+def test_lease_is_exclusive_expires_and_is_released(s3):
+    fs = _fs(s3)
+    d = "lsiq/leases-unit/a"
+    first = leases.try_acquire(fs, d, "one", ttl=60)
+    assert first is not None and first.generation == 1
+    assert leases.try_acquire(fs, d, "two", ttl=60) is None  # held
+    leases.renew(first)
+    assert first.generation == 2 and leases.try_acquire(fs, d, "two", ttl=60) is None
+    leases.release(first)
+    second = leases.try_acquire(fs, d, "two", ttl=0.5)  # released: free at once
+    assert second is not None and second.generation == 4
+    time.sleep(1.0)  # "two" dies without releasing: its lease expires and is taken over
+    third = leases.try_acquire(fs, d, "three", ttl=60)
+    assert third is not None and third.generation == 5
+    with pytest.raises(leases.LeaseLost):
+        leases.renew(second)  # the dead owner cannot come back
+    assert leases.latest(fs, d)[1]["owner"] == "three"
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_racing_acquirers_exactly_one_wins(s3, tmp_path, where):
+    fs, d = (_fs(s3), "lsiq/leases-race/x") if where == "s3" else (fsspec.filesystem("file"), str(tmp_path / "l"))
+    for round_ in range(3):
+        barrier = threading.Barrier(6)
+        won: list[str] = []
+
+        def contender(name: str, barrier: threading.Barrier, won: list[str]) -> None:
+            barrier.wait()
+            if leases.try_acquire(fs, d, name, ttl=60) is not None:
+                won.append(name)
+
+        threads = [threading.Thread(target=contender, args=(f"s{round_}-{i}", barrier, won)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1, won
+        gen, rec = leases.latest(fs, d)
+        assert rec["owner"] == won[0]
+        leases.release(leases.Lease(fs, d, won[0], 60, gen, rec["expires_at"]))
+
+
+# ----------------------------------------------------------------------------- RUN.yaml
+
+
+def test_run_yaml_maps_to_quantize_flags(texts_dir):
+    argv = quantize_args({"method": "lwc", "wbits": 4, "group_size": 32, "sym": True, "calib": [str(texts_dir / "calib.txt")],
+                          "storage-options": {"a": 1}})
+    assert argv == ["--method", "lwc", "--wbits", "4", "--group-size", "32", "--sym", "--calib",
+                    str(texts_dir / "calib.txt"), "--storage-options", '{"a": 1}']
+    with pytest.raises(ValueError, match="unknown setting 'bits'"):
+        quantize_args({"bits": 4})
+    with pytest.raises(ValueError, match="may not set model, output"):
+        quantize_args({"model": "x", "output": "y"})
+
+
+def test_bad_run_yaml_is_refused(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("method: lsi\nwbits: 3\nbits: 4\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.schedule", "--source", str(tmp_path), "--output",
+                           str(tmp_path / "o"), "--config", str(cfg), "--once"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "unknown setting 'bits'" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- schedulers
+
+
+def _run_yaml(tmp_path: Path, texts_dir: Path) -> Path:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "lwc", "wbits": 4, "group_size": 32, "nsamples": 4, "seqlen": 32,
+                                   "epochs": 1, "calib": [str(texts_dir / "calib.txt")], "num_cpus": 1}))
+    return cfg
+
+
+def _scheduler(s3, cfg: Path, source: str, output: str, owner: str) -> subprocess.Popen:
+    env = {**os.environ, **s3.credentials_env()}
+    opts = {"client_kwargs": {"endpoint_url": s3.endpoint}}  # credentials come from the environment
+    cmd = [sys.executable, "-m", "pipeline.schedule", "--source", source, "--output", output, "--config", str(cfg),
+           "--once", "--storage-options", json.dumps(opts), "--owner", owner]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _summary(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_schedulers_quantize_a_checkpoint_exactly_once(s3, tiny_checkpoint, texts_dir, tmp_path):
+    fs = _fs(s3)
+    upload_dir(s3, tiny_checkpoint, "sched/src/run-a/step-100")
+    # run-b: config, index and the first shard are there, the second shard is still uploading
+    index = json.loads((tiny_checkpoint / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    for name in ["config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", shards[0]]:
+        fs.pipe_file(f"lsiq/sched/src/run-b/{name}", (tiny_checkpoint / name).read_bytes())
+    cfg = _run_yaml(tmp_path, texts_dir)
+    src, out = "s3://lsiq/sched/src", "s3://lsiq/sched/out"
+
+    procs = [_scheduler(s3, cfg, src, out, f"sched-{i}") for i in range(2)]  # side by side
+    summaries = [_summary(p) for p in procs]
+    quantized = [s for s in summaries if s["quantized"]]
+    assert len(quantized) == 1 and quantized[0]["quantized"] == ["run-a/step-100"], summaries
+    other = [s for s in summaries if not s["quantized"]][0]
+    assert other["leased"] == ["run-a/step-100"] or other["done"] == ["run-a/step-100"], other
+    for s in summaries:  # the half-uploaded checkpoint is never picked up
+        assert [i["checkpoint"] for i in s["incomplete"]] == ["run-b"] and "missing shard" in s["incomplete"][0]["reason"]
+        assert not s["failed"]
+    manifest = json.loads(fs.cat_file("lsiq/sched/out/run-a/step-100/lsiq_manifest.json"))
+    record = json.loads(fs.cat_file("lsiq/sched/out/run-a/step-100/schedule.json"))
+    assert manifest["status"] == "complete" and record["status"] == "complete"
+    assert record["owner"] == quantized[0]["owner"]
+    assert not fs.exists("lsiq/sched/out/run-b")
+
+    # the upload finishes: the next pass quantizes run-b and skips run-a (same source, same settings)
+    fs.pipe_file(f"lsiq/sched/src/run-b/{shards[1]}", (tiny_checkpoint / shards[1]).read_bytes())
+    again = _summary(_scheduler(s3, cfg, src, out, "sched-2"))
+    assert again["quantized"] == ["run-b"] and again["done"] == ["run-a/step-100"], again
+    # a changed configuration requantizes both
+    cfg.write_text(cfg.read_text().replace("wbits: 4", "wbits: 3"))
+    changed = _summary(_scheduler(s3, cfg, src, out, "sched-3"))
+    assert sorted(changed["quantized"]) == ["run-a/step-100", "run-b"], changed
+    manifest = json.loads(fs.cat_file("lsiq/sched/out/run-a/step-100/lsiq_manifest.json"))
+    assert manifest["quantization"]["wbits"] == 3
+
+
+@pytest.mark.slow
+def test_a_dead_schedulers_lease_is_taken_over(s3, tiny_checkpoint, texts_dir, tmp_path):
+    import hashlib
+
+    fs = _fs(s3)
+    upload_dir(s3, tiny_checkpoint, "sched2/src/m")
+    cfg = _run_yaml(tmp_path, texts_dir)
+    lease_dir = f"lsiq/sched2/out/.lsiq-leases/{hashlib.sha256(b'm').hexdigest()[:16]}"
+    live = leases.try_acquire(fs, lease_dir, "someone-alive", ttl=3600)
+    assert live is not None
+    held = _summary(_scheduler(s3, cfg, "s3://lsiq/sched2/src", "s3://lsiq/sched2/out", "b"))
+    assert held["leased"] == ["m"] and not held["quantized"]
+    # the holder dies: its last lease object says it expired an hour ago
+    fs.pipe_file(f"{lease_dir}/{live.generation + 1:010d}.json",
+                 json.dumps({"owner": "someone-dead", "token": "t", "expires_at": time.time() - 3600,
+                             "released": False}).encode())
+    took = _summary(_scheduler(s3, cfg, "s3://lsiq/sched2/src", "s3://lsiq/sched2/out", "c"))
+    assert took["quantized"] == ["m"], took
