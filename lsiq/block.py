@@ -24,11 +24,12 @@ from torch.func import functional_call
 from lsiq.arch import ATTN_OUT, ATTN_QKV, LINEARS, MLP_IN, BlockArch
 from lsiq.gptq import HessianAccumulator, gptq_quantize
 from lsiq.let import LET, smooth_scale
-from lsiq.lsi import SVDIncrement
+from lsiq.lsi import SVDIncrement, svd_factors, svd_owners
 from lsiq.lwc import LWC
 from lsiq.quantizer import ActQuantizer, QuantSpec, dequantize, fake_quant, minmax_scale_zero, quantize_codes
 
 METHODS = ("rtn", "gptq", "lwc", "lwc-let", "lsi")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -57,10 +58,16 @@ class CalibConfig:
     # intermediates (LSI recomposition, LET scaling, LWC fake-quant: ~5.4 block-weight sizes per
     # step with LSI) from the forward: far less memory for ~half again the weight-side compute.
     recompute_weights: bool = False
+    # "bf16": the training steps' matmuls run under torch.autocast in bfloat16 (tensor cores on a
+    # GPU; OmniQuant trains under fp16 autocast); statistics, targets and the propagated
+    # activations stay float32. "fp32": everything in float32.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.let_init not in ("auto", "ones", "smooth"):
             raise ValueError(f"let_init must be auto, ones or smooth, got {self.let_init!r}")
         ActQuantizer(self.abits)  # validates the activation bit width
@@ -129,12 +136,16 @@ class SampleShard:
     workers; ``all_reduce(t, op)`` reduces ``t`` in place across workers (op "sum" or "max"). Every
     optimizer step draws the same global batch on every worker; each worker computes the loss of
     the samples it owns, scaled by the global batch size, and the summed gradients are exactly the
-    single-worker gradient (up to float summation order).
+    single-worker gradient (up to float summation order). With ``broadcast``, worker ``rank`` of
+    ``world`` computes only its share of the block's SVDs and receives the others'.
     """
 
     owned: list[int]
     total: int
     all_reduce: Callable[[torch.Tensor, str], None]
+    rank: int = 0
+    world: int = 1
+    broadcast: Callable[[torch.Tensor, int], None] | None = None  # (t, src): t := worker src's t
 
     def __post_init__(self) -> None:
         self._pos = {g: j for j, g in enumerate(self.owned)}
@@ -235,7 +246,7 @@ class BlockQuantizer(nn.Module):
     """The learnable parameters of one block for LWC / LWC+LET / LSI and the weights they give."""
 
     def __init__(self, layer: nn.Module, arch: BlockArch, cfg: CalibConfig,
-                 let_init: dict[str, torch.Tensor] | None = None) -> None:
+                 let_init: dict[str, torch.Tensor] | None = None, shard: SampleShard | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.spec = cfg.spec
@@ -243,8 +254,10 @@ class BlockQuantizer(nn.Module):
         key = _key
         self.lsi = nn.ModuleDict()
         if cfg.uses_lsi:
+            factors = _block_svds({n: self.base[f"{n}.weight"] for n in LINEARS}, shard)
             for name in LINEARS:
-                self.lsi[key(name)] = SVDIncrement(self.base[f"{name}.weight"], cfg.lsi_block_k, cfg.lsi_relative)
+                self.lsi[key(name)] = SVDIncrement(self.base[f"{name}.weight"], cfg.lsi_block_k, cfg.lsi_relative,
+                                                   factors[name])
         self.let = LET(arch, let_init).to(_device(layer)) if cfg.uses_let else None
         self.lwc = nn.ModuleDict()
         if cfg.uses_lwc:
@@ -310,6 +323,27 @@ class BlockQuantizer(nn.Module):
             linears[name] = QuantizedLinear(quantize_codes(w, scale, zero, self.spec), scale.detach().clone(),
                                             zero.detach().clone(), self.spec)
         return linears, {k: v.clone() for k, v in t.items()}
+
+
+def _block_svds(weights: dict[str, torch.Tensor], shard: SampleShard | None
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The SVD of every linear: all computed here by a single worker; with data-parallel workers
+    each computes its share (svd_owners), then every factor is broadcast from its owner. All
+    owners compute first and broadcast after, in one fixed order, so no SVD waits on another's."""
+    if shard is None or shard.world == 1 or shard.broadcast is None:
+        return {n: svd_factors(w) for n, w in weights.items()}
+    owners = svd_owners({n: tuple(w.shape) for n, w in weights.items()}, shard.world)
+    mine = {n: svd_factors(w) for n, w in weights.items() if owners[n] == shard.rank}
+    out = {}
+    for name, w in weights.items():
+        if name in mine:
+            out[name] = mine[name]
+        else:
+            r = min(w.shape)
+            out[name] = (w.new_empty(w.shape[0], r), w.new_empty(r), w.new_empty(r, w.shape[1]))
+        for t in out[name]:
+            shard.broadcast(t, owners[name])
+    return out
 
 
 def _is_linear_weight(key: str) -> bool:
@@ -447,7 +481,7 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
         if cfg.uses_let and (cfg.let_init == "smooth" or (cfg.let_init == "auto" and cfg.abits < 16)):
             let_init = smooth_let_init(layer, arch, fp_inputs if fp_inputs is not None else inputs,
                                        layer_kwargs, cfg.batch_size, cfg.let_alpha, shard)
-        bq = BlockQuantizer(layer, arch, cfg, let_init)
+        bq = BlockQuantizer(layer, arch, cfg, let_init, shard)
         trainable = bq.trainable_params()
         opt = torch.optim.AdamW(bq.param_groups(), weight_decay=0.0)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + block_index)
@@ -464,9 +498,10 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                     opt.zero_grad(set_to_none=True)
                     loss_sum = torch.zeros((), dtype=torch.float64)
                     if len(loc):
-                        params = bq.effective()  # LSI recomposition + LET + LWC, once per step
-                        out = block_forward(layer, inputs[loc].to(device), layer_kwargs, params)
-                        loss = torch.nn.functional.mse_loss(out, targets[loc].to(device), reduction="sum") \
+                        with _autocast(device, cfg.precision):
+                            params = bq.effective()  # LSI recomposition + LET + LWC, once per step
+                            out = block_forward(layer, inputs[loc].to(device), layer_kwargs, params)
+                        loss = torch.nn.functional.mse_loss(out.float(), targets[loc].to(device), reduction="sum") \
                             / (len(idx) * per_sample)
                         loss.backward()
                         loss_sum = loss.detach().to(torch.float64).cpu()
@@ -487,6 +522,12 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                                   result.dequantized_params(), cfg.abits, shard)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _all_reduce_grads(params: list[torch.Tensor], shard: SampleShard) -> None:

@@ -14,19 +14,45 @@ import torch
 from torch import nn
 
 
-class SVDIncrement(nn.Module):
-    """Learnable singular-value increment for one linear weight."""
+def svd_factors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U, S, V^T) of ``weight``, returned in its dtype."""
+    svd_dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
+    u, s, vh = torch.linalg.svd(weight.detach().to(svd_dtype), full_matrices=False)
+    return u.to(weight.dtype), s.to(weight.dtype), vh.to(weight.dtype)
 
-    def __init__(self, weight: torch.Tensor, block_k: int = 0, relative: bool = False) -> None:
+
+def svd_flops(out_features: int, in_features: int) -> int:
+    """FLOPs of a thin SVD with both factors (Golub & Van Loan's R-SVD count: 6 m n^2 + 20 n^3, m >= n)."""
+    m, n = max(out_features, in_features), min(out_features, in_features)
+    return 6 * m * n * n + 20 * n**3
+
+
+def svd_owners(shapes: dict[str, tuple[int, int]], world: int) -> dict[str, int]:
+    """Which data-parallel worker computes each linear's SVD: largest first, to the least loaded
+    worker (ties to the lowest rank), so that the slowest worker's share is as small as it gets."""
+    load = [0] * world
+    owners = {}
+    for name in sorted(shapes, key=lambda k: (-svd_flops(*shapes[k]), k)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += svd_flops(*shapes[name])
+    return owners
+
+
+class SVDIncrement(nn.Module):
+    """Learnable singular-value increment for one linear weight (``factors``: its SVD, when
+    computed elsewhere, e.g. by another data-parallel worker)."""
+
+    def __init__(self, weight: torch.Tensor, block_k: int = 0, relative: bool = False,
+                 factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
-        svd_dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
-        u, s, vh = torch.linalg.svd(weight.detach().to(svd_dtype), full_matrices=False)
+        u, s, vh = factors if factors is not None else svd_factors(weight)
         dtype = weight.dtype
         # the base is the caller's weight itself, not a copy: one block's weights less in memory
         self.register_buffer("base", weight.detach(), persistent=False)
-        self.register_buffer("u", u.to(dtype), persistent=False)
-        self.register_buffer("s", s.to(dtype), persistent=False)
-        self.register_buffer("vh", vh.to(dtype), persistent=False)
+        self.register_buffer("u", u, persistent=False)
+        self.register_buffer("s", s, persistent=False)
+        self.register_buffer("vh", vh, persistent=False)
         # relative: the increment is S * delta, so an optimizer step moves every singular value by
         # the same fraction of itself (Adam's steps are ~lr in parameter units whatever the scale).
         self.relative = relative

@@ -120,7 +120,13 @@ class BlockCalibrator:
             if buf is not t:
                 t.copy_(buf)
 
-        return SampleShard(self.owned, self.total, all_reduce)
+        def broadcast(t: torch.Tensor, src: int) -> None:
+            buf = t.to(device) if device.type == "cuda" else t
+            dist.broadcast(buf, src=src)
+            if buf is not t:
+                t.copy_(buf)
+
+        return SampleShard(self.owned, self.total, all_reduce, rank=self.rank, world=self.world, broadcast=broadcast)
 
     def state(self) -> dict[str, Any]:
         """Where this worker stands: a restarted worker reports position -1 (no caches)."""

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild each linear's calibrated weight in the backward pass instead of keeping its "
                    "intermediates: ~5.5 block-weight sizes less memory per step with LSI for ~50%% more weight-side "
                    "compute (python -m pipeline.plan says when a model needs it)")
+    c.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the training steps run under bfloat16 autocast (GPU tensor cores; several times the "
+                   "fp32 matmul rate); targets, statistics and the propagated activations stay fp32")
     c.add_argument("--let-init", choices=["auto", "ones", "smooth"], default="auto",
                    help="LET scale init; auto = SmoothQuant-style for weight-activation runs, ones for weight-only")
     r = p.add_argument_group("ray")
@@ -150,7 +153,7 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
         calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size, sym=a.sym,
                             epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr_lwc=a.lr_lwc, lr_let=a.lr_let,
                             lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, lsi_relative=a.lsi_relative, let_init=a.let_init,
-                            recompute_weights=a.recompute_weights)
+                            recompute_weights=a.recompute_weights, precision=a.precision)
         return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
                               seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,
                               num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,

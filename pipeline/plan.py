@@ -22,19 +22,20 @@ from typing import Any
 
 from lsiq.arch import ATTN_OUT, ATTN_QKV, MLP_IN, MLP_OUT, BlockArch, UnsupportedArchitecture
 from lsiq.block import METHODS, CalibConfig
+from lsiq.lsi import svd_flops, svd_owners
 from pipeline.config import parse_bytes
 
 F32 = 4  # the calibrator works in float32 whatever the checkpoint's dtype
 
 # Bytes that one optimizer step keeps for the backward pass, in float32 weights of the block's
-# linears (measured with torch.autograd.graph.saved_tensors_hooks on random Llama blocks; checked
-# by tests/test_plan.py). The linears' own saved weights count as 1.0.
-SAVED_WEIGHTS = {"lwc": 4.1, "lwc-let": 5.0, "lsi": 6.5}
-SAVED_WEIGHTS_RECOMPUTE = 1.0  # --recompute-weights: only the fake-quantized weights stay
-# ... and per token of the micro-batch, in float32 values: 7.5 x hidden + 4 x intermediate
-# (norms, attention projections and SDPA outputs, the gated MLP's three intermediate tensors).
-SAVED_PER_TOKEN_HIDDEN = 7.5
-SAVED_PER_TOKEN_INTER = 4.0
+# linears, by precision (measured with torch.autograd.graph.saved_tensors_hooks on random Llama
+# blocks; checked by tests/test_plan.py). The linears' own saved weights count as 1.0 in fp32 and
+# 0.5 in bf16 (autocast keeps the bfloat16 copy).
+SAVED_WEIGHTS = {"fp32": {"lwc": 4.1, "lwc-let": 5.0, "lsi": 6.5}, "bf16": {"lwc": 3.6, "lwc-let": 4.6, "lsi": 5.75}}
+SAVED_WEIGHTS_RECOMPUTE = {"fp32": 1.0, "bf16": 0.5}  # --recompute-weights: only the fake-quantized weights stay
+# ... and per token of the micro-batch, in float32 values: a x hidden + b x intermediate (norms,
+# attention projections and SDPA outputs, the gated MLP's intermediate tensors; bf16 halves some).
+SAVED_PER_TOKEN = {"fp32": (7.5, 4.0), "bf16": (7.0, 2.0)}
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Hardware:
     """Per-worker throughputs: what one GPU (or CPU share) sustains. Defaults: an A10G-class 24 GB GPU."""
 
     tflops: float = 20.0  # sustained fp32 matmul TFLOP/s (A10G peak 31.2)
+    bf16_tflops: float = 70.0  # sustained bf16 tensor-core TFLOP/s, for --precision bf16 (A10G peak 125)
     mem_gbs: float = 450.0  # sustained memory bandwidth, GB/s (A10G peak 600), for elementwise weight work
     svd_tflops: float = 0.5  # sustained TFLOP/s of a float32 SVD (LAPACK/cuSOLVER are far from matmul speed)
     link_gbps: float = 10.0  # all-reduce bandwidth between workers, Gbit/s (g5.xlarge: up to 10)
@@ -105,12 +107,13 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     b_local = math.ceil(cfg.batch_size / p.gpus)  # samples of the global batch one worker computes per step
     tokens = b_local * p.seqlen
     if cfg.trains:
-        coef = SAVED_WEIGHTS_RECOMPUTE if recompute else SAVED_WEIGHTS[cfg.method]
+        prec = cfg.precision
+        coef = SAVED_WEIGHTS_RECOMPUTE[prec] if recompute else SAVED_WEIGHTS[prec][cfg.method]
         mem["saved_weights"] = int(F32 * coef * lin)
-        per_token = SAVED_PER_TOKEN_HIDDEN * a.hidden + SAVED_PER_TOKEN_INTER * a.intermediate
-        mem["saved_activations"] = int(F32 * tokens * per_token)
+        per_h, per_i = SAVED_PER_TOKEN[prec]
+        mem["saved_activations"] = int(F32 * tokens * (per_h * a.hidden + per_i * a.intermediate))
         # the largest linear's weight gradient, plus (recomputing) its rebuilt intermediates
-        extra = (SAVED_WEIGHTS[cfg.method] - 1.0) if recompute else 0.0
+        extra = (SAVED_WEIGHTS[prec][cfg.method] - SAVED_WEIGHTS_RECOMPUTE[prec]) if recompute else 0.0
         mem["backward_transient"] = int(F32 * largest * (1.0 + extra))
     else:  # forward passes only: a micro-batch's activations at a time
         mem["saved_weights"] = 0
@@ -135,7 +138,8 @@ def host_plan(p: PlanConfig) -> dict[str, int]:
 
 def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     """Seconds per block by part, and hours for the model. Token work divides over workers; the
-    weight-side work of each step (LSI recomposition, LET, LWC) and the SVD are repeated on each."""
+    weight-side work of each step (LSI recomposition, LET, LWC) is repeated on each; the SVDs are
+    shared out (the slowest worker's share, then the factors it receives)."""
     a, cfg, hw = p.arch, p.calib, p.hw
     shapes = linear_shapes(a)
     lin = sum(m * n for m, n in shapes.values())
@@ -147,19 +151,24 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
         fwd_passes += 1
     train_passes = 3 * cfg.epochs if cfg.trains else 0  # forward + backward (input and weight gradients)
     local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
-    tokens_s = (fwd_passes + train_passes) * local_tokens * flops_per_token / (hw.tflops * 1e12)
+    train_tflops = hw.bf16_tflops if cfg.precision == "bf16" else hw.tflops
+    tokens_s = local_tokens * flops_per_token * (fwd_passes / (hw.tflops * 1e12) + train_passes / (train_tflops * 1e12))
     steps = cfg.epochs * math.ceil(p.nsamples / cfg.batch_size) if cfg.trains else 0
     recompose = sum(2 * m * n * min(m, n) for m, n in shapes.values()) if cfg.uses_lsi else 0
     # LSI: U diag(dS) V^T forward, its gradient backward, once more when recomputing
     weight_flops = recompose * (3 if recompute else 2)
-    coef = SAVED_WEIGHTS.get(cfg.method, 0.0)
+    coef = SAVED_WEIGHTS[cfg.precision].get(cfg.method, 0.0)
     weight_bytes = 3 * coef * F32 * lin * (1.5 if recompute else 1.0)  # saved tensors written, read, their grads
-    step_weight_s = weight_flops / (hw.tflops * 1e12) + weight_bytes / (hw.mem_gbs * 1e9)
+    step_weight_s = weight_flops / (train_tflops * 1e12) + weight_bytes / (hw.mem_gbs * 1e9)
     allreduce_bytes = F32 * trainable_params(a, cfg) if p.gpus > 1 else 0
     step_comm_s = 2 * (p.gpus - 1) / p.gpus * allreduce_bytes * 8 / (hw.link_gbps * 1e9) if p.gpus > 1 else 0.0
-    svd_flops = sum(6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3 for m, n in shapes.values()) \
-        if cfg.uses_lsi else 0
-    svd_s = svd_flops / (hw.svd_tflops * 1e12)
+    svd_s = 0.0
+    if cfg.uses_lsi:  # each worker computes its share of the SVDs, then receives the others' factors
+        owners = svd_owners(shapes, p.gpus)
+        load = [sum(svd_flops(*shapes[k]) for k in shapes if owners[k] == r) for r in range(p.gpus)]
+        factors = {k: F32 * (m * min(m, n) + min(m, n) + min(m, n) * n) for k, (m, n) in shapes.items()}
+        received = max(sum(b for k, b in factors.items() if owners[k] != r) for r in range(p.gpus))
+        svd_s = max(load) / (hw.svd_tflops * 1e12) + received * 8 / (hw.link_gbps * 1e9)
     block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s)
     return {"steps_per_block": steps, "svd_s": svd_s, "tokens_s": tokens_s, "weight_s": steps * step_weight_s,
             "allreduce_s": steps * step_comm_s, "allreduce_bytes_per_step": allreduce_bytes,
@@ -179,7 +188,8 @@ def make_plan(p: PlanConfig) -> dict[str, Any]:
             "memory": mem, "host": host_plan(p), "time": {k: round(v, 3) for k, v in t.items()},
             "settings": {"method": p.calib.method, "wbits": p.calib.wbits, "abits": p.calib.abits,
                          "group_size": p.calib.group_size, "nsamples": p.nsamples, "seqlen": p.seqlen,
-                         "epochs": p.calib.epochs, "batch_size": p.calib.batch_size},
+                         "epochs": p.calib.epochs, "batch_size": p.calib.batch_size,
+                         "precision": p.calib.precision},
             "hardware": asdict(p.hw), "blocks": p.arch.num_layers}
     if p.target_hours is not None:
         plan["target_hours"] = p.target_hours
@@ -234,7 +244,7 @@ def render(plan: dict[str, Any]) -> str:
     lines.append(f"estimate: {plan['hours']:.2f} h for the model")
     flags = (f"--workers {plan['gpus']} --gpus-per-worker 1 --device cuda --method {s['method']} --wbits {s['wbits']} "
              f"--abits {s['abits']} --group-size {s['group_size']} --nsamples {s['nsamples']} --seqlen {s['seqlen']} "
-             f"--epochs {s['epochs']} --batch-size {s['batch_size']}")
+             f"--epochs {s['epochs']} --batch-size {s['batch_size']} --precision {s['precision']}")
     lines.append(f"pipeline.quantize flags: {flags}{' --recompute-weights' if plan['recompute_weights'] else ''}")
     if "meets_target" in plan:
         lines.append(f"target {plan['target_hours']} h: {'met' if plan['meets_target'] else 'NOT met'}")
@@ -260,10 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=CalibConfig.epochs)
     p.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step (default: --gpus)")
     p.add_argument("--lsi-block-k", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="as pipeline.quantize --precision")
     p.add_argument("--recompute-weights", choices=["auto", "on", "off"], default="auto",
                    help="auto: recompute the calibrated weights in backward only when the plan does not fit without")
     hw = p.add_argument_group("hardware (per worker)")
     hw.add_argument("--tflops", type=float, default=Hardware.tflops, help="sustained fp32 matmul TFLOP/s")
+    hw.add_argument("--bf16-tflops", type=float, default=Hardware.bf16_tflops, help="sustained bf16 matmul TFLOP/s")
     hw.add_argument("--mem-gbs", type=float, default=Hardware.mem_gbs, help="sustained memory bandwidth, GB/s")
     hw.add_argument("--svd-tflops", type=float, default=Hardware.svd_tflops, help="sustained SVD TFLOP/s")
     hw.add_argument("--link-gbps", type=float, default=Hardware.link_gbps, help="all-reduce bandwidth, Gbit/s")
@@ -276,10 +288,11 @@ def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
     arch = load_arch(a.model_config)
     try:
         calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size,
-                            epochs=a.epochs, batch_size=a.batch_size or a.gpus, lsi_block_k=a.lsi_block_k)
+                            epochs=a.epochs, batch_size=a.batch_size or a.gpus, lsi_block_k=a.lsi_block_k,
+                            precision=a.precision)
         return PlanConfig(arch=arch, gpus=a.gpus, gpu_mem=a.gpu_mem, calib=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, recompute=a.recompute_weights, target_hours=a.target_hours,
-                          hw=Hardware(a.tflops, a.mem_gbs, a.svd_tflops, a.link_gbps))
+                          hw=Hardware(a.tflops, a.bf16_tflops, a.mem_gbs, a.svd_tflops, a.link_gbps))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -141,7 +141,8 @@ def main() -> int:
         cfg = CalibConfig(method=method, wbits=4, group_size=128, epochs=args.epochs, batch_size=batch)
         pc = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**12, calib=cfg, nsamples=args.nsamples,
                              seqlen=args.seqlen,
-                             hw=plan.Hardware(hw["tflops"], hw["mem_gbs"], hw["svd_tflops"], 10.0, svd_bytes=8))
+                             hw=plan.Hardware(hw["tflops"], hw["tflops"], hw["mem_gbs"], hw["svd_tflops"], 10.0,
+                                              svd_bytes=8))
         mem, t = plan.memory_plan(pc, rec), plan.time_plan(pc, rec)
         row = {**got, "predicted_bytes": mem["peak"], "predicted_seconds": t["block_s"], "predicted_time": t,
                "memory_ratio": got["measured_bytes"] / mem["peak"], "time_ratio": got["seconds"] / t["block_s"]}

@@ -35,6 +35,11 @@ GRID = [  # (label, method, overrides)
     ("lsi lr=1e-3 epochs=10", "lsi", {"lr_lsi": 1e-3, "epochs": 10}),
     ("lwc-let epochs=10", "lwc-let", {"epochs": 10}),
     *[(f"lsi relative lr={lr:g}", "lsi", {"lr_lsi": lr, "lsi_relative": True}) for lr in (1e-3, 3e-3, 1e-2)],
+    # what the 70B plan trades for speed: bfloat16 autocast, and fewer, larger steps
+    ("lsi", "lsi", {}),
+    ("lsi bf16", "lsi", {"precision": "bf16"}),
+    ("lsi batch=4", "lsi", {"batch_size": 4}),
+    ("lsi batch=4 bf16", "lsi", {"batch_size": 4, "precision": "bf16"}),
 ]
 
 

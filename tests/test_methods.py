@@ -133,6 +133,24 @@ def test_calibration_lowers_block_loss(method):
     assert set(res.linears) == set(LINEARS)
 
 
+def test_bf16_precision_calibrates_like_fp32():
+    """--precision bf16 (autocast on the training steps): same steps, loss falls, close to fp32's."""
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=8)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    arch = BlockArch.from_config(cfg)
+    res = {p: calibrate_block(layer, kw, x, y, arch, CalibConfig(method="lsi", wbits=3, group_size=32, epochs=4,
+                                                                  batch_size=2, precision=p))
+           for p in ("fp32", "bf16")}
+    assert res["bf16"].loss_after < res["bf16"].loss_before == res["fp32"].loss_before  # the RTN loss is fp32
+    assert len(res["bf16"].losses) == len(res["fp32"].losses)
+    assert res["bf16"].losses != res["fp32"].losses  # autocast was on
+    assert abs(res["bf16"].loss_after - res["fp32"].loss_after) <= 0.05 * res["fp32"].loss_after
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        CalibConfig(precision="fp16")
+
+
 def test_weight_activation_calibration_runs():
     cfg = tiny_llama_config()
     _, layer, x, kw = _block(cfg, n=4)

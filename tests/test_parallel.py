@@ -37,6 +37,15 @@ class ThreadCollective:
             self.barrier.wait()
         return all_reduce
 
+    def broadcaster(self, rank):
+        def broadcast(t, src):
+            if rank == src:
+                self.slots[src] = t.clone()
+            self.barrier.wait()
+            t.copy_(self.slots[src])
+            self.barrier.wait()
+        return broadcast
+
 
 def _run_workers(layer, kw, x, targets, arch, cfg, world):
     coll = ThreadCollective(world)
@@ -46,7 +55,8 @@ def _run_workers(layer, kw, x, targets, arch, cfg, world):
     def work(rank):
         try:
             owned = shard_range(x.shape[0], world, rank)
-            shard = SampleShard(owned, x.shape[0], coll.reducer(rank))
+            shard = SampleShard(owned, x.shape[0], coll.reducer(rank), rank=rank, world=world,
+                                broadcast=coll.broadcaster(rank))
             own_layer = copy.deepcopy(layer)  # each worker has its own copy of the block (functional_call swaps params)
             results[rank] = calibrate_block(own_layer, kw, x[owned], targets[owned], arch, cfg, 0, shard=shard)
         except Exception as e:  # noqa: BLE001
@@ -134,3 +144,53 @@ def test_pipeline_two_ray_workers_match_one(tiny_checkpoint, texts_dir, tmp_path
     assert len(set(rep["worker_nodes"])) == 2, rep["worker_nodes"]
     for f in sorted(p.name for p in two.glob("*.safetensors")):
         assert (two / f).read_bytes() == (nodes2 / f).read_bytes(), f
+
+
+def test_sharded_svds_equal_local_ones():
+    """With three workers each computes its share of the block's seven SVDs (largest first to the
+    least loaded) and receives the rest by broadcast: every worker ends with the local factors."""
+    from lsiq.block import BlockQuantizer
+    from lsiq.lsi import svd_flops, svd_owners
+
+    cfg_model = tiny_llama_config()
+    _, layer, _, _ = _block(cfg_model, n=2)
+    arch = BlockArch.from_config(cfg_model)
+    cfg = CalibConfig(method="lsi", wbits=3, group_size=32)
+    local = BlockQuantizer(layer, arch, cfg)
+    shapes = {n: tuple(layer.get_submodule(n.replace("__", ".")).weight.shape) for n in local.lsi.keys()}
+    owners = svd_owners(shapes, 3)
+    loads = [sum(svd_flops(*shapes[n]) for n in shapes if owners[n] == r) for r in range(3)]
+    assert sorted(set(owners.values())) == [0, 1, 2] and max(loads) < sum(loads) / 2
+    world, coll, got, errors = 3, ThreadCollective(3), [None] * 3, []
+    computed = [0] * 3
+    import lsiq.block as block_mod
+
+    real = block_mod.svd_factors
+
+    def counting(w):  # which worker ran an SVD (threads share the module, so count by thread name)
+        computed[int(threading.current_thread().name)] += 1
+        return real(w)
+
+    def work(rank):
+        try:
+            shard = SampleShard([rank], 3, coll.reducer(rank), rank=rank, world=world, broadcast=coll.broadcaster(rank))
+            got[rank] = BlockQuantizer(layer, arch, cfg, shard=shard)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+            coll.barrier.abort()
+
+    block_mod.svd_factors = counting
+    try:
+        threads = [threading.Thread(target=work, args=(r,), name=str(r)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        block_mod.svd_factors = real
+    assert not errors, errors
+    assert sum(computed) == 7 and all(c >= 1 for c in computed), computed
+    for bq in got:
+        for name, inc in local.lsi.items():
+            for buf in ("u", "s", "vh"):
+                assert torch.equal(getattr(bq.lsi[name], buf), getattr(inc, buf)), (name, buf)

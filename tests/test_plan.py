@@ -56,26 +56,31 @@ def _saved_bytes(layer, arch, cfg, calib: CalibConfig, batch: int, seqlen: int) 
     return unique_bytes(saved[:n_weight]), unique_bytes(saved)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("method,recompute", [("lwc", False), ("lwc-let", False), ("lsi", False), ("lsi", True)])
-def test_saved_tensor_coefficients_match_the_code(method, recompute):
-    """The plan's per-step memory = a x (linear weights) + tokens x (7.5 hidden + 4 inter) floats:
-    measured here by solving for both terms from two micro-batch sizes, on two block shapes."""
+def test_saved_tensor_coefficients_match_the_code(method, recompute, precision):
+    """The plan's per-step memory = a x (linear weights) + tokens x (a_h hidden + a_i inter) floats:
+    measured here by solving for both terms from two micro-batch sizes, on two block shapes (bf16:
+    under CPU autocast, which keeps the same tensors as CUDA's)."""
+    import contextlib
+
     for hidden, inter in [(256, 704), (256, 2048)]:
         layer, arch, cfg = _block(hidden, inter)
         calib = CalibConfig(method=method, wbits=4, group_size=64, recompute_weights=recompute)
         seqlen = 64
-        _, small = _saved_bytes(layer, arch, cfg, calib, 1, seqlen)
-        _, large = _saved_bytes(layer, arch, cfg, calib, 3, seqlen)
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with amp:
+            _, small = _saved_bytes(layer, arch, cfg, calib, 1, seqlen)
+            _, large = _saved_bytes(layer, arch, cfg, calib, 3, seqlen)
         per_token = (large - small) / (2 * seqlen) / 4
         lin = sum(m * n for m, n in plan.linear_shapes(arch).values())
         weight_coef = (small - per_token * seqlen * 4) / (4 * lin)
-        expected_coef = plan.SAVED_WEIGHTS_RECOMPUTE if recompute else plan.SAVED_WEIGHTS[method]
-        expected_tok = plan.SAVED_PER_TOKEN_HIDDEN * hidden + plan.SAVED_PER_TOKEN_INTER * inter
+        expected_coef = plan.SAVED_WEIGHTS_RECOMPUTE[precision] if recompute else plan.SAVED_WEIGHTS[precision][method]
+        per_h, per_i = plan.SAVED_PER_TOKEN[precision]
+        expected_tok = per_h * hidden + per_i * inter
         assert weight_coef == pytest.approx(expected_coef, rel=0.1), (hidden, inter, weight_coef)
-        if method != "lwc":  # LET's scaled norms add a little per token; LWC alone saves slightly less
-            assert per_token == pytest.approx(expected_tok, rel=0.05), (hidden, inter, per_token)
-        else:
-            assert per_token == pytest.approx(expected_tok, rel=0.15), (hidden, inter, per_token)
+        # LET's scaled norms add a little per token; LWC alone saves slightly less
+        assert per_token == pytest.approx(expected_tok, rel=0.05 if method != "lwc" else 0.2), (hidden, inter, per_token)
 
 
 def test_persistent_parts_equal_what_the_block_quantizer_holds():
@@ -167,7 +172,7 @@ def test_time_formula_by_hand():
     """The documented formula, evaluated by hand for one small case."""
     arch = BlockArch("llama", 256, 512, 4, 2, 64, 3)
     calib = CalibConfig(method="lsi", wbits=4, group_size=64, epochs=2, batch_size=2)
-    hw = plan.Hardware(tflops=1.0, mem_gbs=100.0, svd_tflops=0.1, link_gbps=1.0)
+    hw = plan.Hardware(tflops=1.0, bf16_tflops=3.0, mem_gbs=100.0, svd_tflops=0.1, link_gbps=1.0)
     p = plan.PlanConfig(arch=arch, gpus=2, gpu_mem=10**12, calib=calib, nsamples=8, seqlen=32, hw=hw)
     t = plan.time_plan(p, recompute=False)
     shapes = [(256, 256), (128, 256), (128, 256), (256, 256), (512, 256), (512, 256), (256, 512)]
@@ -176,8 +181,35 @@ def test_time_formula_by_hand():
     steps = 2 * 4
     weight = steps * (2 * sum(2 * m * n * min(m, n) for m, n in shapes) / 1e12 + 3 * 6.5 * 4 * lin / 100e9)
     comm = steps * (4 * plan.trainable_params(arch, calib) * 8 / 1e9)  # 2 (N-1)/N = 1 for N = 2
-    svd = sum(6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3 for m, n in shapes) / 0.1e12
+    # SVDs over two workers, largest first to the least loaded (ties to rank 0): down -> 0, gate -> 1,
+    # up -> 0, o -> 1, q -> 1, k -> 0, v -> 0. Rank 1 computes the most (gate, o, q); rank 0 receives
+    # gate, o, q's factors, rank 1 receives down, up, k, v's (more): that is the broadcast term.
+    def flops(m, n):
+        return 6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3
+
+    def factor_bytes(m, n):
+        r = min(m, n)
+        return 4 * (m * r + r + r * n)
+
+    rank1 = flops(512, 256) + 2 * flops(256, 256)
+    received = 2 * factor_bytes(512, 256) + 2 * factor_bytes(128, 256)
+    svd = rank1 / 0.1e12 + received * 8 / 1e9
     assert t["tokens_s"] == pytest.approx(tokens) and t["weight_s"] == pytest.approx(weight)
     assert t["allreduce_s"] == pytest.approx(comm) and t["svd_s"] == pytest.approx(svd)
     assert t["hours"] == pytest.approx(3 * (tokens + weight + comm + svd) / 3600)
     assert math.isclose(t["steps_per_block"], steps)
+
+
+def test_bf16_runs_the_training_passes_at_the_bf16_rate():
+    arch = BlockArch("llama", 256, 512, 4, 2, 64, 3)
+    hw = plan.Hardware(tflops=1.0, bf16_tflops=4.0, mem_gbs=100.0, svd_tflops=0.1, link_gbps=1.0)
+    times = {}
+    for precision in ("fp32", "bf16"):
+        calib = CalibConfig(method="lsi", wbits=4, group_size=64, epochs=2, batch_size=2, precision=precision)
+        times[precision] = plan.time_plan(plan.PlanConfig(arch=arch, gpus=2, gpu_mem=10**12, calib=calib, nsamples=8,
+                                                          seqlen=32, hw=hw), recompute=False)
+    lin = sum(m * n for m, n in plan.linear_shapes(arch).values())
+    per_pass = 4 * 32 * (2 * lin + 2 * 32 * 256) / 1e12  # one pass over a worker's 4 samples at 1 TFLOP/s
+    assert times["fp32"]["tokens_s"] == pytest.approx(10 * per_pass)  # 4 forward + 3 x 2 epochs
+    assert times["bf16"]["tokens_s"] == pytest.approx(4 * per_pass + 6 * per_pass / 4)
+    assert times["bf16"]["svd_s"] == times["fp32"]["svd_s"]  # the SVD stays float32
