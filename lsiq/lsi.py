@@ -18,7 +18,9 @@ def svd_factors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     """Thin SVD (U, S, V^T) of ``weight``, returned in its dtype."""
     svd_dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
     u, s, vh = torch.linalg.svd(weight.detach().to(svd_dtype), full_matrices=False)
-    return u.to(weight.dtype), s.to(weight.dtype), vh.to(weight.dtype)
+    # LAPACK hands U and V^T back column-major; make them row-major so that a collective that
+    # sends raw memory (torch.distributed broadcast) sends the same matrix it is given
+    return (u.to(weight.dtype).contiguous(), s.to(weight.dtype).contiguous(), vh.to(weight.dtype).contiguous())
 
 
 def svd_flops(out_features: int, in_features: int) -> int:

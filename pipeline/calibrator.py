@@ -121,6 +121,8 @@ class BlockCalibrator:
                 t.copy_(buf)
 
         def broadcast(t: torch.Tensor, src: int) -> None:
+            if not t.is_contiguous():  # gloo sends a strided tensor's raw memory as if it were row-major
+                raise ValueError("broadcast needs a contiguous tensor")
             buf = t.to(device) if device.type == "cuda" else t
             dist.broadcast(buf, src=src)
             if buf is not t:

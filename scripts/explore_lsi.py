@@ -40,6 +40,9 @@ GRID = [  # (label, method, overrides)
     ("lsi bf16", "lsi", {"precision": "bf16"}),
     ("lsi batch=4", "lsi", {"batch_size": 4}),
     ("lsi batch=4 bf16", "lsi", {"batch_size": 4, "precision": "bf16"}),
+    ("lsi batch=4 lr x2", "lsi", {"batch_size": 4, "lr_lsi": 2e-2, "lr_lwc": 2e-2, "lr_let": 1e-2}),
+    ("lsi batch=4 lr x4", "lsi", {"batch_size": 4, "lr_lsi": 4e-2, "lr_lwc": 4e-2, "lr_let": 2e-2}),
+    ("lsi batch=2", "lsi", {"batch_size": 2}),
 ]
 
 

@@ -39,6 +39,7 @@ class ThreadCollective:
 
     def broadcaster(self, rank):
         def broadcast(t, src):
+            assert t.is_contiguous(), "torch.distributed sends raw memory: a strided tensor arrives scrambled"
             if rank == src:
                 self.slots[src] = t.clone()
             self.barrier.wait()
@@ -194,3 +195,8 @@ def test_sharded_svds_equal_local_ones():
         for name, inc in local.lsi.items():
             for buf in ("u", "s", "vh"):
                 assert torch.equal(getattr(bq.lsi[name], buf), getattr(inc, buf)), (name, buf)
+    # LAPACK returns U and V^T column-major; sent as raw memory by gloo they would arrive scrambled
+    from lsiq.lsi import svd_factors
+
+    for shape in [(96, 32), (32, 96)]:
+        assert all(t.is_contiguous() for t in svd_factors(torch.randn(*shape)))
