@@ -106,9 +106,18 @@ def source_fingerprint(ckpt: Checkpoint) -> str:
     for name, info in sorted(ckpt.tensors.items()):
         h.update(f"{name}:{info.dtype}:{info.shape}:{info.begin}:{info.end}".encode())
     for shard in sorted({info.shard for info in ckpt.tensors.values()}):
-        path = storage.join(ckpt.root, shard)
-        h.update(f"{shard}:{ckpt.fs.ukey(path)}:{ckpt.fs.size(path)}".encode())
+        h.update(f"{shard}:{_object_id(ckpt.fs, storage.join(ckpt.root, shard))}".encode())
     return h.hexdigest()
+
+
+def _object_id(fs: Any, path: str) -> str:
+    """What identifies an object's content in its store: ETag (S3, GCS md5) or modification time,
+    and size. Read fresh (a HEAD), not from a listing's cache, whose entries carry other fields."""
+    fs.invalidate_cache(path)
+    info = storage.retrying(lambda: fs.info(path), f"look up {path}")
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") \
+        or info.get("LastModified") or info.get("updated")
+    return f"{str(tag).strip(chr(34))}:{info.get('size')}"
 
 
 def find_checkpoints(fs: Any, root: str) -> list[str]:

@@ -116,14 +116,33 @@ def test_recompute_gives_the_same_gradients_bit_for_bit():
         assert torch.equal(grads[0][n], grads[1][n]), n
 
 
-def _plan_cli(*args: str) -> tuple[int, dict, str]:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.plan", *args], capture_output=True, text=True, cwd=ROOT)
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}"
-    return proc.returncode, json.loads(last) if last.startswith("{") else {}, proc.stderr
+@pytest.fixture
+def plan_cli(capsys):
+    """Run ``python -m pipeline.plan ARGS`` in-process: (exit status, last stdout line as JSON, stderr)."""
+
+    def call(*args: str) -> tuple[int, dict, str]:
+        try:
+            rc = plan.main(list(args))
+        except SystemExit as e:  # argparse and the config checks exit with a message
+            rc = e.code if isinstance(e.code, int) else 2
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        out, err = capsys.readouterr()
+        last = out.strip().splitlines()[-1] if out.strip() else ""
+        return rc, json.loads(last) if last.startswith("{") else {}, err
+
+    return call
 
 
-def test_llama2_70b_on_eight_24gb_gpus():
-    rc, out, err = _plan_cli("--model-config", str(MODELS / "llama-2-70b" / "config.json"), "--gpus", "8",
+def test_the_module_runs_as_a_command():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.plan", "--model-config", str(MODELS / "llama-3-8b"),
+                           "--gpus", "2", "--gpu-mem", "24GB"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["fits"] is True
+
+
+def test_llama2_70b_on_eight_24gb_gpus(plan_cli):
+    rc, out, err = plan_cli("--model-config", str(MODELS / "llama-2-70b" / "config.json"), "--gpus", "8",
                              "--gpu-mem", "24GB", "--target-hours", "2")
     assert rc == 0, err
     assert out["fits"] is True and isinstance(out["hours"], float) and isinstance(out["per_worker_bytes"], int)
@@ -137,10 +156,10 @@ def test_llama2_70b_on_eight_24gb_gpus():
     assert out["memory"]["block_weights"] == 4 * (855_638_016 + 2 * 8192)
 
 
-def test_llama3_8b_fits_without_recompute_and_more_gpus_are_faster():
+def test_llama3_8b_fits_without_recompute_and_more_gpus_are_faster(plan_cli):
     cfg = str(MODELS / "llama-3-8b")
-    rc8, out8, _ = _plan_cli("--model-config", cfg, "--gpus", "8", "--gpu-mem", "24GB")
-    rc2, out2, _ = _plan_cli("--model-config", cfg, "--gpus", "2", "--gpu-mem", "24GB", "--batch-size", "8")
+    rc8, out8, _ = plan_cli("--model-config", cfg, "--gpus", "8", "--gpu-mem", "24GB")
+    rc2, out2, _ = plan_cli("--model-config", cfg, "--gpus", "2", "--gpu-mem", "24GB", "--batch-size", "8")
     assert rc8 == 0 and rc2 == 0
     assert out8["recompute_weights"] is False and out8["blocks"] == 32
     assert out8["time"]["tokens_s"] == pytest.approx(out2["time"]["tokens_s"] / 4, rel=1e-3)
@@ -148,23 +167,23 @@ def test_llama3_8b_fits_without_recompute_and_more_gpus_are_faster():
     assert out8["hours"] < out2["hours"]
 
 
-def test_a_plan_that_does_not_fit_is_refused():
-    rc, out, err = _plan_cli("--model-config", str(MODELS / "llama-2-70b"), "--gpus", "8", "--gpu-mem", "12GB")
+def test_a_plan_that_does_not_fit_is_refused(plan_cli):
+    rc, out, err = plan_cli("--model-config", str(MODELS / "llama-2-70b"), "--gpus", "8", "--gpu-mem", "12GB")
     assert rc == 1
     assert out["fits"] is False and out["per_worker_bytes"] > 12 * 10**9
     assert "does not fit" in err and "GiB" in err
 
 
-def test_bad_inputs_get_clear_errors(tmp_path):
-    rc, _, err = _plan_cli("--model-config", str(tmp_path / "nope.json"), "--gpus", "1", "--gpu-mem", "24GB")
+def test_bad_inputs_get_clear_errors(tmp_path, plan_cli):
+    rc, _, err = plan_cli("--model-config", str(tmp_path / "nope.json"), "--gpus", "1", "--gpu-mem", "24GB")
     assert rc != 0 and "no model config" in err
     (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    rc, _, err = _plan_cli("--model-config", str(tmp_path / "gpt2.json"), "--gpus", "1", "--gpu-mem", "24GB")
+    rc, _, err = plan_cli("--model-config", str(tmp_path / "gpt2.json"), "--gpus", "1", "--gpu-mem", "24GB")
     assert rc != 0 and "unsupported architecture" in err
-    rc, _, err = _plan_cli("--model-config", str(MODELS / "llama-3-8b"), "--gpus", "1", "--gpu-mem", "24GB",
+    rc, _, err = plan_cli("--model-config", str(MODELS / "llama-3-8b"), "--gpus", "1", "--gpu-mem", "24GB",
                            "--group-size", "100")
     assert rc != 0 and "group size 100" in err
-    rc, _, err = _plan_cli("--model-config", str(MODELS / "llama-3-8b"), "--gpus", "1", "--gpu-mem", "lots")
+    rc, _, err = plan_cli("--model-config", str(MODELS / "llama-3-8b"), "--gpus", "1", "--gpu-mem", "lots")
     assert rc != 0 and "not a size" in err
 
 

@@ -149,12 +149,26 @@ def test_two_schedulers_quantize_a_checkpoint_exactly_once(s3, tiny_checkpoint, 
     fs.pipe_file(f"lsiq/sched/src/run-b/{shards[1]}", (tiny_checkpoint / shards[1]).read_bytes())
     again = _summary(_scheduler(s3, cfg, src, out, "sched-2"))
     assert again["quantized"] == ["run-b"] and again["done"] == ["run-a/step-100"], again
-    # a changed configuration requantizes both
-    cfg.write_text(cfg.read_text().replace("wbits: 4", "wbits: 3"))
-    changed = _summary(_scheduler(s3, cfg, src, out, "sched-3"))
-    assert sorted(changed["quantized"]) == ["run-a/step-100", "run-b"], changed
-    manifest = json.loads(fs.cat_file("lsiq/sched/out/run-a/step-100/lsiq_manifest.json"))
-    assert manifest["quantization"]["wbits"] == 3
+    # with other settings neither counts as done any more (the dead-lease test below requantizes one)
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.schedule import ScheduleConfig, Scheduler, source_fingerprint
+
+    opts = s3.storage_options()
+    run = yaml.safe_load(cfg.read_text())
+
+    def done(settings: dict, rel: str) -> bool:
+        sched = Scheduler(ScheduleConfig(source=src, output=out, run=settings, storage_options=opts), log=lambda m: None)
+        return sched._complete(rel, source_fingerprint(Checkpoint(f"{src}/{rel}", opts)))
+
+    assert done(run, "run-a/step-100") and done(run, "run-b")
+    assert not done(run | {"wbits": 3}, "run-a/step-100") and not done(run | {"wbits": 3}, "run-b")
+    # new weights under the same names and shapes (a retrained checkpoint): a new source fingerprint
+    before = source_fingerprint(Checkpoint(f"{src}/run-b", opts))
+    data = bytearray((tiny_checkpoint / shards[1]).read_bytes())
+    data[-1] ^= 0x01
+    fs.pipe_file(f"lsiq/sched/src/run-b/{shards[1]}", bytes(data))
+    assert source_fingerprint(Checkpoint(f"{src}/run-b", opts)) != before
+    assert not done(run, "run-b") and done(run, "run-a/step-100")
 
 
 @pytest.mark.slow
@@ -175,3 +189,9 @@ def test_a_dead_schedulers_lease_is_taken_over(s3, tiny_checkpoint, texts_dir, t
                              "released": False}).encode())
     took = _summary(_scheduler(s3, cfg, "s3://lsiq/sched2/src", "s3://lsiq/sched2/out", "c"))
     assert took["quantized"] == ["m"], took
+    # new settings: quantized again, over the old output (--restart)
+    cfg.write_text(cfg.read_text().replace("wbits: 4", "wbits: 3"))
+    again = _summary(_scheduler(s3, cfg, "s3://lsiq/sched2/src", "s3://lsiq/sched2/out", "d"))
+    assert again["quantized"] == ["m"], again
+    manifest = json.loads(fs.cat_file("lsiq/sched2/out/m/lsiq_manifest.json"))
+    assert manifest["status"] == "complete" and manifest["quantization"]["wbits"] == 3
