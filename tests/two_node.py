@@ -12,6 +12,18 @@ import os
 import sys
 
 
+def _listening() -> set[str]:
+    import contextlib
+
+    import psutil
+
+    ips = set()
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            ips |= {c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    return ips
+
+
 def main(model: str, output: str, calib: str) -> int:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every node on loopback (see pipeline/ray_env.py)
     import ray
@@ -28,10 +40,10 @@ def main(model: str, output: str, calib: str) -> int:
         cluster.wait_for_nodes()
         report = run(_cfg(model, output, calib, workers=2, cpus_per_worker=1, address=cluster.address),
                      log=lambda m: print(m, file=sys.stderr))
-        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]] if ray.is_initialized() else None
+        listening = _listening()  # every process this one started (both nodes' raylets, GCS, workers)
     finally:
         cluster.shutdown()
-    print(json.dumps({"worker_nodes": report["worker_nodes"], "blocks": report["blocks"], "cluster_nodes": nodes}))
+    print(json.dumps({"worker_nodes": report["worker_nodes"], "blocks": report["blocks"], "listening": sorted(listening)}))
     return 0
 
 
