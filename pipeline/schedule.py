@@ -345,8 +345,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SECRET_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+               "aws_session_token", "session_token"}
+
+
+def _secret_keys(options: Any, path: str = "") -> list[str]:
+    """Names of credential-looking entries in (nested) storage options."""
+    found = []
+    if isinstance(options, dict):
+        for k, v in options.items():
+            name = f"{path}.{k}" if path else str(k)
+            if str(k).lower() in SECRET_KEYS:
+                found.append(name)
+            found += _secret_keys(v, name)
+    return found
+
+
 def parse_schedule_args(argv: list[str] | None = None) -> ScheduleConfig:
     a = build_parser().parse_args(argv)
+    for flag, opts in (("--storage-options", a.storage_options), ("--output-storage-options", a.output_storage_options)):
+        if secrets := _secret_keys(opts):
+            raise SystemExit(f"error: {flag} holds credentials ({', '.join(secrets)}); the scheduler passes these options "
+                             "on each run's command line (and into Ray job entrypoints), so give credentials through the "
+                             "environment instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, an instance role, ...)")
     try:
         with open(a.config) as fh:
             run = yaml.safe_load(fh) or {}

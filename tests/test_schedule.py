@@ -92,6 +92,14 @@ def test_bad_run_yaml_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.schedule", "--source", str(tmp_path), "--output",
                            str(tmp_path / "o"), "--config", str(cfg), "--once"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "unknown setting 'bits'" in proc.stderr
+    # credentials in the options would end up on command lines and in Ray job entrypoints
+    cfg.write_text("method: lsi\n")
+    opts = '{"key": "AKIA-NOT-REAL", "client_kwargs": {"aws_secret_access_key": "not-real"}}'
+    proc = subprocess.run([sys.executable, "-m", "pipeline.schedule", "--source", str(tmp_path), "--output",
+                           str(tmp_path / "o"), "--config", str(cfg), "--once", "--storage-options", opts],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "holds credentials (key, client_kwargs.aws_secret_access_key)" in proc.stderr
+    assert "not-real" not in proc.stderr and "AKIA" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- schedulers
