@@ -278,13 +278,21 @@ class BlockQuantizer(nn.Module):
 
     def transformed(self) -> dict[str, torch.Tensor]:
         """Block tensors after LSI and LET, before weight quantization."""
-        t = dict(self.base)
-        for name in LINEARS:
-            if _key(name) in self.lsi:
-                t[f"{name}.weight"] = self.lsi[_key(name)]()
+        others = self._transformed_others()
+        return {k: self._transformed_weight(k[: -len(".weight")]) if _is_linear_weight(k) else others[k]
+                for k in self.base}
+
+    def _transformed_others(self) -> dict[str, torch.Tensor]:
+        """The block's tensors other than the linears' weights (norms, biases) after LET."""
+        t = {k: v for k, v in self.base.items() if not _is_linear_weight(k)}
+        return self.let.transform(t) if self.let is not None else t
+
+    def _transformed_weight(self, name: str) -> torch.Tensor:
+        """One linear's weight after LSI and LET (LET applied to it alone: the same products)."""
+        w = self.lsi[_key(name)]() if _key(name) in self.lsi else self.base[f"{name}.weight"]
         if self.let is not None:
-            t = self.let.transform(t)
-        return t
+            w = self.let.transform({f"{name}.weight": w})[f"{name}.weight"]
+        return w
 
     def scale_zero(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if _key(name) in self.lwc:
@@ -293,9 +301,7 @@ class BlockQuantizer(nn.Module):
 
     def effective(self) -> dict[str, torch.Tensor]:
         """Parameters for the calibrated forward: transformed, weights fake-quantized."""
-        t = {k: v for k, v in self.base.items() if not _is_linear_weight(k)}
-        if self.let is not None:
-            t = self.let.transform(t)  # norms and biases
+        t = self._transformed_others()
         for name in LINEARS:
             if self.cfg.recompute_weights and torch.is_grad_enabled():
                 t[f"{name}.weight"] = torch.utils.checkpoint.checkpoint(self._effective_weight, name,
@@ -306,9 +312,7 @@ class BlockQuantizer(nn.Module):
 
     def _effective_weight(self, name: str) -> torch.Tensor:
         """One linear's weight after LSI and LET, fake-quantized on its (learned) grid."""
-        w = self.lsi[_key(name)]() if _key(name) in self.lsi else self.base[f"{name}.weight"]
-        if self.let is not None:
-            w = self.let.transform({f"{name}.weight": w})[f"{name}.weight"]
+        w = self._transformed_weight(name)
         scale, zero = self.scale_zero(name, w)
         return fake_quant(w, scale, zero, self.spec)
 

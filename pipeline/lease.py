@@ -97,11 +97,7 @@ def _create_local(path: str, data: bytes) -> bool:
     """Exclusive create with its content complete when it appears: write a temporary file, then
     hard-link it to the name (link fails if the name exists)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = storage.write_temp(path, data)
     try:
         os.link(tmp, path)
         return True

@@ -20,7 +20,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lsiq.arch import ATTN_OUT, ATTN_QKV, MLP_IN, MLP_OUT, BlockArch, UnsupportedArchitecture
+from lsiq.arch import BlockArch, UnsupportedArchitecture
 from lsiq.block import METHODS, CalibConfig
 from lsiq.lsi import svd_flops, svd_owners
 from pipeline.config import parse_bytes
@@ -71,18 +71,16 @@ class PlanConfig:
             raise ValueError(f"--gpus must be at most --nsamples ({self.nsamples}): every worker needs a sample")
 
 
-def linear_shapes(arch: BlockArch) -> dict[str, tuple[int, int]]:
-    """[out, in] of each linear of one block."""
-    q, kv = arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim
-    h, i = arch.hidden, arch.intermediate
-    return {ATTN_QKV[0]: (q, h), ATTN_QKV[1]: (kv, h), ATTN_QKV[2]: (kv, h), ATTN_OUT: (h, q),
-            MLP_IN[0]: (i, h), MLP_IN[1]: (i, h), MLP_OUT: (h, i)}
+def factor_bytes(out_features: int, in_features: int) -> int:
+    """Bytes of one linear's SVD factors U, S and V^T in float32 (r = min(out, in))."""
+    r = min(out_features, in_features)
+    return F32 * (out_features * r + r + r * in_features)
 
 
 def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
     """Learnable parameters per block: LWC bounds, LET scales, LSI increments (as lsiq builds them)."""
     n = 0
-    for out_f, in_f in linear_shapes(arch).values():
+    for out_f, in_f in arch.linear_shapes().values():
         if cfg.uses_lwc:
             n += 2 * out_f * cfg.spec.groups(in_f)
         if cfg.uses_lsi:
@@ -96,13 +94,11 @@ def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
 def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     """Peak bytes on one worker's device while it calibrates a block, by part."""
     a, cfg = p.arch, p.calib
-    shapes = linear_shapes(a)
+    shapes = a.linear_shapes()
     lin = sum(m * n for m, n in shapes.values())
     largest = max(m * n for m, n in shapes.values())
     mem = {"block_weights": F32 * (lin + 2 * a.hidden)}
-    rank = {k: min(m, n) for k, (m, n) in shapes.items()}
-    mem["svd_factors"] = F32 * sum(m * r + r + r * n for (m, n), r in zip(shapes.values(), rank.values(), strict=True)) \
-        if cfg.uses_lsi else 0
+    mem["svd_factors"] = sum(factor_bytes(m, n) for m, n in shapes.values()) if cfg.uses_lsi else 0
     mem["optimizer_state"] = 4 * F32 * trainable_params(a, cfg) if cfg.trains else 0  # param, grad, Adam m and v
     b_local = math.ceil(cfg.batch_size / p.gpus)  # samples of the global batch one worker computes per step
     tokens = b_local * p.seqlen
@@ -133,7 +129,7 @@ def host_plan(p: PlanConfig) -> dict[str, int]:
     """Host RAM per worker: its share of the three activation caches and the block's FP tensors."""
     share = math.ceil(p.nsamples / p.gpus)
     caches = 3 * share * p.seqlen * p.arch.hidden * F32
-    return {"activation_caches": caches, "block_tensors": F32 * sum(m * n for m, n in linear_shapes(p.arch).values())}
+    return {"activation_caches": caches, "block_tensors": F32 * sum(m * n for m, n in p.arch.linear_shapes().values())}
 
 
 def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
@@ -141,7 +137,7 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     weight-side work of each step (LSI recomposition, LET, LWC) is repeated on each; the SVDs are
     shared out (the slowest worker's share, then the factors it receives)."""
     a, cfg, hw = p.arch, p.calib, p.hw
-    shapes = linear_shapes(a)
+    shapes = a.linear_shapes()
     lin = sum(m * n for m, n in shapes.values())
     flops_per_token = 2 * lin + 2 * p.seqlen * a.n_heads * a.head_dim  # matmuls + causal attention
     fwd_passes = 4  # FP targets, loss before, loss after, the next block's inputs
@@ -166,8 +162,7 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     if cfg.uses_lsi:  # each worker computes its share of the SVDs, then receives the others' factors
         owners = svd_owners(shapes, p.gpus)
         load = [sum(svd_flops(*shapes[k]) for k in shapes if owners[k] == r) for r in range(p.gpus)]
-        factors = {k: F32 * (m * min(m, n) + min(m, n) + min(m, n) * n) for k, (m, n) in shapes.items()}
-        received = max(sum(b for k, b in factors.items() if owners[k] != r) for r in range(p.gpus))
+        received = max(sum(factor_bytes(*shapes[k]) for k in shapes if owners[k] != r) for r in range(p.gpus))
         svd_s = max(load) / (hw.svd_tflops * 1e12) + received * 8 / (hw.link_gbps * 1e9)
     block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s)
     return {"steps_per_block": steps, "svd_s": svd_s, "tokens_s": tokens_s, "weight_s": steps * step_weight_s,

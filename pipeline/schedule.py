@@ -20,10 +20,12 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -170,8 +172,8 @@ class Scheduler:
         path = storage.join(self.out_root, rel, RECORD)
         return storage.read_json(self.out_fs, path) if storage.exists(self.out_fs, path) else None
 
-    def _complete(self, rel: str, source_fp: str) -> bool:
-        rec = self._record(rel)
+    def _complete(self, rel: str, source_fp: str, rec: dict[str, Any] | None) -> bool:
+        """Whether ``rec`` (the output's schedule.json) says this source and configuration are done."""
         if not rec or rec.get("status") != "complete":
             return False
         if rec.get("source_fingerprint") != source_fp or rec.get("config_fingerprint") != self.config_fp:
@@ -187,7 +189,7 @@ class Scheduler:
         except (CheckpointError, FileNotFoundError, EOFError, ValueError) as e:
             self.log(f"{rel or '.'}: not ready ({e}); skipped")
             return "incomplete", str(e)
-        if self._complete(rel, source_fp):
+        if self._complete(rel, source_fp, self._record(rel)):
             return "done", None
         lease_dir = storage.join(self.out_root, LEASES, hashlib.sha256(rel.encode()).hexdigest()[:16])
         held = leases.try_acquire(self.out_fs, lease_dir, self.cfg.owner, self.cfg.lease_s)
@@ -195,15 +197,16 @@ class Scheduler:
             self.log(f"{rel or '.'}: another scheduler holds its lease; skipped")
             return "leased", None
         try:
-            if self._complete(rel, source_fp):  # finished by another scheduler just before we took the lease
+            prev = self._record(rel)
+            if self._complete(rel, source_fp, prev):  # finished by another scheduler just before we took the lease
                 return "done", None
-            return self._quantize(rel, src, source_fp, held)
+            return self._quantize(rel, src, source_fp, held, prev)
         finally:
             leases.release(held)
 
-    def _quantize(self, rel: str, src: str, source_fp: str, held: leases.Lease) -> tuple[str, str | None]:
+    def _quantize(self, rel: str, src: str, source_fp: str, held: leases.Lease,
+                  prev: dict[str, Any] | None) -> tuple[str, str | None]:
         out = _url(self.cfg.output, rel)
-        prev = self._record(rel)
         # Same source and settings as an unfinished earlier attempt: resume it; otherwise start over.
         same = prev is not None and prev.get("source_fingerprint") == source_fp \
             and prev.get("config_fingerprint") == self.config_fp
@@ -244,7 +247,6 @@ class Scheduler:
         cmd = [sys.executable, "-m", "pipeline.quantize", *argv]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         tail: list[str] = []
-        import threading
 
         def drain() -> None:
             assert proc.stderr is not None
@@ -271,7 +273,7 @@ class Scheduler:
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         client = JobSubmissionClient(self.cfg.address)
-        entrypoint = " ".join(["python", "-m", "pipeline.quantize", *map(_quote, argv)])
+        entrypoint = shlex.join(["python", "-m", "pipeline.quantize", *argv])
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=self.cfg.runtime_env,
                                    submission_id=f"lsiq-{source_fp[:10]}-{self.config_fp[:10]}-{uuid.uuid4().hex[:6]}")
         self.log(f"submitted Ray job {job_id}")
@@ -303,12 +305,6 @@ class Scheduler:
                 time.sleep(min(1.0, deadline - time.time()))
             if self.stopping:
                 return 0
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 def parse_duration(text: str) -> float:

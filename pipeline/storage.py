@@ -118,15 +118,21 @@ def _verify(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         raise OSError(f"{path}: stored object differs from the data written")
 
 
+def write_temp(path: str, data: bytes) -> str:
+    """Write ``data`` durably (fsync) to a new temporary file beside local ``path``; returns its name,
+    for the caller to move into place."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that no half-written object is ever visible as complete."""
     if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(write_temp(path, data), path)
         return
 
     def put_and_verify() -> None:

@@ -15,6 +15,7 @@ import torch
 from lsiq.arch import BlockArch
 from lsiq.block import CalibConfig, SampleShard, calibrate_block, forward_all, shard_range
 from tests.conftest import tiny_llama_config
+from tests.procs import LOOPBACK
 from tests.test_methods import _block
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def test_pipeline_two_ray_workers_match_one(tiny_checkpoint, texts_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-4000:]
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(set(rep["worker_nodes"])) == 2, rep["worker_nodes"]
-    assert rep["listening"] and set(rep["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1"}, rep["listening"]
+    assert rep["listening"] and set(rep["listening"]) <= LOOPBACK, rep["listening"]
     for f in sorted(p.name for p in two.glob("*.safetensors")):
         assert (two / f).read_bytes() == (nodes2 / f).read_bytes(), f
 

@@ -73,7 +73,7 @@ def test_saved_tensor_coefficients_match_the_code(method, recompute, precision):
             _, small = _saved_bytes(layer, arch, cfg, calib, 1, seqlen)
             _, large = _saved_bytes(layer, arch, cfg, calib, 3, seqlen)
         per_token = (large - small) / (2 * seqlen) / 4
-        lin = sum(m * n for m, n in plan.linear_shapes(arch).values())
+        lin = sum(m * n for m, n in arch.linear_shapes().values())
         weight_coef = (small - per_token * seqlen * 4) / (4 * lin)
         expected_coef = plan.SAVED_WEIGHTS_RECOMPUTE[precision] if recompute else plan.SAVED_WEIGHTS[precision][method]
         per_h, per_i = plan.SAVED_PER_TOKEN[precision]
@@ -227,7 +227,7 @@ def test_bf16_runs_the_training_passes_at_the_bf16_rate():
         calib = CalibConfig(method="lsi", wbits=4, group_size=64, epochs=2, batch_size=2, precision=precision)
         times[precision] = plan.time_plan(plan.PlanConfig(arch=arch, gpus=2, gpu_mem=10**12, calib=calib, nsamples=8,
                                                           seqlen=32, hw=hw), recompute=False)
-    lin = sum(m * n for m, n in plan.linear_shapes(arch).values())
+    lin = sum(m * n for m, n in arch.linear_shapes().values())
     per_pass = 4 * 32 * (2 * lin + 2 * 32 * 256) / 1e12  # one pass over a worker's 4 samples at 1 TFLOP/s
     assert times["fp32"]["tokens_s"] == pytest.approx(10 * per_pass)  # 4 forward + 3 x 2 epochs
     assert times["bf16"]["tokens_s"] == pytest.approx(4 * per_pass + 6 * per_pass / 4)

@@ -2,14 +2,13 @@
 
 import os
 
-import psutil
+from tests.procs import LOOPBACK, listening_ips
 
 
 def test_embedded_ray_listens_on_loopback_only(ray_local):
     import ray
 
     ray.get(ray.remote(lambda: 1).remote())  # a worker process is up
-    ours = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)} | {os.getpid()}
-    addresses = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in ours}
-    assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses
+    addresses = listening_ips(os.getpid())
+    assert addresses and addresses <= LOOPBACK, addresses
     assert ray.util.get_node_ip_address() == "127.0.0.1"

@@ -28,6 +28,8 @@ import psutil
 import pytest
 import yaml
 
+from tests.procs import LOOPBACK, listening_ips
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
 
@@ -107,16 +109,6 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _listening(root_pid: int) -> set[str]:
-    """IP addresses that the processes of the tree of ``root_pid`` listen on."""
-    ips = set()
-    root = psutil.Process(root_pid)
-    for p in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            ips |= {c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-    return ips
-
-
 def _submit(url: str, env: dict[str, str], job_id: str, entrypoint: list[str], timeout: int) -> subprocess.CompletedProcess:
     # clusters/runtime-env.yaml brings the excludes and env vars; --working-dir names the repo root.
     runtime_env = yaml.safe_load((REPO / "clusters" / "runtime-env.yaml").read_text())
@@ -164,8 +156,8 @@ def test_ray_job_submit_quantizes(ray_head, tiny_checkpoint, texts_dir, tmp_path
                             timeout=60)
     plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout)  # drop the CLI's colours
     assert f"Job '{job_id}' succeeded" in plain, plain[-2000:]
-    listening = _listening(head_pid)
-    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    listening = listening_ips(head_pid)
+    assert listening and listening <= LOOPBACK, listening
 
 
 @pytest.mark.slow

@@ -166,7 +166,7 @@ def test_two_schedulers_quantize_a_checkpoint_exactly_once(s3, tiny_checkpoint, 
 
     def done(settings: dict, rel: str) -> bool:
         sched = Scheduler(ScheduleConfig(source=src, output=out, run=settings, storage_options=opts), log=lambda m: None)
-        return sched._complete(rel, source_fingerprint(Checkpoint(f"{src}/{rel}", opts)))
+        return sched._complete(rel, source_fingerprint(Checkpoint(f"{src}/{rel}", opts)), sched._record(rel))
 
     assert done(run, "run-a/step-100") and done(run, "run-b")
     assert not done(run | {"wbits": 3}, "run-a/step-100") and not done(run | {"wbits": 3}, "run-b")

@@ -12,18 +12,6 @@ import os
 import sys
 
 
-def _listening() -> set[str]:
-    import contextlib
-
-    import psutil
-
-    ips = set()
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            ips |= {c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-    return ips
-
-
 def main(model: str, output: str, calib: str) -> int:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every node on loopback (see pipeline/ray_env.py)
     import ray
@@ -31,6 +19,7 @@ def main(model: str, output: str, calib: str) -> int:
 
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     from pipeline.quantize import run
+    from tests.procs import listening_ips
     from tests.test_pipeline import _cfg
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
@@ -40,7 +29,8 @@ def main(model: str, output: str, calib: str) -> int:
         cluster.wait_for_nodes()
         report = run(_cfg(model, output, calib, workers=2, cpus_per_worker=1, address=cluster.address),
                      log=lambda m: print(m, file=sys.stderr))
-        listening = _listening()  # every process this one started (both nodes' raylets, GCS, workers)
+        # this process and every one it started (both nodes' raylets, the GCS, the workers)
+        listening = listening_ips(os.getpid())
     finally:
         cluster.shutdown()
     print(json.dumps({"worker_nodes": report["worker_nodes"], "blocks": report["blocks"], "listening": sorted(listening)}))
