@@ -62,6 +62,9 @@ class CalibConfig:
     # GPU; OmniQuant trains under fp16 autocast); statistics, targets and the propagated
     # activations stay float32. "fp32": everything in float32.
     precision: str = "fp32"
+    # Smallest zero point of asymmetric grids (QuantSpec.zero_min): 1 when the output format cannot
+    # store a zero of 0 (GPTQ v1).
+    zero_min: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,13 +74,13 @@ class CalibConfig:
         if self.let_init not in ("auto", "ones", "smooth"):
             raise ValueError(f"let_init must be auto, ones or smooth, got {self.let_init!r}")
         ActQuantizer(self.abits)  # validates the activation bit width
-        QuantSpec(self.wbits, self.group_size, self.sym)
+        self.spec  # noqa: B018 - validates bits, group size and zero_min
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.wbits, self.group_size, self.sym)
+        return QuantSpec(self.wbits, self.group_size, self.sym, self.zero_min)
 
     @property
     def uses_lwc(self) -> bool:

@@ -7,6 +7,8 @@ when a group starts (the blocks are aligned to the groups so those columns are u
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lsiq.quantizer import QuantSpec, dequantize, fake_quant, minmax_scale_zero, quantize_codes
@@ -43,7 +45,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
     H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype, device=H.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    group_spec = QuantSpec(spec.bits, 0, spec.sym)  # per-row params of one group's columns
+    group_spec = dataclasses.replace(spec, group_size=0)  # per-row params of one group's columns
     scales, zeros = [], []
     if not spec.group_size:
         s, z = minmax_scale_zero(W, group_spec)

@@ -22,9 +22,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int64)
     if int(c.max()) >= 2**bits or int(c.min()) < 0:
         raise ValueError(f"codes out of range for {bits} bits")
-    pos = torch.arange(in_f, dtype=torch.int64) * bits
+    pos = torch.arange(in_f, dtype=torch.int64, device=codes.device) * bits
     word, off = pos // 32, pos % 32
-    words = torch.zeros(out_f, packed_words(in_f, bits) + 1, dtype=torch.int64)
+    words = torch.zeros(out_f, packed_words(in_f, bits) + 1, dtype=torch.int64, device=codes.device)
     # Low part goes into `word`, the bits that overflow 32 go into `word + 1`. Bits never overlap, so
     # adding is the same as OR-ing.
     low = (c << off) & 0xFFFFFFFF
@@ -36,11 +36,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int32 [out, words] to uint8 [out, in_features]."""
+def unpack_codes(packed: torch.Tensor, bits: int, in_features: int, chunk_elems: int = 2**25) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 [out, words] to uint8 [out, in_features]. Works through
+    the rows in chunks of about ``chunk_elems`` codes, so its int64 temporaries stay small."""
+    rows = max(1, chunk_elems // max(in_features, 1))
+    if packed.shape[0] > rows:
+        return torch.cat([unpack_codes(packed[r:r + rows], bits, in_features) for r in range(0, packed.shape[0], rows)])
     w = packed.to(torch.int64) & 0xFFFFFFFF
     w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
-    pos = torch.arange(in_features, dtype=torch.int64) * bits
+    pos = torch.arange(in_features, dtype=torch.int64, device=packed.device) * bits
     word, off = pos // 32, pos % 32
     lo = w[:, word] >> off
     hi = w[:, word + 1] << (32 - off)

@@ -24,12 +24,17 @@ class QuantSpec:
     bits: int
     group_size: int = 0
     sym: bool = False
+    # Smallest zero point of an asymmetric grid. 1 for GPTQ v1 checkpoints, which store zero - 1 in
+    # b bits: a zero of 0 would wrap to 2^b - 1 and every loader would read it as 2^b.
+    zero_min: int = 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"weight bits must be between 2 and 8, got {self.bits}")
         if self.group_size < 0:
             raise ValueError(f"group size must be >= 0 (0 = per channel), got {self.group_size}")
+        if not 0 <= self.zero_min < 2**self.bits - 1:
+            raise ValueError(f"zero_min must be in [0, {2**self.bits - 2}], got {self.zero_min}")
 
     @property
     def qmax(self) -> int:
@@ -75,7 +80,7 @@ def scale_zero_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpe
     # integer zero point in [0, 2^b - 1] and its values are not shifted.
     xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     scale = ((xmax - xmin) / spec.qmax).clamp(min=SCALE_MIN)
-    zero = rnd(-xmin / scale).clamp(0, spec.qmax)
+    zero = rnd(-xmin / scale).clamp(spec.zero_min, spec.qmax)
     return scale, zero
 
 

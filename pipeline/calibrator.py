@@ -20,7 +20,7 @@ from transformers import AutoConfig
 
 from lsiq.arch import BlockArch
 from lsiq.block import CalibConfig, SampleShard, calibrate_block, forward_all, shard_range
-from pipeline import native_format
+from pipeline import formats
 from pipeline.actors import peak_rss_bytes
 from pipeline.checkpoint import layer_prefix
 from pipeline.model_io import decoder_layer, decoder_layer_class
@@ -67,13 +67,14 @@ class BlockCalibrator:
     def __init__(self, config_dict: dict[str, Any], calib_cfg: CalibConfig, device: str = "cpu",
                  num_threads: int | None = None, activation_budget: int | None = None,
                  spill_dir: str | None = None, rank: int = 0, world: int = 1,
-                 owned: list[int] | None = None, total: int = 0) -> None:
+                 owned: list[int] | None = None, total: int = 0, fmt: str = "native") -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.config = AutoConfig.for_model(**config_dict)
         self.arch = BlockArch.from_config(self.config)
         self.layer_cls = decoder_layer_class(self.config)
         self.cfg = calib_cfg
+        self.fmt = formats.get(fmt).NAME  # the output format: its stored weights feed the next block
         self.device = torch.device(device)
         self.cache = ActivationCache(activation_budget, spill_dir)
         self.q_in: torch.Tensor | None = None
@@ -168,7 +169,10 @@ class BlockCalibrator:
         result = calibrate_block(layer, self.kwargs, self.q_in, targets, self.arch, self.cfg, index,
                                  fp_inputs=self.fp_in, shard=self._shard())
         self.fp_in = None  # at most three caches at once: FP targets, quantized inputs, next inputs
-        q_next = forward_all(layer, self.q_in, self.kwargs, bs, params=result.dequantized_params(),
+        # the next block sees the weights as stored (GPTQ rounds scales to float16), the same ones a
+        # resumed run's replay reads back from the files
+        stored = formats.get(self.fmt).block_tensors(layer_prefix(index), result)
+        q_next = forward_all(layer, self.q_in, self.kwargs, bs, params=self._params(index, stored),
                              abits=self.cfg.abits, out=self.cache.empty_like(self.q_in))
         self.fp_in, self.q_in = targets, q_next
         self.position = index + 1
@@ -189,8 +193,7 @@ class BlockCalibrator:
             "peak_rss_calibrator": peak_rss_bytes(),
         }
         # every worker ends with the same parameters; only rank 0 ships the tensors to the writer
-        tensors = native_format.block_tensors(layer_prefix(index), result) if self.rank == 0 else {}
-        return {"tensors": tensors, "source_fingerprint": meta["fingerprint"], "stats": stats}
+        return {"tensors": stored if self.rank == 0 else {}, "source_fingerprint": meta["fingerprint"], "stats": stats}
 
     def replay(self, index: int, tensors: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> None:
         """Advance both streams through an already-finished block: the FP block for the FP stream,
@@ -198,15 +201,19 @@ class BlockCalibrator:
         self._check_position(index)
         layer = self._layer(index, tensors)
         bs = self.cfg.batch_size
-        prefix = layer_prefix(index)
-        params = {k[len(prefix):]: v.to(self.device)
-                  for k, v in native_format.dequantize_tensors(stored, self.cfg.spec).items()}
+        params = self._params(index, stored)
         targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
         self.q_in = forward_all(layer, self.q_in, self.kwargs, bs, params=params, abits=self.cfg.abits,
                                 out=self.cache.empty_like(self.q_in))
         self.fp_in = targets
         self.position = index + 1
         self.idle_since = time.perf_counter()
+
+    def _params(self, index: int, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Block ``index``'s stored tensors as the float parameters of its layer."""
+        prefix = layer_prefix(index)
+        on_device = {k: v.to(self.device) for k, v in stored.items()}  # unpacked where the layer runs
+        return {k[len(prefix):]: v for k, v in formats.dequantize_tensors(self.fmt, on_device, self.cfg.spec).items()}
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()
@@ -225,7 +232,8 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 def remote_calibrators(config_dict: dict[str, Any], calib_cfg: CalibConfig, device: str, num_cpus: int,
                        num_gpus: float, workers: int, nsamples: int, activation_budget: int | None = None,
-                       spill_dir: str | None = None, max_restarts: int = 3) -> list[ray.actor.ActorHandle]:
+                       spill_dir: str | None = None, max_restarts: int = 3, fmt: str = "native"
+                       ) -> list[ray.actor.ActorHandle]:
     """Start ``workers`` calibrator actors with explicit resources, worker r owning a contiguous
     share of the samples. Ray restarts a dead worker's process (``max_restarts``); calls are not
     retried, because a restarted calibrator has lost its caches: the driver rebuilds them
@@ -233,7 +241,7 @@ def remote_calibrators(config_dict: dict[str, Any], calib_cfg: CalibConfig, devi
     actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                            max_task_retries=0)(BlockCalibrator)
     return [actor_cls.remote(config_dict, calib_cfg, device, num_cpus, activation_budget, spill_dir, rank, workers,
-                             shard_range(nsamples, workers, rank), nsamples)
+                             shard_range(nsamples, workers, rank), nsamples, fmt)
             for rank in range(workers)]
 
 

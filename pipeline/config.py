@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from lsiq.block import METHODS, CalibConfig
+from pipeline import formats
 
 
 @dataclass
@@ -35,8 +37,16 @@ class QuantizeConfig:
     workers: int = 1  # data-parallel calibrator workers, each holding a share of the samples
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_worker: int | None = None  # default: --num-cpus (or the node's CPUs) / workers
+    format: str | None = None  # output layout (pipeline.formats); None = formats.default_format
 
     def __post_init__(self) -> None:
+        if self.format is None:
+            self.format = formats.default_format(self.calib_cfg.wbits, self.calib_cfg.abits)
+        formats.get(self.format)  # a clear error for an unknown name
+        # the grid must be one the format can store (GPTQ v1: asymmetric zero points >= 1)
+        need = formats.zero_min(self.format, self.calib_cfg.spec)
+        if self.calib_cfg.zero_min < need:
+            self.calib_cfg = dataclasses.replace(self.calib_cfg, zero_min=need)
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
         if not 1 <= self.workers <= self.nsamples:
@@ -90,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fsspec options for --output when they differ from --storage-options")
     io.add_argument("--max-shard-size", type=parse_bytes, default="5GB",
                     help="largest output shard; a quantized block above it is split over several shards")
+    io.add_argument("--format", choices=formats.FORMATS, default=None,
+                    help="output layout. compressed-tensors: pack-quantized, 4 and 8 bits, weight-only (vLLM, and "
+                    "transformers with the compressed-tensors package); gptq: GPTQ v1, 2/3/4/8 bits, weight-only "
+                    "(vLLM, transformers with gptqmodel); native: ours, any setting incl. weight-activation, read by "
+                    "python -m pipeline.evaluate. Default: compressed-tensors where the bit width allows, else gptq, "
+                    "else native")
     io.add_argument("--calib", nargs="+", required=True, metavar="FILE", help="calibration text file(s)")
     io.add_argument("--report", default=None, help="JSON report path (a PNG plot is written beside it)")
     io.add_argument("--restart", action="store_true",
@@ -159,6 +175,7 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
                               num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,
                               output_storage_options=a.output_storage_options, max_shard_bytes=a.max_shard_size,
                               activation_budget=a.activation_budget, spill_dir=a.spill_dir, max_restarts=a.max_restarts,
-                              workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker)
+                              workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
+                              format=a.format)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

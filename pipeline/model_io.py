@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from lsiq.block import act_quant_hooks
 from lsiq.capture import decoder_layers
 from lsiq.quantizer import QuantSpec
-from pipeline import native_format, storage
+from pipeline import formats, storage
 
 MANIFEST = "lsiq_manifest.json"
 
@@ -80,18 +80,20 @@ def read_manifest(path: str) -> dict[str, Any] | None:
 
 
 def load_quantized(path: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Our native output as a plain float model holding the dequantized weights."""
+    """Our output (any of pipeline.formats) as a plain float model holding the dequantized weights."""
     manifest = read_manifest(path)
     if manifest is None or manifest.get("status") != "complete":
         raise ValueError(f"{path}: no complete {MANIFEST}; the run did not finish")
-    if manifest.get("format") != native_format.FORMAT:
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}")
+    try:
+        fmt = formats.by_id(manifest.get("format"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     q = manifest["quantization"]
-    spec = QuantSpec(q["wbits"], q["group_size"], q["sym"])
+    spec = QuantSpec(q["wbits"], q["group_size"], q["sym"], q.get("zero_min", 0))
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(Path(path).glob("*.safetensors")):
         tensors.update(load_file(f))
-    state = native_format.dequantize_tensors(tensors, spec)
+    state = formats.dequantize_tensors(fmt.NAME, tensors, spec)
     config = AutoConfig.from_pretrained(path)
     model = skeleton(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

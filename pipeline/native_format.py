@@ -7,19 +7,27 @@
 - ``X.qzeros``: uint8 [out, in / group_size], the zero points as unsigned codes;
 - ``X.weight_shape``: int64 [2] = [out, in].
 A weight is ``(code - zero) * scale``. Every other tensor (LET-folded norms, biases, embeddings,
-final norm, head) is stored as a plain float32 tensor under its transformers name.
+final norm, head) is stored as a plain float32 tensor under its transformers name. The settings,
+including weight-activation ones (``abits``), are in ``lsiq_manifest.json``: this is the one
+format that holds them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lsiq.block import BlockResult
+from lsiq.arch import BlockArch
+from lsiq.block import BlockResult, QuantizedLinear
 from lsiq.packing import pack_codes, unpack_codes
-from lsiq.quantizer import QuantSpec, dequantize
+from lsiq.quantizer import QuantSpec
 
+NAME = "native"
 FORMAT = "lsiq-native-v1"
 SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight_shape")
+
+
+def check(spec: QuantSpec, abits: int, arch: BlockArch) -> None:
+    """Every setting fits this layout."""
 
 
 def block_tensors(prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
@@ -35,9 +43,11 @@ def block_tensors(prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
     return out
 
 
-def dequantize_tensors(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Turn stored tensors back into a plain float32 state dict (``X.weight`` for each linear)."""
-    out = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
+def read_linears(tensors: dict[str, torch.Tensor], spec: QuantSpec
+                 ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
+    """The integer form of every stored linear (by module name), and the plain tensors."""
+    plain = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
+    linears = {}
     for key in tensors:
         if key.endswith(".qweight"):
             base = key[: -len(".qweight")]
@@ -45,5 +55,10 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> dic
             codes = unpack_codes(tensors[key], spec.bits, in_f)
             if codes.shape[0] != out_f:
                 raise ValueError(f"{key}: {codes.shape[0]} rows, weight_shape says {out_f}")
-            out[f"{base}.weight"] = dequantize(codes, tensors[f"{base}.scales"], tensors[f"{base}.qzeros"].float(), spec)
-    return out
+            linears[base] = QuantizedLinear(codes, tensors[f"{base}.scales"], tensors[f"{base}.qzeros"].float(), spec)
+    return linears, plain
+
+
+def quantization_config(spec: QuantSpec) -> None:
+    """No ``quantization_config`` in config.json: only our evaluator reads this layout."""
+    return None

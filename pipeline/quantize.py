@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from lsiq.arch import UnsupportedArchitecture
 from lsiq.block import shard_range
 from lsiq.capture import capture_first_layer_inputs
-from pipeline import native_format, ray_env, resume, storage
+from pipeline import formats, ray_env, resume, storage
 from pipeline.actors import peak_rss_bytes, remote_reader, remote_writer
 from pipeline.calibrator import form_group, remote_calibrators
 from pipeline.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
@@ -54,7 +54,7 @@ def run_settings(cfg: QuantizeConfig, ckpt: Checkpoint) -> dict[str, Any]:
     return dataclasses.asdict(cfg.calib_cfg) | {
         "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "calib_sha256": calib_hashes,
         "source_config_sha256": sha256(json.dumps(ckpt.config_dict, sort_keys=True).encode())[:16],
-        "format": native_format.FORMAT,
+        "format": formats.get(cfg.format).FORMAT,
     }
 
 
@@ -82,6 +82,8 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
             ccfg.spec.groups(in_f)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+    formats.check(cfg.format, ccfg.spec, ccfg.abits, arch)
+    fmt = formats.get(cfg.format)
     for f in cfg.calib:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"calibration file not found: {f}")
@@ -117,13 +119,13 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         device = "cuda" if gpus else "cpu"
         cpus = cfg.cpus_per_worker or max(1, (cfg.num_cpus or ray_env.node_cpus()) // workers)
         log(f"lsiq: {ckpt.config_dict.get('model_type')} {n} blocks, method={ccfg.method} "
-            f"W{ccfg.wbits}A{ccfg.abits} g{ccfg.group_size}, {cfg.nsamples}x{cfg.seqlen} tokens, "
+            f"W{ccfg.wbits}A{ccfg.abits} g{ccfg.group_size}, format {cfg.format}, {cfg.nsamples}x{cfg.seqlen} tokens, "
             f"{ccfg.epochs} epochs, {workers} calibrator worker(s) on {device} ({cpus} CPUs, {gpus} GPUs each)")
         # each worker's share of the samples goes to it once and stays there for the whole run
         input_refs = [ray.put((hidden[shard_range(cfg.nsamples, workers, r)], layer_kwargs)) for r in range(workers)]
         del hidden
         calibrators = remote_calibrators(ckpt.config_dict, ccfg, device, cpus, gpus, workers, cfg.nsamples,
-                                         cfg.activation_budget, cfg.spill_dir, cfg.max_restarts)
+                                         cfg.activation_budget, cfg.spill_dir, cfg.max_restarts, cfg.format)
         dag = BlockDAG(remote_reader(ckpt), calibrators, remote_writer(cfg.output, cfg.out_storage_options,
                                                                         fingerprint, cfg.max_shard_bytes))
 
@@ -182,11 +184,16 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     t_finish = time.perf_counter()
     files = [extra] + [f for i in range(n) for f in records[i]["files"]]
     weight_map = extra_map | {k: v for i in range(n) for k, v in records[i]["weight_map"].items()}
-    out.write_json(INDEX_FILE, {"metadata": {"format": native_format.FORMAT}, "weight_map": dict(sorted(weight_map.items()))})
+    out.write_json(INDEX_FILE, {"metadata": {"format": fmt.FORMAT}, "weight_map": dict(sorted(weight_map.items()))})
+    qconfig = fmt.quantization_config(ccfg.spec)
     for name in COPIED_FILES:
         src = storage.join(ckpt.root, name)
-        if storage.exists(ckpt.fs, src):
+        if name == "config.json" and qconfig is not None:
+            out.write_json(name, ckpt.config_dict | {"quantization_config": qconfig})
+        elif storage.exists(ckpt.fs, src):
             out.write_bytes(name, storage.read_all(ckpt.fs, src))
+    if fmt is formats.gptq_format:  # AutoGPTQ's own file, which older loaders read instead of config.json
+        out.write_json("quantize_config.json", qconfig)
     blocks = [records[i]["stats"] | {"resumed": i in earlier} for i in range(n)]
     new_blocks = [b for b in blocks if not b["resumed"]]
     report = {
@@ -198,6 +205,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         "resumed_blocks": len(earlier),
         "calibrator_restarts": restarts,
         "workers": workers,
+        "format": cfg.format,
         "worker_nodes": worker_nodes,  # the Ray node each calibrator worker ran on (rank order)
         "calib_seconds": sum(b["seconds"] for b in new_blocks),
         "io_wait_seconds": sum(b["io_wait_seconds"] for b in new_blocks),
@@ -220,9 +228,9 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     # The manifest is written last: its presence with status "complete" is what makes the run complete.
     out.write_json(MANIFEST, {
         "status": "complete",
-        "format": native_format.FORMAT,
+        "format": fmt.FORMAT,
         "quantization": {"method": ccfg.method, "wbits": ccfg.wbits, "abits": ccfg.abits,
-                         "group_size": ccfg.group_size, "sym": ccfg.sym},
+                         "group_size": ccfg.group_size, "sym": ccfg.sym, "zero_min": ccfg.zero_min},
         "settings": settings,
         "fingerprint": fingerprint,
         "num_layers": n,

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.data import eval_windows
 from pipeline.evaluate import perplexity
+from pipeline.model_io import load_quantized, local_copy
 from tests.conftest import upload_dir
 
 
@@ -34,10 +35,11 @@ def test_fp_perplexity_equals_plain_transformers(smollm2_dir, texts_dir):
 
 @pytest.mark.slow
 def test_cli_s3_to_s3_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path, s3):
-    """SmolLM2 from S3, quantized with LSI into S3 by the CLI (credentials from the environment),
-    then evaluated from S3."""
+    """SmolLM2 from S3, quantized with LSI into S3 by the CLI (credentials from the environment) in
+    the default 4-bit format, compressed-tensors; evaluated from S3 by us, then loaded by
+    transformers with the compressed-tensors package, which must compute our logits and perplexity."""
     src = upload_dir(s3, smollm2_dir, "smollm2")
-    out = "s3://lsiq/out/smollm2-lsi-w3"
+    out = "s3://lsiq/out/smollm2-lsi-w4"
     endpoint = json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}})
     env = os.environ | s3.credentials_env()
 
@@ -49,7 +51,7 @@ def test_cli_s3_to_s3_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path, s3
 
     r = subprocess.run([sys.executable, "-m", "pipeline.quantize", "--model", src, "--output", out,
                         "--storage-options", endpoint,
-                        "--calib", str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "3", "--group-size", "64",
+                        "--calib", str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "4", "--group-size", "64",
                         "--nsamples", "2", "--seqlen", "64", "--epochs", "1", "--batch-size", "2",
                         "--report", str(tmp_path / "report.json")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -61,8 +63,23 @@ def test_cli_s3_to_s3_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path, s3
     assert report["bytes_read"] == sum(ck.nbytes(ck.block_names(i)) for i in range(30))
     fp, q = evaluate(src), evaluate(out)
     assert fp["tokens"] == q["tokens"] == 256
-    assert math.isfinite(q["ppl"]) and q["ppl"] > fp["ppl"]  # 3-bit weights cost some perplexity
-    assert q["ppl"] < 20 * fp["ppl"]
+    assert math.isfinite(q["ppl"]) and q["ppl"] > fp["ppl"]  # 4-bit weights cost some perplexity
+    assert q["ppl"] < 5 * fp["ppl"]
+    assert report["format"] == "compressed-tensors"
+
+    with local_copy(out, s3.storage_options()) as path:
+        ours, _ = load_quantized(path)
+        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                      quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = ["The king said to his son", "Good morrow, my lord.", "What light through yonder window breaks?"]
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+            a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+            assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4, prompt
+    windows = eval_windows(tok, [str(texts_dir / "eval.txt")], 128, 2)
+    assert perplexity(theirs, windows) == pytest.approx(q["ppl"], rel=1e-5)
 
 
 @pytest.mark.slow

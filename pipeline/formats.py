@@ -1,0 +1,59 @@
+"""The output formats, chosen by ``--format``: each module turns a calibrated block into named
+tensors (``block_tensors``), reads them back into integer form (``read_linears``) and gives
+config.json its ``quantization_config``. The pipeline propagates to the next block exactly the
+weights a format stores, so a resumed run (which replays from the files) matches an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from lsiq.arch import BlockArch
+from lsiq.quantizer import QuantSpec
+from pipeline import ct_format, gptq_format, native_format
+
+MODULES: dict[str, types.ModuleType] = {m.NAME: m for m in (ct_format, gptq_format, native_format)}
+FORMATS = tuple(MODULES)
+
+
+def default_format(wbits: int, abits: int) -> str:
+    """compressed-tensors where the bit width allows it, else GPTQ; native for what neither holds."""
+    if abits < 16:
+        return native_format.NAME
+    if wbits in ct_format.BITS:
+        return ct_format.NAME
+    if wbits in gptq_format.BITS:
+        return gptq_format.NAME
+    return native_format.NAME
+
+
+def get(name: str) -> types.ModuleType:
+    if name not in MODULES:
+        raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
+    return MODULES[name]
+
+
+def by_id(format_id: str) -> types.ModuleType:
+    """The module of a manifest's ``format`` value."""
+    for m in MODULES.values():
+        if m.FORMAT == format_id:
+            return m
+    raise ValueError(f"unknown format {format_id!r} in the manifest")
+
+
+def zero_min(name: str, spec: QuantSpec) -> int:
+    """The smallest zero point the format can store (calibration must respect it)."""
+    return gptq_format.zero_min(spec) if name == gptq_format.NAME else 0
+
+
+def check(name: str, spec: QuantSpec, abits: int, arch: BlockArch) -> None:
+    """Raise ValueError naming the problem when ``name`` cannot hold these settings for this model."""
+    get(name).check(spec, abits, arch)
+
+
+def dequantize_tensors(name: str, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Stored tensors of format ``name`` as a plain float32 state dict (``X.weight`` per linear)."""
+    linears, plain = get(name).read_linears(tensors, spec)
+    return plain | {f"{base}.weight": q.dequantize() for base, q in linears.items()}

@@ -1,0 +1,93 @@
+"""GPTQ v1 (AutoGPTQ's layout, read by vLLM's gptq/gptq_marlin and by transformers through
+gptqmodel). One linear ``X`` is stored as (REFERENCE.md section 4):
+
+- ``X.qweight``: int32 [in * b / 32, out]: codes packed along the *input* dim, a little-endian
+  bitstream per output column (for 3 bits, 32 codes fill 3 words and codes 10 and 21 straddle two);
+- ``X.qzeros``: int32 [groups, out * b / 32]: ``zero - 1`` packed along the output dim (the v1
+  convention that loaders undo by adding 1);
+- ``X.scales``: float16 [groups, out];
+- ``X.g_idx``: int32 [in], the group of each input column (``i // group_size``; no act-order).
+A weight is ``(code - zero) * scale``. Asymmetric grids are calibrated with ``zero >= 1``
+(QuantSpec.zero_min) because ``zero - 1`` must fit in b bits. The scales are float16 here, so the
+stored weights differ from the float32 calibration result by that rounding; the pipeline propagates
+the stored weights to the next block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lsiq.arch import BlockArch
+from lsiq.block import BlockResult, QuantizedLinear
+from lsiq.packing import pack_codes, unpack_codes
+from lsiq.quantizer import QuantSpec
+
+NAME = "gptq"
+FORMAT = "gptq-v1"
+BITS = (2, 3, 4, 8)
+SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def zero_min(spec: QuantSpec) -> int:
+    """The smallest zero point this layout can store for ``spec``."""
+    return 0 if spec.sym else 1
+
+
+def check(spec: QuantSpec, abits: int, arch: BlockArch) -> None:
+    if spec.bits not in BITS:
+        raise ValueError(f"--format gptq holds 2, 3, 4 and 8-bit weights, not {spec.bits}-bit: use --format native")
+    if abits < 16:
+        raise ValueError(f"--format gptq stores weight-only runs; W{spec.bits}A{abits} needs --format native "
+                         "(the one format that keeps activation settings)")
+    if spec.zero_min < zero_min(spec):
+        raise ValueError("GPTQ v1 stores zero - 1: asymmetric runs for it need zero_min >= 1")
+    for name, (out_f, in_f) in arch.linear_shapes().items():
+        for what, n in (("in", in_f), ("out", out_f)):
+            if n * spec.bits % 32:
+                raise ValueError(f"{name}: {what}_features={n} times {spec.bits} bits is not a whole number of "
+                                 "32-bit words, which GPTQ's packing needs; use --format native")
+
+
+def block_tensors(prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, q in result.linears.items():
+        p, bits = f"{prefix}{name}", q.spec.bits
+        out_f, in_f = q.codes.shape
+        zero = q.zero.detach().cpu()
+        if bool((zero < 1).any()):
+            raise ValueError(f"{p}: a zero point of 0 cannot be stored in GPTQ v1 (it stores zero - 1); "
+                             "calibrate with zero_min=1")
+        out[f"{p}.qweight"] = pack_codes(q.codes.cpu(), bits).t().contiguous()
+        out[f"{p}.qzeros"] = pack_codes((zero - 1).to(torch.uint8).t().contiguous(), bits)
+        out[f"{p}.scales"] = q.scale.detach().cpu().t().to(torch.float16).contiguous()
+        out[f"{p}.g_idx"] = (torch.arange(in_f) // q.spec.group_len(in_f)).to(torch.int32)
+    for name, t in result.tensors.items():
+        out[f"{prefix}{name}"] = t.detach().to(torch.float32).cpu().contiguous()
+    return out
+
+
+def read_linears(tensors: dict[str, torch.Tensor], spec: QuantSpec
+                 ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
+    plain = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
+    linears = {}
+    for key in tensors:
+        if key.endswith(".qweight"):
+            base = key[: -len(".qweight")]
+            g_idx = tensors[f"{base}.g_idx"].long()
+            in_f, out_f = g_idx.numel(), tensors[key].shape[1]
+            if not torch.equal(g_idx, torch.arange(in_f, device=g_idx.device) // spec.group_len(in_f)):
+                raise ValueError(f"{base}.g_idx is not in column order (act-order checkpoints are not read here)")
+            codes = unpack_codes(tensors[key].t().contiguous(), spec.bits, in_f)
+            zero = unpack_codes(tensors[f"{base}.qzeros"], spec.bits, out_f).t().float() + 1
+            scale = tensors[f"{base}.scales"].t().float().contiguous()
+            linears[base] = QuantizedLinear(codes, scale, zero, spec)
+    return linears, plain
+
+
+def quantization_config(spec: QuantSpec) -> dict[str, Any]:
+    """config.json's ``quantization_config`` (also written alone as quantize_config.json)."""
+    return {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size or -1, "desc_act": False,
+            "sym": spec.sym, "static_groups": False, "true_sequential": True, "lm_head": False,
+            "checkpoint_format": "gptq"}
