@@ -24,11 +24,13 @@ from torch.func import functional_call
 from lsiq.arch import ATTN_OUT, ATTN_QKV, LINEARS, MLP_IN, BlockArch
 from lsiq.gptq import HessianAccumulator, gptq_quantize
 from lsiq.let import LET, smooth_scale
+from lsiq.lowrank import KINDS as LOWRANK_KINDS
+from lsiq.lowrank import lowrank_correction
 from lsiq.lsi import SVDIncrement, svd_factors, svd_owners
 from lsiq.lwc import LWC
 from lsiq.quantizer import ActQuantizer, QuantSpec, dequantize, fake_quant, minmax_scale_zero, quantize_codes
 
-METHODS = ("rtn", "gptq", "lwc", "lwc-let", "lsi")
+METHODS = ("rtn", "gptq", "lwc", "lwc-let", "lsi", "sde")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -51,6 +53,15 @@ class CalibConfig:
     lr_lsi: float = 1e-2
     lsi_block_k: int = 0
     lsi_relative: bool = False  # learn dS / S instead of dS (scale-free learning rate)
+    sde_band: int = 1  # SDE: learnable diagonals on each side of the singular values' diagonal
+    # SDE's off-diagonal bands: at lr_lsi (1e-2) they mix singular directions too fast on small
+    # layers (block loss rose on the tiny test block); 1e-3 lowered it there. Tuned by the benchmark.
+    lr_sde: float = 1e-3
+    # Low-rank correction of every quantized linear (lsiq.lowrank): None, "qera", "lqer" or "svd",
+    # computed in closed form from the block's inputs once its weights are quantized.
+    lowrank: str | None = None
+    rank: int = 16
+    lowrank_damp: float = 1e-6
     let_init: str = "auto"  # auto: smooth for weight-activation runs, ones for weight-only
     let_alpha: float = 0.5
     gptq_damp: float = 0.01
@@ -77,6 +88,12 @@ class CalibConfig:
         self.spec  # noqa: B018 - validates bits, group size and zero_min
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.sde_band < 0:
+            raise ValueError(f"sde_band must be >= 0, got {self.sde_band}")
+        if self.lowrank is not None and self.lowrank not in LOWRANK_KINDS:
+            raise ValueError(f"unknown low-rank method {self.lowrank!r}; choose one of {', '.join(LOWRANK_KINDS)}")
+        if self.lowrank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
 
     @property
     def spec(self) -> QuantSpec:
@@ -84,15 +101,20 @@ class CalibConfig:
 
     @property
     def uses_lwc(self) -> bool:
-        return self.method in ("lwc", "lwc-let", "lsi")
+        return self.method in ("lwc", "lwc-let", "lsi", "sde")
 
     @property
     def uses_let(self) -> bool:
-        return self.method in ("lwc-let", "lsi")
+        return self.method in ("lwc-let", "lsi", "sde")
 
     @property
     def uses_lsi(self) -> bool:
-        return self.method == "lsi"
+        """LSI or SDE: learnable singular values (SDE adds bands beside the diagonal)."""
+        return self.method in ("lsi", "sde")
+
+    @property
+    def band(self) -> int:
+        return self.sde_band if self.method == "sde" else 0
 
     @property
     def trains(self) -> bool:
@@ -101,15 +123,26 @@ class CalibConfig:
 
 @dataclass
 class QuantizedLinear:
-    """Integer form of one linear: codes [out, in] (uint8), scale and zero [out, groups]."""
+    """Integer form of one linear: codes [out, in] (uint8), scale and zero [out, groups]; with a
+    low-rank correction (lsiq.lowrank), its factors A [out, r] and B [r, in] (16-bit values)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     spec: QuantSpec
+    lowrank_a: torch.Tensor | None = None
+    lowrank_b: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
+        """The quantized weight alone: ``(code - zero) * scale``."""
         return dequantize(self.codes, self.scale, self.zero, self.spec)
+
+    def weight(self) -> torch.Tensor:
+        """The weight the linear computes with: the quantized weight plus A B when corrected."""
+        w = self.dequantize()
+        if self.lowrank_a is not None:
+            w = w + self.lowrank_a.to(w.dtype) @ self.lowrank_b.to(w.dtype)
+        return w
 
 
 @dataclass
@@ -127,7 +160,7 @@ class BlockResult:
     def dequantized_params(self) -> dict[str, torch.Tensor]:
         params = dict(self.tensors)
         for name, q in self.linears.items():
-            params[f"{name}.weight"] = q.dequantize()
+            params[f"{name}.weight"] = q.weight()
         return params
 
 
@@ -260,7 +293,7 @@ class BlockQuantizer(nn.Module):
             factors = _block_svds({n: self.base[f"{n}.weight"] for n in LINEARS}, shard)
             for name in LINEARS:
                 self.lsi[key(name)] = SVDIncrement(self.base[f"{name}.weight"], cfg.lsi_block_k, cfg.lsi_relative,
-                                                   factors[name])
+                                                   factors[name], band=cfg.band)
         self.let = LET(arch, let_init).to(_device(layer)) if cfg.uses_let else None
         self.lwc = nn.ModuleDict()
         if cfg.uses_lwc:
@@ -273,7 +306,9 @@ class BlockQuantizer(nn.Module):
         if self.let is not None:
             groups.append({"params": list(self.let.parameters()), "lr": self.cfg.lr_let})
         if len(self.lsi):
-            groups.append({"params": list(self.lsi.parameters()), "lr": self.cfg.lr_lsi})
+            named = list(self.lsi.named_parameters())
+            groups.append({"params": [p for n, p in named if not n.endswith("bands")], "lr": self.cfg.lr_lsi})
+            groups.append({"params": [p for n, p in named if n.endswith("bands")], "lr": self.cfg.lr_sde})
         return [g for g in groups if g["params"]]
 
     def trainable_params(self) -> int:
@@ -296,6 +331,16 @@ class BlockQuantizer(nn.Module):
         if self.let is not None:
             w = self.let.transform({f"{name}.weight": w})[f"{name}.weight"]
         return w
+
+    @torch.no_grad()
+    def fp_weights(self) -> dict[str, torch.Tensor]:
+        """Each linear's full-precision weight with LET applied but not LSI: with the folded norms
+        (LET keeps the FP output) it computes the FP block; what a low-rank correction aims at."""
+        out = {}
+        for name in LINEARS:
+            w = self.base[f"{name}.weight"]
+            out[name] = self.let.transform({f"{name}.weight": w})[f"{name}.weight"].detach() if self.let is not None else w
+        return out
 
     def scale_zero(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if _key(name) in self.lwc:
@@ -427,8 +472,12 @@ def _rtn_params(layer: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
-          shard: SampleShard | None = None) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
+def input_autocorrelations(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
+                           shard: SampleShard | None = None, params: dict[str, torch.Tensor] | None = None
+                           ) -> dict[str, torch.Tensor]:
+    """2/n sum x x^T [in, in] (float64) of every linear's inputs over the calibration samples (all
+    workers' samples when data-parallel), with the block run on ``params`` (default: its weights)
+    and activation quantization on, so each linear sees what it will see at inference."""
     device = _device(layer)
     hess = {n: HessianAccumulator(layer.get_submodule(n).in_features, device) for n in LINEARS}
     # The activation quantizers' hooks go first so that H is built from the inputs the layer sees.
@@ -437,7 +486,7 @@ def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], 
                    for n in LINEARS]
         try:
             for idx in _batches(inputs.shape[0], cfg.batch_size):
-                block_forward(layer, inputs[idx].to(device), layer_kwargs)
+                block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
         finally:
             for h in handles:
                 h.remove()
@@ -448,14 +497,40 @@ def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], 
             shard.all_reduce(acc.h, "sum")
             shard.all_reduce(n, "sum")
             acc.h /= n.item()
+    return {n: acc.h for n, acc in hess.items()}
+
+
+@torch.no_grad()
+def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
+          shard: SampleShard | None = None) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
+    hess = input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard)
     linears = {}
     for name in LINEARS:
         w = layer.get_submodule(name).weight.detach()
-        q, scale, zero = gptq_quantize(w, hess[name].h, cfg.spec, damp=cfg.gptq_damp)
+        q, scale, zero = gptq_quantize(w, hess[name], cfg.spec, damp=cfg.gptq_damp)
         linears[name] = QuantizedLinear(quantize_codes(q, scale, zero, cfg.spec), scale, zero, cfg.spec)
     tensors = {k: v.detach().clone() for k, v in layer.state_dict().items()
                if k.rsplit(".", 1)[0] not in LINEARS or not k.endswith(".weight")}
     return linears, tensors
+
+
+@torch.no_grad()
+def add_lowrank(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
+                result: BlockResult, targets: dict[str, torch.Tensor], shard: SampleShard | None = None) -> None:
+    """Give every linear of ``result`` its rank-``cfg.rank`` correction of (target - quantized weight).
+
+    ``targets``: each linear's full-precision weight in the calibrated block's coordinates (LET
+    applied, so with the block's folded norms it computes the FP block). The inputs' autocorrelation
+    comes from the quantized block (uncorrected) on the quantized stream. A and B are rounded to
+    float16, the precision they are stored in, before anything uses them."""
+    autocorr = input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard, params=result.dequantized_params())
+    for name, q in result.linears.items():
+        err = targets[name].to(torch.float64) - q.dequantize().to(torch.float64)
+        a, b = lowrank_correction(err, cfg.rank, cfg.lowrank, autocorr[name], cfg.lowrank_damp)
+        a16, b16 = a.to(torch.float16), b.to(torch.float16)
+        if not (torch.isfinite(a16).all() and torch.isfinite(b16).all()):
+            raise FloatingPointError(f"{name}: the low-rank correction overflows float16")
+        q.lowrank_a, q.lowrank_b = a16.to(q.scale.dtype), b16.to(q.scale.dtype)
 
 
 def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor,
@@ -479,6 +554,7 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                          shard)
     losses: list[float] = []
     trainable = 0
+    bq: BlockQuantizer | None = None
     if cfg.method == "rtn":
         linears, tensors = BlockQuantizer(layer, arch, cfg).finalize()
     elif cfg.method == "gptq":
@@ -525,6 +601,9 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
         linears, tensors = bq.finalize()
     result = BlockResult(linears, tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=losses,
                          trainable_params=trainable)
+    if cfg.lowrank is not None:
+        targets_fp = bq.fp_weights() if bq is not None else {n: layer.get_submodule(n).weight.detach() for n in LINEARS}
+        add_lowrank(layer, inputs, layer_kwargs, cfg, result, targets_fp, shard)
     result.loss_after = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size,
                                   result.dequantized_params(), cfg.abits, shard)
     result.seconds = time.perf_counter() - t0

@@ -1,4 +1,5 @@
-"""LSI, learnable singular-value increments (paper 000/004).
+"""LSI, learnable singular-value increments (paper 000/004), and SDE, its expansion beyond the
+diagonal (CQE+, paper 001).
 
 W = U diag(S) V^T (thin SVD, computed once per block: in float64 on CPU, in float32 on a GPU,
 where float64 runs at a small fraction of the float32 rate; the factors only set the directions
@@ -6,6 +7,13 @@ of the increment, the base weight stays exact). The calibrated weight is
 W' = U diag(S + dS) V^T (+ U_k B V_k^T with an optional learnable k x k block B on the top-left
 of the singular-value matrix), evaluated as W + U diag(dS) V^T (+ U_k B V_k^T) so that dS = 0
 reproduces W bit for bit. dS and B start at zero.
+
+SDE (Singular-value Diagonal Expansion) makes K bands on each side of the diagonal learnable too:
+W' = U (diag(S + dS) + sum_{0<|o|<=K} diag_o(e_o)) V^T, e_o zero-initialised. The structure is
+unconfirmed in the paper's abstract (REFERENCE.md); banded is the choice here, a top-left block is
+LSI's ``block_k``. With K = 0 it is LSI; with the bands frozen at zero it computes LSI's weight bit
+for bit (adding zeros). U diag_o(e_o) is U's columns shifted by o and scaled, so the bands fold into
+the one [out x r] x [r x in] product LSI already pays for.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ class SVDIncrement(nn.Module):
     computed elsewhere, e.g. by another data-parallel worker)."""
 
     def __init__(self, weight: torch.Tensor, block_k: int = 0, relative: bool = False,
-                 factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                 factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, band: int = 0) -> None:
         super().__init__()
         u, s, vh = factors if factors is not None else svd_factors(weight)
         dtype = weight.dtype
@@ -62,12 +70,45 @@ class SVDIncrement(nn.Module):
         k = min(block_k, s.numel())
         self.block_k = k
         self.block = nn.Parameter(torch.zeros(k, k, dtype=dtype)) if k > 0 else None
+        # SDE: row j of ``bands`` is diagonal offset offsets[j] (+1, -1, +2, -2, ...); entry i sits at
+        # M[i, i + o] for o > 0 and M[i - o, i] for o < 0 (only the first r - |o| entries are used).
+        r = s.numel()
+        self.offsets = [o for k_ in range(1, min(band, r - 1) + 1) for o in (k_, -k_)]
+        self.bands = nn.Parameter(torch.zeros(len(self.offsets), r, dtype=dtype)) if self.offsets else None
 
     def forward(self) -> torch.Tensor:
         # U diag(dS) V^T costs one [out x r] x [r x in] product; called once per optimizer step.
         d = self.s * self.delta if self.relative else self.delta
-        w = self.base + (self.u * d) @ self.vh
+        ud = self.u * d
+        if self.bands is not None:
+            ud = ud + self._band_columns()
+        w = self.base + ud @ self.vh
         if self.block is not None:
             k = self.block_k
             w = w + self.u[:, :k] @ self.block @ self.vh[:k]
         return w
+
+    def _band_columns(self) -> torch.Tensor:
+        """U @ (sum of the off-diagonal bands): column c gathers u[:, c - o] * e_o[c - o] (o > 0) and
+        u[:, c + |o|] * e_o[c] (o < 0)."""
+        r = self.s.numel()
+        out = torch.zeros_like(self.u)
+        for j, o in enumerate(self.offsets):
+            n = r - abs(o)
+            e = self.bands[j, :n]
+            if o > 0:  # M[i, i + o]: column i + o of U M takes u[:, i] * e[i]
+                out = out + nn.functional.pad(self.u[:, :n] * e, (o, 0))
+            else:  # M[i + |o|, i]: column i takes u[:, i + |o|] * e[i]
+                out = out + nn.functional.pad(self.u[:, -o:] * e, (0, -o))
+        return out
+
+    def matrix(self) -> torch.Tensor:
+        """The learned r x r singular-value matrix M (diag(S + dS), the bands, the k x k block)."""
+        d = self.s * self.delta if self.relative else self.delta
+        m = torch.diag(self.s + d)
+        for j, o in enumerate(self.offsets):
+            m = m + torch.diag(self.bands[j, : self.s.numel() - abs(o)], o)
+        if self.block is not None:
+            k = self.block_k
+            m[:k, :k] = m[:k, :k] + self.block
+        return m

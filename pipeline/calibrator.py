@@ -191,6 +191,8 @@ class BlockCalibrator:
             "read_seconds": meta["read_seconds"],
             "peak_rss_reader": meta["peak_rss_reader"],
             "peak_rss_calibrator": peak_rss_bytes(),
+            "lowrank_bytes": sum(t.numel() * t.element_size() for k, t in stored.items()
+                                 if k.endswith((".lowrank_a", ".lowrank_b"))),
         }
         # every worker ends with the same parameters; only rank 0 ships the tensors to the writer
         return {"tensors": stored if self.rank == 0 else {}, "source_fingerprint": meta["fingerprint"], "stats": stats}

@@ -41,7 +41,8 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         if self.format is None:
-            self.format = formats.default_format(self.calib_cfg.wbits, self.calib_cfg.abits)
+            self.format = formats.default_format(self.calib_cfg.wbits, self.calib_cfg.abits,
+                                                 self.calib_cfg.lowrank is not None)
         formats.get(self.format)  # a clear error for an unknown name
         # the grid must be one the format can store (GPTQ v1: asymmetric zero points >= 1)
         need = formats.zero_min(self.format, self.calib_cfg.spec)
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("quantization")
     q.add_argument("--method", choices=METHODS, default="lsi",
                    help="rtn: round to nearest; gptq; lwc: OmniQuant weight clipping; lwc-let: + equivalent "
-                   "transformation; lsi: + learnable singular-value increments")
+                   "transformation; lsi: + learnable singular-value increments; sde: lsi + learnable bands beside the "
+                   "singular values' diagonal (--sde-band)")
     q.add_argument("--wbits", type=int, default=3, help="weight bits (2-8)")
     q.add_argument("--abits", type=int, default=16, choices=[4, 6, 8, 16],
                    help="activation bits, dynamic per token; 16 = weight-only")
@@ -131,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr-let", type=float, default=CalibConfig.lr_let, help="learning rate of LET scales")
     c.add_argument("--lr-lsi", type=float, default=CalibConfig.lr_lsi, help="learning rate of singular-value increments")
     c.add_argument("--lsi-block-k", type=int, default=0, help="learnable k x k top-left block of the singular values")
+    c.add_argument("--sde-band", type=int, default=CalibConfig.sde_band,
+                   help="SDE: learnable diagonals on each side of the singular-value diagonal (0 = LSI)")
+    c.add_argument("--lr-sde", type=float, default=CalibConfig.lr_sde, help="learning rate of SDE's bands")
+    c.add_argument("--lowrank", choices=["qera", "lqer", "svd"], default=None,
+                   help="after a block's weights are quantized, give each linear a rank --rank correction A B in "
+                   "float16, in closed form from the block's inputs: qera uses their autocorrelation (minimises the "
+                   "output error), lqer its diagonal, svd ignores the inputs; stored in --format native only")
+    c.add_argument("--rank", type=int, default=CalibConfig.rank, help="rank of --lowrank corrections")
     c.add_argument("--lsi-relative", action="store_true",
                    help="learn the increment relative to each singular value (dS = S * r): a scale-free learning rate")
     c.add_argument("--recompute-weights", action="store_true",
@@ -169,6 +179,7 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
         calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size, sym=a.sym,
                             epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr_lwc=a.lr_lwc, lr_let=a.lr_let,
                             lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, lsi_relative=a.lsi_relative, let_init=a.let_init,
+                            sde_band=a.sde_band, lr_sde=a.lr_sde, lowrank=a.lowrank, rank=a.rank,
                             recompute_weights=a.recompute_weights, precision=a.precision)
         return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
                               seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,

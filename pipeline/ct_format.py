@@ -41,6 +41,8 @@ def check(spec: QuantSpec, abits: int, arch: BlockArch) -> None:
 
 def block_tensors(prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    if any(q.lowrank_a is not None for q in result.linears.values()):
+        raise ValueError(f"{NAME} cannot hold low-rank corrections: use --format native")
     for name, q in result.linears.items():
         p = f"{prefix}{name}"
         out[f"{p}.weight_packed"] = pack_codes(q.codes.cpu(), q.spec.bits)

@@ -18,9 +18,10 @@ MODULES: dict[str, types.ModuleType] = {m.NAME: m for m in (ct_format, gptq_form
 FORMATS = tuple(MODULES)
 
 
-def default_format(wbits: int, abits: int) -> str:
-    """compressed-tensors where the bit width allows it, else GPTQ; native for what neither holds."""
-    if abits < 16:
+def default_format(wbits: int, abits: int, lowrank: bool = False) -> str:
+    """compressed-tensors where the bit width allows it, else GPTQ; native for what neither holds
+    (weight-activation settings, low-rank corrections, 5-7 bits)."""
+    if abits < 16 or lowrank:
         return native_format.NAME
     if wbits in ct_format.BITS:
         return ct_format.NAME
@@ -48,12 +49,14 @@ def zero_min(name: str, spec: QuantSpec) -> int:
     return gptq_format.zero_min(spec) if name == gptq_format.NAME else 0
 
 
-def check(name: str, spec: QuantSpec, abits: int, arch: BlockArch) -> None:
+def check(name: str, spec: QuantSpec, abits: int, arch: BlockArch, lowrank: bool = False) -> None:
     """Raise ValueError naming the problem when ``name`` cannot hold these settings for this model."""
+    if lowrank and name != native_format.NAME:
+        raise ValueError(f"--format {name} cannot hold low-rank corrections (--lowrank): use --format native")
     get(name).check(spec, abits, arch)
 
 
 def dequantize_tensors(name: str, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torch.Tensor]:
     """Stored tensors of format ``name`` as a plain float32 state dict (``X.weight`` per linear)."""
     linears, plain = get(name).read_linears(tensors, spec)
-    return plain | {f"{base}.weight": q.dequantize() for base, q in linears.items()}
+    return plain | {f"{base}.weight": q.weight() for base, q in linears.items()}

@@ -52,6 +52,8 @@ def check(spec: QuantSpec, abits: int, arch: BlockArch) -> None:
 
 def block_tensors(prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    if any(q.lowrank_a is not None for q in result.linears.values()):
+        raise ValueError(f"{NAME} cannot hold low-rank corrections: use --format native")
     for name, q in result.linears.items():
         p, bits = f"{prefix}{name}", q.spec.bits
         out_f, in_f = q.codes.shape

@@ -31,7 +31,9 @@ F32 = 4  # the calibrator works in float32 whatever the checkpoint's dtype
 # linears, by precision (measured with torch.autograd.graph.saved_tensors_hooks on random Llama
 # blocks; checked by tests/test_plan.py). The linears' own saved weights count as 1.0 in fp32 and
 # 0.5 in bf16 (autocast keeps the bfloat16 copy).
-SAVED_WEIGHTS = {"fp32": {"lwc": 4.1, "lwc-let": 5.0, "lsi": 6.5}, "bf16": {"lwc": 3.6, "lwc-let": 4.6, "lsi": 5.75}}
+# SDE keeps what LSI keeps: its bands' products save views of U, and their sum replaces U diag(dS)
+SAVED_WEIGHTS = {"fp32": {"lwc": 4.1, "lwc-let": 5.0, "lsi": 6.5, "sde": 6.5},
+                 "bf16": {"lwc": 3.6, "lwc-let": 4.6, "lsi": 5.75, "sde": 5.75}}
 SAVED_WEIGHTS_RECOMPUTE = {"fp32": 1.0, "bf16": 0.5}  # --recompute-weights: only the fake-quantized weights stay
 # ... and per token of the micro-batch, in float32 values: a x hidden + b x intermediate (norms,
 # attention projections and SDPA outputs, the gated MLP's intermediate tensors; bf16 halves some).
@@ -84,8 +86,8 @@ def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
         if cfg.uses_lwc:
             n += 2 * out_f * cfg.spec.groups(in_f)
         if cfg.uses_lsi:
-            k = min(cfg.lsi_block_k, out_f, in_f)
-            n += min(out_f, in_f) + k * k
+            k, r = min(cfg.lsi_block_k, out_f, in_f), min(out_f, in_f)
+            n += r + k * k + 2 * min(cfg.band, r - 1) * r  # SDE's bands: one row of r per offset
     if cfg.uses_let:
         n += 2 * arch.hidden + arch.n_kv_heads * arch.head_dim + arch.n_kv_heads * arch.head_dim // 2
     return n

@@ -82,7 +82,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
             ccfg.spec.groups(in_f)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-    formats.check(cfg.format, ccfg.spec, ccfg.abits, arch)
+    formats.check(cfg.format, ccfg.spec, ccfg.abits, arch, ccfg.lowrank is not None)
     fmt = formats.get(cfg.format)
     for f in cfg.calib:
         if not os.path.isfile(f):
@@ -211,6 +211,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         "io_wait_seconds": sum(b["io_wait_seconds"] for b in new_blocks),
         "bytes_read": sum(b["bytes_read"] for b in new_blocks),
         "bytes_written": sum(b["bytes_written"] for b in new_blocks),
+        "lowrank_bytes": sum(b.get("lowrank_bytes", 0) for b in blocks),  # float16 A and B of --lowrank
         "trainable_params": sum(b["trainable_params"] for b in blocks),
         "activation_cache_bytes": cache["cache_bytes"],
         "activation_cache_peak_bytes": cache["peak_cache_bytes"],
@@ -230,7 +231,8 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         "status": "complete",
         "format": fmt.FORMAT,
         "quantization": {"method": ccfg.method, "wbits": ccfg.wbits, "abits": ccfg.abits,
-                         "group_size": ccfg.group_size, "sym": ccfg.sym, "zero_min": ccfg.zero_min},
+                         "group_size": ccfg.group_size, "sym": ccfg.sym, "zero_min": ccfg.zero_min,
+                         "lowrank": ccfg.lowrank, "rank": ccfg.rank if ccfg.lowrank else None},
         "settings": settings,
         "fingerprint": fingerprint,
         "num_layers": n,

@@ -118,7 +118,7 @@ def test_gptq_beats_rtn_on_layer_output():
         assert err_gptq < 0.9 * err_rtn, spec
 
 
-@pytest.mark.parametrize("method", ["lwc", "lwc-let", "lsi"])
+@pytest.mark.parametrize("method", ["lwc", "lwc-let", "lsi", "sde"])
 def test_calibration_lowers_block_loss(method):
     cfg = tiny_llama_config()
     _, layer, x, kw = _block(cfg, n=8)
@@ -191,3 +191,39 @@ def test_unsupported_architecture():
 
     with pytest.raises(UnsupportedArchitecture, match="model_type='gpt2'"):
         BlockArch.from_config(GPT2Config())
+
+
+def test_sde_with_frozen_bands_is_lsi_and_learned_bands_lower_the_loss():
+    """SDE = LSI plus learnable bands beside the singular values' diagonal: with the bands' learning
+    rate at 0 (only the diagonal switched on) it reproduces LSI bit for bit; with them on, it fits
+    the calibration set at least as well as LSI here."""
+    cfg = tiny_llama_config()
+    _, layer, x, kwargs = _block(cfg, n=4)
+    arch = BlockArch.from_config(cfg)
+    with torch.no_grad():
+        y = block_forward(layer, x, kwargs)
+    common = dict(wbits=3, group_size=16, epochs=3, batch_size=2, lr_lsi=1e-2)
+    lsi = calibrate_block(layer, kwargs, x, y, arch, CalibConfig(method="lsi", **common))
+    frozen = calibrate_block(layer, kwargs, x, y, arch, CalibConfig(method="sde", sde_band=3, lr_sde=0.0, **common))
+    assert lsi.losses == frozen.losses and lsi.loss_after == frozen.loss_after
+    for name, q in lsi.linears.items():
+        assert torch.equal(q.codes, frozen.linears[name].codes) and torch.equal(q.scale, frozen.linears[name].scale)
+    sde = calibrate_block(layer, kwargs, x, y, arch, CalibConfig(method="sde", sde_band=3, **common))
+    assert sde.trainable_params > lsi.trainable_params
+    assert sde.losses != lsi.losses and sde.loss_after < sde.loss_before
+
+
+def test_sde_bands_are_the_off_diagonals_of_the_singular_value_matrix():
+    from lsiq.lsi import SVDIncrement
+
+    torch.manual_seed(0)
+    w = torch.randn(12, 8, dtype=torch.float64)
+    inc = SVDIncrement(w, band=2)
+    assert inc.offsets == [1, -1, 2, -2] and inc.bands.shape == (4, 8)
+    with torch.no_grad():
+        inc.delta.normal_()
+        inc.bands.normal_()
+    m = inc.matrix()
+    assert torch.count_nonzero(torch.triu(m, 3)) == 0 and torch.count_nonzero(torch.tril(m, -3)) == 0
+    assert torch.allclose(inc(), inc.u @ m @ inc.vh, atol=1e-12)
+    assert torch.allclose(torch.diagonal(m, 1), inc.bands[0, :7]) and torch.allclose(torch.diagonal(m, -2), inc.bands[3, :6])

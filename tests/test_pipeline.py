@@ -110,16 +110,25 @@ def test_output_with_other_run_is_refused(tiny_checkpoint, texts_dir, tmp_path, 
 
 
 def test_resume_from_partial_output_is_byte_identical(tiny_checkpoint, texts_dir, tmp_path, ray_local):
+    """With SDE and QERA corrections (native format): the replay feeds the next block the stored
+    float16 corrections, as the uninterrupted run did. (The SIGKILL test covers LSI into GPTQ.)"""
     full, part = tmp_path / "full", tmp_path / "part"
-    _run(_cfg(tiny_checkpoint, full, texts_dir / "calib.txt"))
-    _run(_cfg(tiny_checkpoint, part, texts_dir / "calib.txt"))
+
+    def cfg(out):
+        c = _cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method="sde")
+        c.calib_cfg.lowrank, c.calib_cfg.rank = "qera", 4
+        c.format = "native"
+        return c
+
+    _run(cfg(full))
+    _run(cfg(part))
     # make `part` look like a run that died after block 0: no manifest, later blocks' files gone
     for name in (MANIFEST, "model.safetensors.index.json", "model-layers-00001.safetensors",
                  "model-layers-00002.safetensors", "checkpoints/block-00001.json", "checkpoints/block-00002.json"):
         (part / name).unlink()
     logs = []
-    report = run(_cfg(tiny_checkpoint, part, texts_dir / "calib.txt"), log=logs.append)
-    assert report["resumed_blocks"] == 1
+    report = run(cfg(part), log=logs.append)
+    assert report["resumed_blocks"] == 1 and report["lowrank_bytes"] > 0
     assert any("resuming: blocks 0..0 are done" in m for m in logs)
     names = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
     assert names == sorted(str(p.relative_to(part)) for p in part.rglob("*") if p.is_file())

@@ -57,7 +57,8 @@ def _saved_bytes(layer, arch, cfg, calib: CalibConfig, batch: int, seqlen: int) 
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("method,recompute", [("lwc", False), ("lwc-let", False), ("lsi", False), ("lsi", True)])
+@pytest.mark.parametrize("method,recompute", [("lwc", False), ("lwc-let", False), ("lsi", False), ("lsi", True),
+                                              ("sde", False)])
 def test_saved_tensor_coefficients_match_the_code(method, recompute, precision):
     """The plan's per-step memory = a x (linear weights) + tokens x (a_h hidden + a_i inter) floats:
     measured here by solving for both terms from two micro-batch sizes, on two block shapes (bf16:
