@@ -61,6 +61,10 @@ class CalibConfig:
     # computed in closed form from the block's inputs once its weights are quantized.
     lowrank: str | None = None
     rank: int = 16
+    # Cross-layer learning (CQE+): block i's loss also compares block i+1, in full precision, fed
+    # with block i's quantized output, against block i+1's FP output; weight of that term.
+    cross_layer: bool = False
+    cross_layer_weight: float = 1.0
     lowrank_damp: float = 1e-6
     let_init: str = "auto"  # auto: smooth for weight-activation runs, ones for weight-only
     let_alpha: float = 0.5
@@ -537,11 +541,15 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                     arch: BlockArch, cfg: CalibConfig, block_index: int = 0,
                     fp_inputs: torch.Tensor | None = None,
                     on_step: Callable[[int, int, float], None] | None = None,
-                    shard: SampleShard | None = None) -> BlockResult:
+                    shard: SampleShard | None = None, next_layer: nn.Module | None = None) -> BlockResult:
     """Quantize one block.
 
     ``inputs``: [N, L, hidden], the previous quantized blocks' outputs; ``targets``: the FP block's
     output on the FP inputs; ``fp_inputs`` (optional) feed the LET activation statistics.
+    ``next_layer`` (with ``cfg.cross_layer``): block i+1 in full precision; each step's loss adds
+    ``cfg.cross_layer_weight`` x the MSE between it fed with this block's quantized output and it fed
+    with the FP targets (computed per batch: no extra cache). The reported losses before and after
+    stay this block's own output MSE.
     ``layer`` is left unchanged. Deterministic for a given ``cfg.seed`` and ``block_index``.
     With ``shard``, this is one of several data-parallel workers holding some of the samples.
     """
@@ -550,6 +558,9 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
     device = _device(layer)
     for p in layer.parameters():
         p.requires_grad_(False)
+    if next_layer is not None:
+        for p in next_layer.parameters():
+            p.requires_grad_(False)
     loss_rtn = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size, _rtn_params(layer, cfg.spec), cfg.abits,
                          shard)
     losses: list[float] = []
@@ -584,8 +595,15 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                         with _autocast(device, cfg.precision):
                             params = bq.effective()  # LSI recomposition + LET + LWC, once per step
                             out = block_forward(layer, inputs[loc].to(device), layer_kwargs, params)
-                        loss = torch.nn.functional.mse_loss(out.float(), targets[loc].to(device), reduction="sum") \
-                            / (len(idx) * per_sample)
+                        target = targets[loc].to(device)
+                        loss = torch.nn.functional.mse_loss(out.float(), target, reduction="sum") / (len(idx) * per_sample)
+                        if next_layer is not None and cfg.cross_layer:
+                            with torch.no_grad():
+                                next_target = block_forward(next_layer, target, layer_kwargs).float()
+                            with _autocast(device, cfg.precision):
+                                next_out = block_forward(next_layer, out, layer_kwargs)
+                            loss = loss + cfg.cross_layer_weight * torch.nn.functional.mse_loss(
+                                next_out.float(), next_target, reduction="sum") / (len(idx) * per_sample)
                         loss.backward()
                         loss_sum = loss.detach().to(torch.float64).cpu()
                     if not shard.trivial:

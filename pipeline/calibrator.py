@@ -157,17 +157,21 @@ class BlockCalibrator:
         tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
         return decoder_layer(self.layer_cls, self.config, index, tensors).to(self.device)
 
-    def calibrate(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    def calibrate(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  next_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Calibrate block ``index`` from its FP tensors; returns its stored tensors and statistics.
-        ``meta`` is the reader's record of the block (passed through to the writer)."""
+        ``meta`` is the reader's record of the block (passed through to the writer);
+        ``next_tensors``: block index+1's FP tensors, for cross-layer learning."""
         t0 = time.perf_counter()
         io_wait = t0 - self.idle_since  # idle time before this call could start: waiting on the reader
         self._check_position(index)
         layer = self._layer(index, tensors)
         bs = self.cfg.batch_size
         targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
+        next_layer = self._layer(index + 1, next_tensors) if next_tensors is not None else None
         result = calibrate_block(layer, self.kwargs, self.q_in, targets, self.arch, self.cfg, index,
-                                 fp_inputs=self.fp_in, shard=self._shard())
+                                 fp_inputs=self.fp_in, shard=self._shard(), next_layer=next_layer)
+        del next_layer
         self.fp_in = None  # at most three caches at once: FP targets, quantized inputs, next inputs
         # the next block sees the weights as stored (GPTQ rounds scales to float16), the same ones a
         # resumed run's replay reads back from the files

@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "float16, in closed form from the block's inputs: qera uses their autocorrelation (minimises the "
                    "output error), lqer its diagonal, svd ignores the inputs; stored in --format native only")
     c.add_argument("--rank", type=int, default=CalibConfig.rank, help="rank of --lowrank corrections")
+    c.add_argument("--cross-layer", action="store_true",
+                   help="cross-layer learning: block i's loss adds the error of block i+1 (full precision) fed with "
+                   "block i's quantized output; the run holds two blocks' FP tensors at a time")
+    c.add_argument("--cross-layer-weight", type=float, default=CalibConfig.cross_layer_weight,
+                   help="weight of the block i+1 term in --cross-layer")
     c.add_argument("--lsi-relative", action="store_true",
                    help="learn the increment relative to each singular value (dS = S * r): a scale-free learning rate")
     c.add_argument("--recompute-weights", action="store_true",
@@ -180,6 +185,7 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
                             epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr_lwc=a.lr_lwc, lr_let=a.lr_let,
                             lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, lsi_relative=a.lsi_relative, let_init=a.let_init,
                             sde_band=a.sde_band, lr_sde=a.lr_sde, lowrank=a.lowrank, rank=a.rank,
+                            cross_layer=a.cross_layer, cross_layer_weight=a.cross_layer_weight,
                             recompute_weights=a.recompute_weights, precision=a.precision)
         return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
                               seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,

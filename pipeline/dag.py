@@ -36,15 +36,26 @@ class BlockDAG:
     """The three actors of a run and the shape of the graph between them."""
 
     def __init__(self, reader: ray.actor.ActorHandle, calibrators: list[ray.actor.ActorHandle],
-                 writer: ray.actor.ActorHandle, depth: int = 2) -> None:
+                 writer: ray.actor.ActorHandle, depth: int = 2, cross_layer: bool = False) -> None:
         self.reader, self.calibrators, self.writer = reader, calibrators, writer
         self.depth = depth
+        # cross-layer learning: calibrate(i) also gets block i+1's FP tensors, the same object
+        # that calibrate(i+1) gets later (read once: a window of two blocks in the object store)
+        self.cross_layer = cross_layer
+        self._reads: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}
         # refs of blocks not yet finished (only for drain: holding refs keeps their objects alive)
         self._inflight: dict[tuple[str, int], list[ray.ObjectRef]] = {}
 
-    def submit(self, i: int) -> BlockRefs:
-        meta, tensors = self.reader.read.options(num_returns=2).remote(i)
-        calibrated = [c.calibrate.remote(i, tensors, meta) for c in self.calibrators]
+    def _read(self, i: int) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        if i not in self._reads:
+            self._reads[i] = tuple(self.reader.read.options(num_returns=2).remote(i))
+        return self._reads[i]
+
+    def submit(self, i: int, n: int) -> BlockRefs:
+        meta, tensors = self._read(i)
+        del self._reads[i]
+        nxt = self._read(i + 1)[1] if self.cross_layer and i + 1 < n else None
+        calibrated = [c.calibrate.remote(i, tensors, meta, nxt) for c in self.calibrators]
         written = self.writer.write.remote(i, calibrated[0])
         self._inflight[("run", i)] = [meta, *calibrated, written]
         return BlockRefs(i, meta, calibrated, written)
@@ -75,13 +86,13 @@ class BlockDAG:
     def run(self, first: int, n: int) -> Iterator[dict[str, Any]]:
         """Calibrate blocks ``first..n-1`` pipelined; yields each block's checkpoint record, in order,
         once its shard and record are stored."""
-        pending = {i: self.submit(i) for i in range(first, min(first + self.depth, n))}
+        pending = {i: self.submit(i, n) for i in range(first, min(first + self.depth, n))}
         for i in range(first, n):
             refs = pending.pop(i)
             # wait for the calibration only (not fetching its tensors here), then start the next read
             ray.wait(refs.calibrated, num_returns=len(refs.calibrated), fetch_local=False)
             if i + self.depth < n:
-                pending[i + self.depth] = self.submit(i + self.depth)
+                pending[i + self.depth] = self.submit(i + self.depth, n)
             ray.get(refs.calibrated[1:])  # other workers' statistics: small; raises if a worker failed
             record = ray.get(refs.written)
             del refs
@@ -91,6 +102,8 @@ class BlockDAG:
     def drain(self) -> None:
         """Wait until every submitted call has finished or failed (after a failure, before a retry)."""
         refs = [r for rs in self._inflight.values() for r in rs]
+        refs += [r for rs in self._reads.values() for r in rs]
         if refs:
             ray.wait(refs, num_returns=len(refs), fetch_local=False)
         self._inflight = {}
+        self._reads = {}

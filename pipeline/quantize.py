@@ -127,7 +127,8 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         calibrators = remote_calibrators(ckpt.config_dict, ccfg, device, cpus, gpus, workers, cfg.nsamples,
                                          cfg.activation_budget, cfg.spill_dir, cfg.max_restarts, cfg.format)
         dag = BlockDAG(remote_reader(ckpt), calibrators, remote_writer(cfg.output, cfg.out_storage_options,
-                                                                        fingerprint, cfg.max_shard_bytes))
+                                                                        fingerprint, cfg.max_shard_bytes),
+                       cross_layer=ccfg.cross_layer)
 
         def check_source(meta: dict[str, Any], rec: dict[str, Any]) -> None:
             if meta["fingerprint"] != rec["source_fingerprint"]:

@@ -227,3 +227,31 @@ def test_sde_bands_are_the_off_diagonals_of_the_singular_value_matrix():
     assert torch.count_nonzero(torch.triu(m, 3)) == 0 and torch.count_nonzero(torch.tril(m, -3)) == 0
     assert torch.allclose(inc(), inc.u @ m @ inc.vh, atol=1e-12)
     assert torch.allclose(torch.diagonal(m, 1), inc.bands[0, :7]) and torch.allclose(torch.diagonal(m, -2), inc.bands[3, :6])
+
+
+def test_cross_layer_term_lowers_the_next_blocks_error():
+    """Cross-layer learning: with block i+1 (FP) in the loss, the quantized block i leaves block i+1's
+    output closer to its FP output than plain calibration does; at weight 0 it is plain calibration."""
+    cfg = tiny_llama_config(num_hidden_layers=2)
+    model, layer, x, kw = _block(cfg, n=8)
+    nxt = model.model.layers[1]
+    arch = BlockArch.from_config(cfg)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+        y_next = block_forward(nxt, y, kw)
+    common = dict(method="lwc-let", wbits=3, group_size=32, epochs=4, batch_size=2, seed=0)
+
+    def next_error(res):
+        with torch.no_grad():
+            out = block_forward(layer, x, kw, res.dequantized_params())
+            return torch.nn.functional.mse_loss(block_forward(nxt, out, kw), y_next).item()
+
+    plain = calibrate_block(layer, kw, x, y, arch, CalibConfig(**common))
+    zero = calibrate_block(layer, kw, x, y, arch, CalibConfig(cross_layer=True, cross_layer_weight=0.0, **common),
+                           next_layer=nxt)
+    assert zero.losses == plain.losses
+    cross = calibrate_block(layer, kw, x, y, arch, CalibConfig(cross_layer=True, cross_layer_weight=4.0, **common),
+                            next_layer=nxt)
+    assert cross.losses != plain.losses
+    assert next_error(cross) < next_error(plain)
+    assert all(not p.requires_grad for p in nxt.parameters())

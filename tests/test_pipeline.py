@@ -110,17 +110,20 @@ def test_output_with_other_run_is_refused(tiny_checkpoint, texts_dir, tmp_path, 
 
 
 def test_resume_from_partial_output_is_byte_identical(tiny_checkpoint, texts_dir, tmp_path, ray_local):
-    """With SDE and QERA corrections (native format): the replay feeds the next block the stored
-    float16 corrections, as the uninterrupted run did. (The SIGKILL test covers LSI into GPTQ.)"""
+    """With SDE, cross-layer learning and QERA corrections (native format): the replay feeds the next
+    block the stored float16 corrections, as the uninterrupted run did, and block 1 again sees block
+    2 for its cross-layer term. (The SIGKILL test covers LSI into GPTQ.)"""
     full, part = tmp_path / "full", tmp_path / "part"
 
     def cfg(out):
         c = _cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method="sde")
-        c.calib_cfg.lowrank, c.calib_cfg.rank = "qera", 4
+        c.calib_cfg.lowrank, c.calib_cfg.rank, c.calib_cfg.cross_layer = "qera", 4, True
         c.format = "native"
         return c
 
-    _run(cfg(full))
+    report = _run(cfg(full))
+    ck = Checkpoint(str(tiny_checkpoint))  # cross-layer reads each block once (a window of two blocks)
+    assert report["bytes_read"] == sum(ck.nbytes(ck.block_names(i)) for i in range(3))
     _run(cfg(part))
     # make `part` look like a run that died after block 0: no manifest, later blocks' files gone
     for name in (MANIFEST, "model.safetensors.index.json", "model-layers-00001.safetensors",
