@@ -30,7 +30,7 @@ from lsiq.lsi import SVDIncrement, svd_factors, svd_owners
 from lsiq.lwc import LWC
 from lsiq.quantizer import ActQuantizer, QuantSpec, dequantize, fake_quant, minmax_scale_zero, quantize_codes
 
-METHODS = ("rtn", "gptq", "lwc", "lwc-let", "lsi", "sde")
+METHODS = ("rtn", "gptq", "lwc", "lwc-let", "lsi", "sde", "oac")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -504,10 +504,25 @@ def input_autocorrelations(layer: nn.Module, inputs: torch.Tensor, layer_kwargs:
     return {n: acc.h for n, acc in hess.items()}
 
 
+def _oac_hessians(layer: nn.Module, fp_inputs: torch.Tensor, output_grads: torch.Tensor,
+                  layer_kwargs: dict[str, Any], cfg: CalibConfig, shard: SampleShard | None) -> dict[str, torch.Tensor]:
+    """OAC's output-adaptive Hessians, summed over every worker's tokens."""
+    from lsiq.oac import oac_hessians
+
+    hess = oac_hessians(layer, fp_inputs, output_grads, layer_kwargs, cfg.batch_size)
+    if shard is not None and not shard.trivial:
+        for h in hess.values():
+            shard.all_reduce(h, "sum")
+    return hess
+
+
 @torch.no_grad()
 def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
-          shard: SampleShard | None = None) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
-    hess = input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard)
+          shard: SampleShard | None = None, hess: dict[str, torch.Tensor] | None = None
+          ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
+    """GPTQ of every linear with ``hess`` (default: 2 X^T X of the inputs, input_autocorrelations)."""
+    if hess is None:
+        hess = input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard)
     linears = {}
     for name in LINEARS:
         w = layer.get_submodule(name).weight.detach()
@@ -541,7 +556,8 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                     arch: BlockArch, cfg: CalibConfig, block_index: int = 0,
                     fp_inputs: torch.Tensor | None = None,
                     on_step: Callable[[int, int, float], None] | None = None,
-                    shard: SampleShard | None = None, next_layer: nn.Module | None = None) -> BlockResult:
+                    shard: SampleShard | None = None, next_layer: nn.Module | None = None,
+                    output_grads: torch.Tensor | None = None) -> BlockResult:
     """Quantize one block.
 
     ``inputs``: [N, L, hidden], the previous quantized blocks' outputs; ``targets``: the FP block's
@@ -549,7 +565,8 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
     ``next_layer`` (with ``cfg.cross_layer``): block i+1 in full precision; each step's loss adds
     ``cfg.cross_layer_weight`` x the MSE between it fed with this block's quantized output and it fed
     with the FP targets (computed per batch: no extra cache). The reported losses before and after
-    stay this block's own output MSE.
+    stay this block's own output MSE. ``output_grads`` (method ``oac``): dL/d(block output) of the
+    model's loss for the FP stream's samples, [N, L, hidden] like ``fp_inputs`` (lsiq.oac).
     ``layer`` is left unchanged. Deterministic for a given ``cfg.seed`` and ``block_index``.
     With ``shard``, this is one of several data-parallel workers holding some of the samples.
     """
@@ -570,6 +587,12 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
         linears, tensors = BlockQuantizer(layer, arch, cfg).finalize()
     elif cfg.method == "gptq":
         linears, tensors = _gptq(layer, inputs, layer_kwargs, cfg, shard)
+    elif cfg.method == "oac":
+        if output_grads is None or fp_inputs is None:
+            raise ValueError("method oac needs the FP inputs and the loss gradients at the block's output "
+                             "(the pipeline's OAC pass computes them; see lsiq.oac)")
+        linears, tensors = _gptq(layer, inputs, layer_kwargs, cfg, shard,
+                                 hess=_oac_hessians(layer, fp_inputs, output_grads, layer_kwargs, cfg, shard))
     else:
         let_init = None
         if cfg.uses_let and (cfg.let_init == "smooth" or (cfg.let_init == "auto" and cfg.abits < 16)):

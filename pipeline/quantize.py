@@ -105,6 +105,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     del model
     extra_map = {k: EXTRA_SHARD for k in other}
     extra_bytes = safetensors_save(other, metadata=SHARD_METADATA)
+    head = other if ccfg.method == "oac" else None  # OAC's loss needs the final norm and lm_head
     del other  # only the serialized copy while it uploads
     extra = out.write_bytes(EXTRA_SHARD, extra_bytes)
     del extra_bytes
@@ -124,6 +125,10 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         # each worker's share of the samples goes to it once and stays there for the whole run
         input_refs = [ray.put((hidden[shard_range(cfg.nsamples, workers, r)], layer_kwargs)) for r in range(workers)]
         del hidden
+        if ccfg.method == "oac":  # the head's tensors and each worker's token ids, for the loss gradient
+            head_ref = ray.put(head)
+            del head
+            ids_refs = [ray.put(ids[shard_range(cfg.nsamples, workers, r)]) for r in range(workers)]
         calibrators = remote_calibrators(ckpt.config_dict, ccfg, device, cpus, gpus, workers, cfg.nsamples,
                                          cfg.activation_budget, cfg.spill_dir, cfg.max_restarts, cfg.format)
         dag = BlockDAG(remote_reader(ckpt), calibrators, remote_writer(cfg.output, cfg.out_storage_options,
@@ -143,6 +148,12 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 form_group(calibrators)
                 cache = ray.get([c.set_inputs.remote(ref) for c, ref in zip(calibrators, input_refs, strict=True)])[0]
+                if ccfg.method == "oac":
+                    t_oac = time.perf_counter()
+                    oac_loss = dag.oac_pass(n, head_ref, ids_refs, cfg.nsamples * (cfg.seqlen - 1))
+                    phases["oac_pass"] = phases.get("oac_pass", 0.0) + time.perf_counter() - t_oac
+                    log(f"OAC pass: FP model loss {oac_loss:.4f} on the calibration set; gradients of every block "
+                        f"kept ({phases['oac_pass']:.1f}s)")
                 for i in dag.replay(state.records, check_source):
                     why = "done in an earlier run" if i in earlier else "cache rebuilt after a calibrator restart"
                     log(f"block {i + 1}/{n}  replayed ({why})")

@@ -49,7 +49,9 @@ class ThreadCollective:
         return broadcast
 
 
-def _run_workers(layer, kw, x, targets, arch, cfg, world):
+def _run_workers(layer, kw, x, targets, arch, cfg, world, grads=None):
+    """Each worker calibrates its share; ``grads`` (OAC): the loss gradients at the block's output,
+    with ``x`` standing in for the FP inputs."""
     coll = ThreadCollective(world)
     results = [None] * world
     errors = []
@@ -60,7 +62,8 @@ def _run_workers(layer, kw, x, targets, arch, cfg, world):
             shard = SampleShard(owned, x.shape[0], coll.reducer(rank), rank=rank, world=world,
                                 broadcast=coll.broadcaster(rank))
             own_layer = copy.deepcopy(layer)  # each worker has its own copy of the block (functional_call swaps params)
-            results[rank] = calibrate_block(own_layer, kw, x[owned], targets[owned], arch, cfg, 0, shard=shard)
+            extra = {} if grads is None else {"fp_inputs": x[owned], "output_grads": grads[owned]}
+            results[rank] = calibrate_block(own_layer, kw, x[owned], targets[owned], arch, cfg, 0, shard=shard, **extra)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
             coll.barrier.abort()
@@ -74,7 +77,7 @@ def _run_workers(layer, kw, x, targets, arch, cfg, world):
     return results
 
 
-@pytest.mark.parametrize("method,abits", [("lsi", 16), ("lwc-let", 8), ("gptq", 16)])
+@pytest.mark.parametrize("method,abits", [("lsi", 16), ("lwc-let", 8), ("gptq", 16), ("oac", 16)])
 def test_two_workers_equal_one(method, abits):
     cfg_model = tiny_llama_config()
     _, layer, x, kw = _block(cfg_model, n=6)
@@ -82,8 +85,10 @@ def test_two_workers_equal_one(method, abits):
     targets = forward_all(layer, x, kw, 2)
     x = x + 0.05 * torch.randn_like(x)  # quantized-stream inputs differ from the FP ones
     cfg = CalibConfig(method=method, wbits=3, abits=abits, group_size=32, epochs=2, batch_size=4, lsi_block_k=4)
-    one = calibrate_block(layer, kw, x, targets, arch, cfg, 0)
-    two = _run_workers(layer, kw, x, targets, arch, cfg, 2)
+    grads = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) if method == "oac" else None
+    extra = {} if grads is None else {"fp_inputs": x, "output_grads": grads}
+    one = calibrate_block(layer, kw, x, targets, arch, cfg, 0, **extra)
+    two = _run_workers(layer, kw, x, targets, arch, cfg, 2, grads)
     # workers end with identical parameters
     for name in one.linears:
         assert torch.equal(two[0].linears[name].codes, two[1].linears[name].codes)

@@ -117,7 +117,7 @@ def test_resume_from_partial_output_is_byte_identical(tiny_checkpoint, texts_dir
 
     def cfg(out):
         c = _cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method="sde")
-        c.calib_cfg.lowrank, c.calib_cfg.rank, c.calib_cfg.cross_layer = "qera", 4, True
+        c.calib_cfg.lowrank, c.calib_cfg.rank, c.calib_cfg.cross_layer, c.calib_cfg.epochs = "qera", 4, True, 1
         c.format = "native"
         return c
 
