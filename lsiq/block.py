@@ -96,6 +96,9 @@ class CalibConfig:
             raise ValueError(f"sde_band must be >= 0, got {self.sde_band}")
         if self.lowrank is not None and self.lowrank not in LOWRANK_KINDS:
             raise ValueError(f"unknown low-rank method {self.lowrank!r}; choose one of {', '.join(LOWRANK_KINDS)}")
+        if self.cross_layer and not self.trains:
+            raise ValueError(f"cross-layer learning needs a method that trains (lwc, lwc-let, lsi, sde with epochs > 0), "
+                             f"not {self.method}")
         if self.lowrank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
 

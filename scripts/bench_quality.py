@@ -40,6 +40,7 @@ VARIANTS = {  # name -> pipeline.quantize flags
     "lsi+cross": ["--method", "lsi", "--cross-layer"],
     "lsi+qera16": ["--method", "lsi", "--lowrank", "qera", "--rank", "16"],
     "lsi+qera64": ["--method", "lsi", "--lowrank", "qera", "--rank", "64"],
+    "oac": ["--method", "oac"],
 }
 METHODS = ["rtn", "gptq", "lwc", "lwc-let", "lsi"]
 W4A4_METHODS = ["lwc-let", "lsi"]

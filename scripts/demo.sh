@@ -13,7 +13,7 @@ WINDOWS=${DEMO_EVAL_WINDOWS:-16}
 echo "== FP perplexity (eval.txt, first $WINDOWS windows of 512 tokens)"
 FP=$($PY -m pipeline.evaluate --model $FIX/smollm2 --text $FIX/texts/eval.txt --seqlen 512 --max-windows "$WINDOWS" | tail -n 1)
 echo "$FP"
-echo "== quantize: LSI W3A16 g64, 8 x 256 calibration tokens, 2 epochs"
+echo "== quantize: LSI W3A16 g64, 8 x 256 calibration tokens, 2 epochs, written as GPTQ v1 (the 3-bit default format)"
 $PY -m pipeline.quantize --model $FIX/smollm2 --output $OUT/model --calib $FIX/texts/calib.txt \
     --method lsi --wbits 3 --abits 16 --group-size 64 --nsamples 8 --seqlen 256 --epochs 2 --seed 0 \
     --report $OUT/report.json --restart

@@ -250,6 +250,7 @@ def test_default_format_and_clear_errors(tiny_checkpoint, texts_dir, tmp_path):
     assert cfg("--wbits", "3", "--sym").calib_cfg.zero_min == 0
     assert cfg("--wbits", "4", "--abits", "8").format == "native"
     assert cfg("--wbits", "6").format == "native"
+    assert cfg("--wbits", "4", "--lowrank", "qera").format == "native"  # corrections live in native only
     arch = BlockArch.from_config(tiny_llama_config())
     with pytest.raises(ValueError, match="needs --format native"):
         formats.check("compressed-tensors", QuantSpec(4, 32), 8, arch)
