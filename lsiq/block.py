@@ -624,7 +624,7 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                         target = targets[loc].to(device)
                         loss = torch.nn.functional.mse_loss(out.float(), target, reduction="sum") / (len(idx) * per_sample)
                         if next_layer is not None and cfg.cross_layer:
-                            with torch.no_grad():
+                            with torch.no_grad(), _autocast(device, cfg.precision):  # both at one precision
                                 next_target = block_forward(next_layer, target, layer_kwargs).float()
                             with _autocast(device, cfg.precision):
                                 next_out = block_forward(next_layer, out, layer_kwargs)

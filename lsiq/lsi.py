@@ -69,12 +69,12 @@ class SVDIncrement(nn.Module):
         self.delta = nn.Parameter(torch.zeros_like(s, dtype=dtype))
         k = min(block_k, s.numel())
         self.block_k = k
-        self.block = nn.Parameter(torch.zeros(k, k, dtype=dtype)) if k > 0 else None
+        self.block = nn.Parameter(s.new_zeros(k, k, dtype=dtype)) if k > 0 else None
         # SDE: row j of ``bands`` is diagonal offset offsets[j] (+1, -1, +2, -2, ...); entry i sits at
         # M[i, i + o] for o > 0 and M[i - o, i] for o < 0 (only the first r - |o| entries are used).
         r = s.numel()
         self.offsets = [o for k_ in range(1, min(band, r - 1) + 1) for o in (k_, -k_)]
-        self.bands = nn.Parameter(torch.zeros(len(self.offsets), r, dtype=dtype)) if self.offsets else None
+        self.bands = nn.Parameter(s.new_zeros(len(self.offsets), r, dtype=dtype)) if self.offsets else None
 
     def forward(self) -> torch.Tensor:
         # U diag(dS) V^T costs one [out x r] x [r x in] product; called once per optimizer step.

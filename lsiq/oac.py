@@ -37,16 +37,17 @@ def head_loss(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, ids: to
 
 
 def head_gradient(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
-                  predicted_total: int, batch_size: int) -> tuple[torch.Tensor, float]:
-    """dL/d(hidden) [N, L, H] of :func:`head_loss`, and this worker's part of the loss."""
-    grad = torch.empty_like(hidden)
+                  predicted_total: int, batch_size: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """dL/d(hidden) [N, L, H] of :func:`head_loss` (written into ``out`` if given), and this
+    worker's part of the loss. Only the input gradient is computed, not the head's weights'."""
+    grad = torch.empty_like(hidden) if out is None else out
     total = 0.0
     device = next(lm_head.parameters()).device
     for idx in _batches(hidden.shape[0], batch_size):
         h = hidden[idx].to(device).detach().requires_grad_(True)
         loss = head_loss(norm, lm_head, h, ids[idx].to(device), predicted_total)
-        loss.backward()
-        grad[idx] = h.grad.to(grad.device)
+        (g,) = torch.autograd.grad(loss, h)
+        grad[idx] = g.to(grad.device)
         total += loss.item()
     return grad, total
 
@@ -59,8 +60,9 @@ def block_backward(layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tenso
     for idx in _batches(inputs.shape[0], batch_size):
         x = inputs[idx].to(device).detach().requires_grad_(True)
         y = block_forward(layer, x, layer_kwargs)
-        y.backward(grad_out[idx].to(device))
-        grad_in[idx] = x.grad.to(grad_in.device)
+        # only d/dx: the block's weights need no gradient (nor memory for one)
+        (g,) = torch.autograd.grad(y, x, grad_out[idx].to(device))
+        grad_in[idx] = g.to(grad_in.device)
     return grad_in
 
 

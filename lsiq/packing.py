@@ -41,7 +41,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int, chunk_elems:
     the rows in chunks of about ``chunk_elems`` codes, so its int64 temporaries stay small."""
     rows = max(1, chunk_elems // max(in_features, 1))
     if packed.shape[0] > rows:
-        return torch.cat([unpack_codes(packed[r:r + rows], bits, in_features) for r in range(0, packed.shape[0], rows)])
+        return torch.cat([unpack_codes(packed[r:r + rows], bits, in_features, chunk_elems)
+                          for r in range(0, packed.shape[0], rows)])
     w = packed.to(torch.int64) & 0xFFFFFFFF
     w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
     pos = torch.arange(in_features, dtype=torch.int64, device=packed.device) * bits

@@ -173,6 +173,7 @@ class BlockCalibrator:
         bs = self.cfg.batch_size
         targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
         next_layer = self._layer(index + 1, next_tensors) if next_tensors is not None else None
+        self.oac_h.clear()  # the OAC pass's boundary activations are no longer needed
         grads = self.oac_g.pop(index, None)
         if self.cfg.method == "oac" and grads is None:
             raise RuntimeError(f"no OAC gradients for block {index}: the OAC pass must run first")
@@ -215,6 +216,7 @@ class BlockCalibrator:
         layer = self._layer(index, tensors)
         bs = self.cfg.batch_size
         params = self._params(index, stored)
+        self.oac_g.pop(index, None)  # a finished block needs no OAC gradients
         targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
         self.q_in = forward_all(layer, self.q_in, self.kwargs, bs, params=params, abits=self.cfg.abits,
                                 out=self.cache.empty_like(self.q_in))
@@ -223,16 +225,19 @@ class BlockCalibrator:
         self.idle_since = time.perf_counter()
 
     # ------------------------------------------------------------------ OAC's gradient pass
-    def oac_forward(self, index: int, tensors: dict[str, torch.Tensor], num_blocks: int) -> None:
-        """FP forward through block ``index``, keeping its output (block 0 starts from the FP inputs)."""
+    def oac_forward(self, index: int, tensors: dict[str, torch.Tensor], num_blocks: int) -> dict[str, Any]:
+        """FP forward through block ``index``, keeping its output (block 0 starts from the FP inputs).
+        Returns the caches' size and whether they spill."""
+        one = self.fp_in.numel() * self.fp_in.element_size()
         if index == 0:
             self.oac_h, self.oac_g = {0: self.fp_in}, {}
             # every boundary activation (and later every block's gradient) at once: spill above the budget
-            self.cache.plan(self.fp_in.numel() * self.fp_in.element_size(), CACHES_AT_ONCE + num_blocks)
+            self.cache.plan(one, CACHES_AT_ONCE + num_blocks)
         layer = self._layer(index, tensors)
         with torch.no_grad():
             self.oac_h[index + 1] = forward_all(layer, self.oac_h[index], self.kwargs, self.cfg.batch_size,
                                                 out=self.cache.empty_like(self.fp_in))
+        return {"peak_cache_bytes": (CACHES_AT_ONCE + num_blocks) * one, "spilled": self.cache.spilled}
 
     def oac_head(self, head: dict[str, torch.Tensor], ids: torch.Tensor, predicted_total: int) -> float:
         """The loss at the model's head on the last block's output; keeps its gradient. Returns this
@@ -245,8 +250,8 @@ class BlockCalibrator:
             model.tie_weights()
         norm, lm_head = model.model.norm.to(self.device), model.lm_head.to(self.device)
         last = max(self.oac_h)
-        grad, loss = head_gradient(norm, lm_head, self.oac_h.pop(last), ids, predicted_total, self.cfg.batch_size)
-        self.oac_g[last - 1] = self.cache.copy(grad)
+        self.oac_g[last - 1], loss = head_gradient(norm, lm_head, self.oac_h.pop(last), ids, predicted_total,
+                                                   self.cfg.batch_size, out=self.cache.empty_like(self.fp_in))
         return loss
 
     def oac_backward(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -254,12 +259,8 @@ class BlockCalibrator:
         from lsiq.oac import block_backward
 
         layer = self._layer(index, tensors)
-        for p in layer.parameters():
-            p.requires_grad_(False)
         self.oac_g[index - 1] = block_backward(layer, self.oac_h.pop(index), self.oac_g[index], self.kwargs,
                                                self.cfg.batch_size, out=self.cache.empty_like(self.fp_in))
-        if index == 1:
-            self.oac_h.clear()  # block 0's input is the FP stream's own cache
 
     def _params(self, index: int, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Block ``index``'s stored tensors as the float parameters of its layer."""

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, default=CalibConfig.rank, help="rank of --lowrank corrections")
     c.add_argument("--cross-layer", action="store_true",
                    help="cross-layer learning: block i's loss adds the error of block i+1 (full precision) fed with "
-                   "block i's quantized output; the run holds two blocks' FP tensors at a time")
+                   "block i's quantized output; each calibrator holds two blocks' FP tensors at a time")
     c.add_argument("--cross-layer-weight", type=float, default=CalibConfig.cross_layer_weight,
                    help="weight of the block i+1 term in --cross-layer")
     c.add_argument("--lsi-relative", action="store_true",

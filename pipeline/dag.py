@@ -99,22 +99,30 @@ class BlockDAG:
             self._inflight.pop(("run", i), None)
             yield record
 
-    def oac_pass(self, n: int, head: ray.ObjectRef, ids: list[ray.ObjectRef], predicted_total: int) -> float:
+    def oac_pass(self, n: int, first: int, head: ray.ObjectRef, ids: list[ray.ObjectRef],
+                 predicted_total: int) -> tuple[float, dict[str, Any]]:
         """OAC's gradient pass over the FP model: blocks 0..n-1 forward (each worker keeps its samples'
-        boundary activations), the loss at the head, then blocks n-1..1 backward, each read again and
-        recomputed. ``depth`` blocks are read ahead. Returns the FP model's calibration loss."""
-        def run(order: list[int], call: Callable[[int, ray.ObjectRef], list[ray.ObjectRef]]) -> None:
+        boundary activations), the loss at the head, then blocks n-1..first+1 backward, each read
+        again and recomputed, down to the gradient at the output of block ``first`` (the earlier
+        blocks are done). ``depth`` blocks are read ahead. Returns the FP model's calibration loss
+        and rank 0's cache figures."""
+        def run(order: list[int], call: Callable[[int, ray.ObjectRef], list[ray.ObjectRef]]) -> list[Any]:
             pending: dict[int, list[ray.ObjectRef]] = {}
+            results = []
             for k, i in enumerate(order):
                 for j in order[k:k + self.depth]:
                     if j not in pending:
-                        pending[j] = call(j, self.reader.read.options(num_returns=2).remote(j)[1])
-                ray.get(pending.pop(i))
+                        meta, tensors = self.reader.read.options(num_returns=2).remote(j)
+                        pending[j] = call(j, tensors)
+                        self._inflight[("oac", j)] = [meta, tensors, *pending[j]]
+                results.append(ray.get(pending.pop(i)))
+                self._inflight.pop(("oac", i), None)
+            return results
 
-        run(list(range(n)), lambda i, t: [c.oac_forward.remote(i, t, n) for c in self.calibrators])
+        caches = run(list(range(n)), lambda i, t: [c.oac_forward.remote(i, t, n) for c in self.calibrators])[0][0]
         loss = sum(ray.get([c.oac_head.remote(head, r, predicted_total) for c, r in zip(self.calibrators, ids, strict=True)]))
-        run(list(range(n - 1, 0, -1)), lambda i, t: [c.oac_backward.remote(i, t) for c in self.calibrators])
-        return loss
+        run(list(range(n - 1, first, -1)), lambda i, t: [c.oac_backward.remote(i, t) for c in self.calibrators])
+        return loss, caches
 
     def drain(self) -> None:
         """Wait until every submitted call has finished or failed (after a failure, before a retry)."""

@@ -84,6 +84,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
             raise ValueError(f"{name}: {e}") from None
     formats.check(cfg.format, ccfg.spec, ccfg.abits, arch, ccfg.lowrank is not None)
     fmt = formats.get(cfg.format)
+    qconfig = fmt.quantization_config(ccfg.spec)  # built now: a failure here leaves nothing written
     for f in cfg.calib:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"calibration file not found: {f}")
@@ -148,9 +149,11 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 form_group(calibrators)
                 cache = ray.get([c.set_inputs.remote(ref) for c, ref in zip(calibrators, input_refs, strict=True)])[0]
-                if ccfg.method == "oac":
+                if ccfg.method == "oac" and state.next_block < n:
                     t_oac = time.perf_counter()
-                    oac_loss = dag.oac_pass(n, head_ref, ids_refs, cfg.nsamples * (cfg.seqlen - 1))
+                    oac_loss, oac_caches = dag.oac_pass(n, state.next_block, head_ref, ids_refs,
+                                                        cfg.nsamples * (cfg.seqlen - 1))
+                    cache = cache | oac_caches  # the pass holds a cache per block: the run's peak
                     phases["oac_pass"] = phases.get("oac_pass", 0.0) + time.perf_counter() - t_oac
                     log(f"OAC pass: FP model loss {oac_loss:.4f} on the calibration set; gradients of every block "
                         f"kept ({phases['oac_pass']:.1f}s)")
@@ -197,7 +200,6 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     files = [extra] + [f for i in range(n) for f in records[i]["files"]]
     weight_map = extra_map | {k: v for i in range(n) for k, v in records[i]["weight_map"].items()}
     out.write_json(INDEX_FILE, {"metadata": {"format": fmt.FORMAT}, "weight_map": dict(sorted(weight_map.items()))})
-    qconfig = fmt.quantization_config(ccfg.spec)
     for name in COPIED_FILES:
         src = storage.join(ckpt.root, name)
         if name == "config.json" and qconfig is not None:
