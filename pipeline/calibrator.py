@@ -183,7 +183,7 @@ class BlockCalibrator:
         self.fp_in = None  # at most three caches at once: FP targets, quantized inputs, next inputs
         # the next block sees the weights as stored (GPTQ rounds scales to float16), the same ones a
         # resumed run's replay reads back from the files
-        stored = formats.get(self.fmt).block_tensors(layer_prefix(index), result)
+        stored = formats.block_tensors(self.fmt, layer_prefix(index), result)
         q_next = forward_all(layer, self.q_in, self.kwargs, bs, params=self._params(index, stored),
                              abits=self.cfg.abits, out=self.cache.empty_like(self.q_in))
         self.fp_in, self.q_in = targets, q_next

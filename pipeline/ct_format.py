@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from lsiq.arch import BlockArch
-from lsiq.block import BlockResult, QuantizedLinear
+from lsiq.block import QuantizedLinear
 from lsiq.packing import pack_codes, unpack_codes
 from lsiq.quantizer import QuantSpec
+from pipeline.native_format import unpack_weight
 
 NAME = "compressed-tensors"
 FORMAT = "compressed-tensors-pack-quantized"
@@ -39,41 +40,27 @@ def check(spec: QuantSpec, abits: int, arch: BlockArch) -> None:
                          "--format native (the one format that keeps activation settings)")
 
 
-def block_tensors(prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    if any(q.lowrank_a is not None for q in result.linears.values()):
-        raise ValueError(f"{NAME} cannot hold low-rank corrections: use --format native")
-    for name, q in result.linears.items():
-        p = f"{prefix}{name}"
-        out[f"{p}.weight_packed"] = pack_codes(q.codes.cpu(), q.spec.bits)
-        out[f"{p}.weight_scale"] = q.scale.detach().to(torch.float32).cpu().contiguous()
-        out[f"{p}.weight_shape"] = torch.tensor(list(q.codes.shape), dtype=torch.int64)
-        if not q.spec.sym:
-            zero = q.zero.detach().cpu().to(torch.uint8)  # [out, groups] -> packed along out
-            out[f"{p}.weight_zero_point"] = pack_codes(zero.t().contiguous(), q.spec.bits).t().contiguous()
-    for name, t in result.tensors.items():
-        out[f"{prefix}{name}"] = t.detach().to(torch.float32).cpu().contiguous()
+MARKER = ".weight_packed"
+
+
+def linear_tensors(q: QuantizedLinear) -> dict[str, torch.Tensor]:
+    out = {".weight_packed": pack_codes(q.codes.cpu(), q.spec.bits),
+           ".weight_scale": q.scale.detach().to(torch.float32).cpu().contiguous(),
+           ".weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
+    if not q.spec.sym:
+        zero = q.zero.detach().cpu().to(torch.uint8)  # [out, groups] -> packed along out
+        out[".weight_zero_point"] = pack_codes(zero.t().contiguous(), q.spec.bits).t().contiguous()
     return out
 
 
-def read_linears(tensors: dict[str, torch.Tensor], spec: QuantSpec
-                 ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
-    plain = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
-    linears = {}
-    for key in tensors:
-        if key.endswith(".weight_packed"):
-            base = key[: -len(".weight_packed")]
-            out_f, in_f = (int(v) for v in tensors[f"{base}.weight_shape"])
-            codes = unpack_codes(tensors[key], spec.bits, in_f)
-            if codes.shape[0] != out_f:
-                raise ValueError(f"{key}: {codes.shape[0]} rows, weight_shape says {out_f}")
-            scale = tensors[f"{base}.weight_scale"].float()
-            if spec.sym:
-                zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
-            else:
-                zero = unpack_codes(tensors[f"{base}.weight_zero_point"].t().contiguous(), spec.bits, out_f).t().float()
-            linears[base] = QuantizedLinear(codes, scale, zero, spec)
-    return linears, plain
+def read_linear(t: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> QuantizedLinear:
+    codes = unpack_weight(t[".weight_packed"], t[".weight_shape"], spec.bits, name)
+    scale = t[".weight_scale"].float()
+    if spec.sym:
+        zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
+    else:
+        zero = unpack_codes(t[".weight_zero_point"].t().contiguous(), spec.bits, codes.shape[0]).t().float()
+    return QuantizedLinear(codes, scale, zero, spec)
 
 
 def quantization_config(spec: QuantSpec) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""The output formats, chosen by ``--format``: each module turns a calibrated block into named
-tensors (``block_tensors``), reads them back into integer form (``read_linears``) and gives
-config.json its ``quantization_config``. The pipeline propagates to the next block exactly the
-weights a format stores, so a resumed run (which replays from the files) matches an uninterrupted one.
+"""The output formats, chosen by ``--format``. Each module describes one linear's stored tensors
+(``linear_tensors``, ``read_linear``, by suffix, found by its ``MARKER`` suffix) and gives config.json
+its ``quantization_config``; the block-level work is here, once (:func:`block_tensors`,
+:func:`read_linears`): every other tensor (LET-folded norms, biases) is stored as plain float32. The
+pipeline propagates to the next block exactly the weights a format stores, so a resumed run (which
+replays from the files) matches an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import types
 import torch
 
 from lsiq.arch import BlockArch
+from lsiq.block import BlockResult, QuantizedLinear
 from lsiq.quantizer import QuantSpec
 from pipeline import ct_format, gptq_format, native_format
 
@@ -56,7 +59,38 @@ def check(name: str, spec: QuantSpec, abits: int, arch: BlockArch, lowrank: bool
     get(name).check(spec, abits, arch)
 
 
+def block_tensors(name: str, prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
+    """A calibrated block as format ``name``'s named tensors under ``prefix`` (``model.layers.3.``)."""
+    fmt = get(name)
+    out: dict[str, torch.Tensor] = {}
+    for linear, q in result.linears.items():
+        if q.lowrank_a is not None and fmt is not native_format:
+            raise ValueError(f"{name} cannot hold low-rank corrections: use --format native")
+        try:
+            parts = fmt.linear_tensors(q)
+        except ValueError as e:
+            raise ValueError(f"{prefix}{linear}: {e}") from None
+        out.update({f"{prefix}{linear}{suffix}": t for suffix, t in parts.items()})
+    for key, t in result.tensors.items():
+        out[f"{prefix}{key}"] = t.detach().to(torch.float32).cpu().contiguous()
+    return out
+
+
+def read_linears(name: str, tensors: dict[str, torch.Tensor], spec: QuantSpec
+                 ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
+    """The integer form of every linear stored in format ``name`` (by module name), and the plain tensors."""
+    fmt = get(name)
+    plain = {k: v for k, v in tensors.items() if not k.endswith(fmt.SUFFIXES)}
+    linears = {}
+    for key in tensors:
+        if key.endswith(fmt.MARKER):
+            base = key[: -len(fmt.MARKER)]
+            parts = {s: tensors[base + s] for s in fmt.SUFFIXES if base + s in tensors}
+            linears[base] = fmt.read_linear(parts, spec, base)
+    return linears, plain
+
+
 def dequantize_tensors(name: str, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torch.Tensor]:
     """Stored tensors of format ``name`` as a plain float32 state dict (``X.weight`` per linear)."""
-    linears, plain = get(name).read_linears(tensors, spec)
+    linears, plain = read_linears(name, tensors, spec)
     return plain | {f"{base}.weight": q.weight() for base, q in linears.items()}

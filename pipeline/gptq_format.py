@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lsiq.arch import BlockArch
-from lsiq.block import BlockResult, QuantizedLinear
+from lsiq.block import QuantizedLinear
 from lsiq.packing import pack_codes, unpack_codes
 from lsiq.quantizer import QuantSpec
 
@@ -50,42 +50,30 @@ def check(spec: QuantSpec, abits: int, arch: BlockArch) -> None:
                                  "32-bit words, which GPTQ's packing needs; use --format native")
 
 
-def block_tensors(prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    if any(q.lowrank_a is not None for q in result.linears.values()):
-        raise ValueError(f"{NAME} cannot hold low-rank corrections: use --format native")
-    for name, q in result.linears.items():
-        p, bits = f"{prefix}{name}", q.spec.bits
-        out_f, in_f = q.codes.shape
-        zero = q.zero.detach().cpu()
-        if bool((zero < 1).any()):
-            raise ValueError(f"{p}: a zero point of 0 cannot be stored in GPTQ v1 (it stores zero - 1); "
-                             "calibrate with zero_min=1")
-        out[f"{p}.qweight"] = pack_codes(q.codes.cpu(), bits).t().contiguous()
-        out[f"{p}.qzeros"] = pack_codes((zero - 1).to(torch.uint8).t().contiguous(), bits)
-        out[f"{p}.scales"] = q.scale.detach().cpu().t().to(torch.float16).contiguous()
-        out[f"{p}.g_idx"] = (torch.arange(in_f) // q.spec.group_len(in_f)).to(torch.int32)
-    for name, t in result.tensors.items():
-        out[f"{prefix}{name}"] = t.detach().to(torch.float32).cpu().contiguous()
-    return out
+MARKER = ".qweight"
 
 
-def read_linears(tensors: dict[str, torch.Tensor], spec: QuantSpec
-                 ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
-    plain = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
-    linears = {}
-    for key in tensors:
-        if key.endswith(".qweight"):
-            base = key[: -len(".qweight")]
-            g_idx = tensors[f"{base}.g_idx"].long()
-            in_f, out_f = g_idx.numel(), tensors[key].shape[1]
-            if not torch.equal(g_idx, torch.arange(in_f, device=g_idx.device) // spec.group_len(in_f)):
-                raise ValueError(f"{base}.g_idx is not in column order (act-order checkpoints are not read here)")
-            codes = unpack_codes(tensors[key].t().contiguous(), spec.bits, in_f)
-            zero = unpack_codes(tensors[f"{base}.qzeros"], spec.bits, out_f).t().float() + 1
-            scale = tensors[f"{base}.scales"].t().float().contiguous()
-            linears[base] = QuantizedLinear(codes, scale, zero, spec)
-    return linears, plain
+def linear_tensors(q: QuantizedLinear) -> dict[str, torch.Tensor]:
+    bits = q.spec.bits
+    in_f = q.codes.shape[1]
+    zero = q.zero.detach().cpu()
+    if bool((zero < 1).any()):
+        raise ValueError("a zero point of 0 cannot be stored in GPTQ v1 (it stores zero - 1); calibrate with zero_min=1")
+    return {".qweight": pack_codes(q.codes.cpu(), bits).t().contiguous(),
+            ".qzeros": pack_codes((zero - 1).to(torch.uint8).t().contiguous(), bits),
+            ".scales": q.scale.detach().cpu().t().to(torch.float16).contiguous(),
+            ".g_idx": (torch.arange(in_f) // q.spec.group_len(in_f)).to(torch.int32)}
+
+
+def read_linear(t: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> QuantizedLinear:
+    g_idx = t[".g_idx"].long()
+    in_f, out_f = g_idx.numel(), t[".qweight"].shape[1]
+    if not torch.equal(g_idx, torch.arange(in_f, device=g_idx.device) // spec.group_len(in_f)):
+        raise ValueError(f"{name}.g_idx is not in column order (act-order checkpoints are not read here)")
+    codes = unpack_codes(t[".qweight"].t().contiguous(), spec.bits, in_f)
+    zero = unpack_codes(t[".qzeros"], spec.bits, out_f).t().float() + 1
+    scale = t[".scales"].t().float().contiguous()
+    return QuantizedLinear(codes, scale, zero, spec)
 
 
 def quantization_config(spec: QuantSpec) -> dict[str, Any]:

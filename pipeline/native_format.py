@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from lsiq.arch import BlockArch
-from lsiq.block import BlockResult, QuantizedLinear
+from lsiq.block import QuantizedLinear
 from lsiq.packing import pack_codes, unpack_codes
 from lsiq.quantizer import QuantSpec
 
@@ -31,39 +31,37 @@ def check(spec: QuantSpec, abits: int, arch: BlockArch) -> None:
     """Every setting fits this layout."""
 
 
-def block_tensors(prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:
-    """Flatten a calibrated block into named tensors under ``prefix`` (``model.layers.3.``)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, q in result.linears.items():
-        out[f"{prefix}{name}.qweight"] = pack_codes(q.codes.cpu(), q.spec.bits)
-        out[f"{prefix}{name}.scales"] = q.scale.detach().to(torch.float32).cpu().contiguous()
-        out[f"{prefix}{name}.qzeros"] = q.zero.detach().cpu().to(torch.uint8).contiguous()
-        out[f"{prefix}{name}.weight_shape"] = torch.tensor(list(q.codes.shape), dtype=torch.int64)
-        if q.lowrank_a is not None:  # the values are float16 already (lsiq.block.add_lowrank)
-            out[f"{prefix}{name}.lowrank_a"] = q.lowrank_a.detach().cpu().to(torch.float16).contiguous()
-            out[f"{prefix}{name}.lowrank_b"] = q.lowrank_b.detach().cpu().to(torch.float16).contiguous()
-    for name, t in result.tensors.items():
-        out[f"{prefix}{name}"] = t.detach().to(torch.float32).cpu().contiguous()
+MARKER = ".qweight"  # the tensor whose name marks a stored linear
+
+
+def linear_tensors(q: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """One linear's stored tensors, by suffix."""
+    out = {".qweight": pack_codes(q.codes.cpu(), q.spec.bits),
+           ".scales": q.scale.detach().to(torch.float32).cpu().contiguous(),
+           ".qzeros": q.zero.detach().cpu().to(torch.uint8).contiguous(),
+           ".weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
+    if q.lowrank_a is not None:  # the values are float16 already (lsiq.block.add_lowrank)
+        out[".lowrank_a"] = q.lowrank_a.detach().cpu().to(torch.float16).contiguous()
+        out[".lowrank_b"] = q.lowrank_b.detach().cpu().to(torch.float16).contiguous()
     return out
 
 
-def read_linears(tensors: dict[str, torch.Tensor], spec: QuantSpec
-                 ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
-    """The integer form of every stored linear (by module name), and the plain tensors."""
-    plain = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
-    linears = {}
-    for key in tensors:
-        if key.endswith(".qweight"):
-            base = key[: -len(".qweight")]
-            out_f, in_f = (int(v) for v in tensors[f"{base}.weight_shape"])
-            codes = unpack_codes(tensors[key], spec.bits, in_f)
-            if codes.shape[0] != out_f:
-                raise ValueError(f"{key}: {codes.shape[0]} rows, weight_shape says {out_f}")
-            q = QuantizedLinear(codes, tensors[f"{base}.scales"], tensors[f"{base}.qzeros"].float(), spec)
-            if f"{base}.lowrank_a" in tensors:
-                q.lowrank_a, q.lowrank_b = tensors[f"{base}.lowrank_a"].float(), tensors[f"{base}.lowrank_b"].float()
-            linears[base] = q
-    return linears, plain
+def unpack_weight(packed: torch.Tensor, weight_shape: torch.Tensor, bits: int, name: str) -> torch.Tensor:
+    """Codes [out, in] of a weight packed along its input dim, checked against ``weight_shape``."""
+    out_f, in_f = (int(v) for v in weight_shape)
+    codes = unpack_codes(packed, bits, in_f)
+    if codes.shape[0] != out_f:
+        raise ValueError(f"{name}: {codes.shape[0]} rows, weight_shape says {out_f}")
+    return codes
+
+
+def read_linear(t: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> QuantizedLinear:
+    """The integer form of one stored linear from its tensors ``t`` (by suffix)."""
+    codes = unpack_weight(t[".qweight"], t[".weight_shape"], spec.bits, name)
+    q = QuantizedLinear(codes, t[".scales"], t[".qzeros"].float(), spec)
+    if ".lowrank_a" in t:
+        q.lowrank_a, q.lowrank_b = t[".lowrank_a"].float(), t[".lowrank_b"].float()
+    return q
 
 
 def quantization_config(spec: QuantSpec) -> None:

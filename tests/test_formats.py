@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from lsiq.arch import LINEARS, BlockArch
 from lsiq.block import BlockResult, CalibConfig, QuantizedLinear
 from lsiq.quantizer import QuantSpec, minmax_scale_zero, quantize_codes
-from pipeline import ct_format, formats, gptq_format, native_format
+from pipeline import ct_format, formats, gptq_format
 from pipeline.config import QuantizeConfig, parse_quantize_args
 from pipeline.evaluate import perplexity
 from pipeline.model_io import MANIFEST, load_quantized, skeleton
@@ -51,8 +51,8 @@ ROUND_TRIPS = [(fmt, bits, group, sym) for fmt in formats.FORMATS
 def test_round_trip_keeps_the_integer_form(fmt, bits, group, sym):
     spec = QuantSpec(bits, group, sym, zero_min=formats.zero_min(fmt, QuantSpec(bits, group, sym)))
     result = _block(spec)
-    stored = formats.get(fmt).block_tensors("model.layers.0.", result)
-    linears, plain = formats.get(fmt).read_linears(stored, spec)
+    stored = formats.block_tensors(fmt, "model.layers.0.", result)
+    linears, plain = formats.read_linears(fmt, stored, spec)
     q, back = result.linears["mlp.down_proj"], linears["model.layers.0.mlp.down_proj"]
     assert torch.equal(back.codes, q.codes) and torch.equal(back.zero, q.zero)
     want_scale = q.scale.half().float() if fmt == "gptq" else q.scale  # GPTQ stores float16 scales
@@ -65,7 +65,7 @@ def test_gptq_refuses_a_zero_point_it_cannot_store():
     result = _block(QuantSpec(4, 32))  # zero_min 0: the all-positive group has zero point 0
     assert float(result.linears["mlp.down_proj"].zero.min()) == 0
     with pytest.raises(ValueError, match="zero point of 0 cannot be stored in GPTQ v1"):
-        gptq_format.block_tensors("model.layers.0.", result)
+        formats.block_tensors("gptq", "model.layers.0.", result)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -75,7 +75,7 @@ def test_compressed_tensors_own_compressor_writes_the_same_tensors(spec):
 
     result = _block(spec)
     q = result.linears["mlp.down_proj"]
-    ours = ct_format.block_tensors("", result)
+    ours = formats.block_tensors("compressed-tensors", "", result)
     scheme = QuantizationScheme.model_validate(ct_format.quantization_config(spec)["config_groups"]["group_0"])
     offset = 2 ** (spec.bits - 1)  # compressed-tensors keeps signed values: q = code - 2^(b-1)
     state = {"weight": q.dequantize(), "weight_scale": q.scale, "weight_zero_point": (q.zero - offset).to(torch.int8)}
@@ -120,7 +120,7 @@ def test_gptq_packing_against_an_independent_unpacker(bits, group, sym):
     spec = QuantSpec(bits, group, sym, zero_min=gptq_format.zero_min(QuantSpec(bits, group, sym)))
     result = _block(spec, out_f=64, in_f=96)
     q = result.linears["mlp.down_proj"]
-    t = gptq_format.block_tensors("x.", result)
+    t = formats.block_tensors("gptq", "x.", result)
     assert t["x.mlp.down_proj.qweight"].shape == (96 * bits // 32, 64)
     codes = _unpack_gptq_reference(t["x.mlp.down_proj.qweight"].numpy(), bits)  # [in, out]
     assert np.array_equal(codes, q.codes.t().numpy())
@@ -275,7 +275,7 @@ def test_default_format_and_clear_errors(tiny_checkpoint, texts_dir, tmp_path):
 def test_native_still_reads_its_own_layout():
     spec = QuantSpec(3, 32)
     result = _block(spec)
-    t = native_format.block_tensors("p.", result)
+    t = formats.block_tensors("native", "p.", result)
     assert set(t) == {"p.mlp.down_proj.qweight", "p.mlp.down_proj.scales", "p.mlp.down_proj.qzeros",
                       "p.mlp.down_proj.weight_shape", "p.post_attention_layernorm.weight"}
     w = formats.dequantize_tensors("native", t, spec)["p.mlp.down_proj.weight"]
