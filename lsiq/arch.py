@@ -35,6 +35,7 @@ class BlockArch:
     n_kv_heads: int
     head_dim: int
     num_layers: int
+    vocab_size: int = 0  # the LM head's width (the planner's OAC head); 0 when unknown
 
     @classmethod
     def from_config(cls, config: Any) -> BlockArch:
@@ -55,6 +56,7 @@ class BlockArch:
             n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
             head_dim=head_dim,
             num_layers=config.num_hidden_layers,
+            vocab_size=getattr(config, "vocab_size", 0) or 0,
         )
 
     @property

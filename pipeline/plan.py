@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lsiq.arch import BlockArch, UnsupportedArchitecture
-from lsiq.block import METHODS, CalibConfig
+from lsiq.block import LOWRANK_KINDS, METHODS, CalibConfig
 from lsiq.lsi import svd_flops, svd_owners
 from pipeline.config import parse_bytes
 
 F32 = 4  # the calibrator works in float32 whatever the checkpoint's dtype
+F64 = 8  # Hessians, autocorrelations, GPTQ's solve and the low-rank factors are computed in float64
 
 # Bytes that one optimizer step keeps for the backward pass, in float32 weights of the block's
 # linears, by precision (measured with torch.autograd.graph.saved_tensors_hooks on random Llama
@@ -38,6 +39,19 @@ SAVED_WEIGHTS_RECOMPUTE = {"fp32": 1.0, "bf16": 0.5}  # --recompute-weights: onl
 # ... and per token of the micro-batch, in float32 values: a x hidden + b x intermediate (norms,
 # attention projections and SDPA outputs, the gated MLP's intermediate tensors; bf16 halves some).
 SAVED_PER_TOKEN = {"fp32": (7.5, 4.0), "bf16": (7.0, 2.0)}
+# A full-precision block with frozen weights run for its input gradient (block i+1 under
+# --cross-layer; OAC's recomputed backward, always fp32): per token a x hidden + b x intermediate
+# floats; its weights are saved as themselves, except under bf16 autocast, which keeps a bfloat16
+# copy (0.5 x their fp32 bytes). Measured the same way; checked by tests/test_plan.py.
+FP_BLOCK_PER_TOKEN = {"fp32": (5.0, 3.0), "bf16": (3.5, 1.5)}
+FP_BLOCK_SAVED_WEIGHTS = {"fp32": 0.0, "bf16": 0.5}
+# Transient bytes of the float64 linear algebra on one linear [m, n] (k = min(m, n)), as
+# (n^2, m n, k^2) coefficients, measured as peak RSS on this CPU for m, n in 1024..4096:
+# GPTQ's solve (H's copy, its Cholesky factors, float64 W, Q and the codes) and a low-rank
+# correction (R^{1/2}, R^{-1/2} and the eigendecomposition, the error, the SVD of E R^{1/2}).
+# scripts/bench_plan.py checks them inside whole block calibrations.
+SOLVE_TRANSIENT = (16, 36, 0)
+LOWRANK_TRANSIENT = (19, 34, 21)
 
 
 @dataclass
@@ -48,6 +62,7 @@ class Hardware:
     bf16_tflops: float = 70.0  # sustained bf16 tensor-core TFLOP/s, for --precision bf16 (A10G peak 125)
     mem_gbs: float = 450.0  # sustained memory bandwidth, GB/s (A10G peak 600), for elementwise weight work
     svd_tflops: float = 0.5  # sustained TFLOP/s of a float32 SVD (LAPACK/cuSOLVER are far from matmul speed)
+    fp64_tflops: float = 0.5  # sustained float64 TFLOP/s (A10G: 1/32 of its fp32 rate), for Hessians and solves
     link_gbps: float = 10.0  # all-reduce bandwidth between workers, Gbit/s (g5.xlarge: up to 10)
     svd_bytes: int = 4  # bytes per value of the SVD: float32 on a GPU, float64 on a CPU (lsiq/lsi.py)
 
@@ -93,45 +108,102 @@ def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
     return n
 
 
+def uses_hessians(cfg: CalibConfig) -> bool:
+    """Whether a block builds one float64 [in, in] matrix per linear (GPTQ, OAC, --lowrank)."""
+    return cfg.method in ("gptq", "oac") or cfg.lowrank is not None
+
+
+def _transient(coef: tuple[int, int, int], shapes: dict[str, tuple[int, int]]) -> int:
+    return max(coef[0] * n * n + coef[1] * m * n + coef[2] * min(m, n) ** 2 for m, n in shapes.values())
+
+
 def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
-    """Peak bytes on one worker's device while it calibrates a block, by part."""
+    """Peak bytes on one worker's device while it calibrates a block, by part (``phase_*``: the
+    totals of the setup, of the steady passes over the tokens, and of the float64 solves)."""
     a, cfg = p.arch, p.calib
     shapes = a.linear_shapes()
     lin = sum(m * n for m, n in shapes.values())
     largest = max(m * n for m, n in shapes.values())
-    mem = {"block_weights": F32 * (lin + 2 * a.hidden)}
+    cross = cfg.cross_layer and cfg.trains
+    block = F32 * (lin + 2 * a.hidden)
+    mem = {"block_weights": block, "next_block_weights": block if cross else 0}
     mem["svd_factors"] = sum(factor_bytes(m, n) for m, n in shapes.values()) if cfg.uses_lsi else 0
     mem["optimizer_state"] = 4 * F32 * trainable_params(a, cfg) if cfg.trains else 0  # param, grad, Adam m and v
     b_local = math.ceil(cfg.batch_size / p.gpus)  # samples of the global batch one worker computes per step
     tokens = b_local * p.seqlen
+    prec = cfg.precision
     if cfg.trains:
-        prec = cfg.precision
         coef = SAVED_WEIGHTS_RECOMPUTE[prec] if recompute else SAVED_WEIGHTS[prec][cfg.method]
         mem["saved_weights"] = int(F32 * coef * lin)
         per_h, per_i = SAVED_PER_TOKEN[prec]
         mem["saved_activations"] = int(F32 * tokens * (per_h * a.hidden + per_i * a.intermediate))
+        if cross:  # block i+1 in full precision on block i's output, backpropagated through
+            fp_h, fp_i = FP_BLOCK_PER_TOKEN[prec]
+            mem["saved_weights"] += int(F32 * FP_BLOCK_SAVED_WEIGHTS[prec] * lin)
+            mem["saved_activations"] += int(F32 * tokens * (fp_h * a.hidden + fp_i * a.intermediate))
         # the largest linear's weight gradient, plus (recomputing) its rebuilt intermediates
         extra = (SAVED_WEIGHTS[prec][cfg.method] - SAVED_WEIGHTS_RECOMPUTE[prec]) if recompute else 0.0
         mem["backward_transient"] = int(F32 * largest * (1.0 + extra))
+    elif cfg.method == "oac":  # the Hessian pass: the FP block's forward recomputed and backpropagated
+        fp_h, fp_i = FP_BLOCK_PER_TOKEN["fp32"]
+        mem["saved_weights"] = 0
+        mem["saved_activations"] = int(F32 * tokens * (fp_h * a.hidden + fp_i * a.intermediate))
+        # one linear's inputs and their gradient-weighted copy in float64, for its Hessian update
+        mem["backward_transient"] = 2 * F64 * tokens * max(n for _, n in shapes.values())
     else:  # forward passes only: a micro-batch's activations at a time
         mem["saved_weights"] = 0
         mem["saved_activations"] = int(F32 * tokens * (2 * a.hidden + 3 * a.intermediate))
-        mem["backward_transient"] = F32 * largest if cfg.method == "gptq" else 0  # GPTQ's Hessian work
-    mem["batch_io"] = 2 * F32 * tokens * a.hidden  # inputs and targets of the micro-batch on the device
+        mem["backward_transient"] = 2 * F64 * tokens * max(n for _, n in shapes.values()) if uses_hessians(cfg) else 0
+    # inputs and targets of the micro-batch (cross-layer: and block i+1's target; OAC: the gradients)
+    mem["batch_io"] = (2 + int(cross) + 2 * int(cfg.method == "oac")) * F32 * tokens * a.hidden
+    mem["hessians"] = F64 * sum(n * n for _, n in shapes.values()) if uses_hessians(cfg) else 0
+    solve = []
+    if cfg.method in ("gptq", "oac"):
+        solve.append(_transient(SOLVE_TRANSIENT, shapes))
+    if cfg.lowrank is not None:
+        # the correction's linear algebra, next to the dequantized weights and (LET) the FP targets
+        solve.append(_transient(LOWRANK_TRANSIENT, shapes) + F32 * lin * (2 if cfg.uses_let else 1))
+    mem["solve_transient"] = max(solve, default=0)
     # setup: the SVD of the largest linear (its copy, U, V^T and a workspace of its size), before training
     m, n = max(shapes.values(), key=lambda s: s[0] * s[1])
     svd = p.hw.svd_bytes * (2 * m * n + m * min(m, n) + min(m, n) * n) if cfg.uses_lsi else 0
-    steady = sum(mem.values())
-    setup = mem["block_weights"] + mem["svd_factors"] + svd
-    mem["peak"] = max(steady, setup)
+    held = block + mem["next_block_weights"] + mem["svd_factors"] + mem["optimizer_state"]
+    passes = mem["saved_weights"] + mem["saved_activations"] + mem["backward_transient"] + mem["batch_io"]
+    # GPTQ and OAC accumulate their Hessians during their passes over the tokens; --lowrank after training
+    steady = held + passes + (mem["hessians"] if cfg.method in ("gptq", "oac") else 0)
+    solve_phase = held + mem["hessians"] + mem["solve_transient"] if uses_hessians(cfg) else 0
+    setup = block + mem["next_block_weights"] + mem["svd_factors"] + svd
+    mem.update(phase_setup=setup, phase_steady=steady, phase_solve=solve_phase)
+    mem["peak"] = max(steady, setup, solve_phase)
     return mem
 
 
 def host_plan(p: PlanConfig) -> dict[str, int]:
-    """Host RAM per worker: its share of the three activation caches and the block's FP tensors."""
+    """Host RAM per worker: its share of the three activation caches (OAC: and of the gradient at
+    every block boundary) and the block's FP tensors (cross-layer: two blocks')."""
     share = math.ceil(p.nsamples / p.gpus)
-    caches = 3 * share * p.seqlen * p.arch.hidden * F32
-    return {"activation_caches": caches, "block_tensors": F32 * sum(m * n for m, n in p.arch.linear_shapes().values())}
+    cache = share * p.seqlen * p.arch.hidden * F32
+    blocks = 2 if p.calib.cross_layer and p.calib.trains else 1
+    return {"activation_caches": 3 * cache,
+            "oac_caches": (p.arch.num_layers + 1) * cache if p.calib.method == "oac" else 0,
+            "block_tensors": blocks * F32 * sum(m * n for m, n in p.arch.linear_shapes().values())}
+
+
+def fp64_flops(p: PlanConfig) -> int:
+    """Float64 FLOPs of one block on one worker: accumulating the Hessians / autocorrelations over
+    its tokens (2 n^2 per token and linear), and the solves every worker repeats: GPTQ's Cholesky
+    factors and column updates (2 n^3 + m n^2), a low-rank correction's eigendecomposition and the
+    square roots from it (13 n^3), E R^{1/2} (2 m n^2), its SVD and B R^{-1/2} (2 r n^2)."""
+    cfg, shapes = p.calib, p.arch.linear_shapes()
+    local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
+    accumulate = sum(2 * local_tokens * n * n for _, n in shapes.values())
+    flops = 0
+    if cfg.method in ("gptq", "oac"):
+        flops += accumulate + sum(2 * n**3 + m * n * n for m, n in shapes.values())
+    if cfg.lowrank is not None:
+        flops += accumulate + sum(13 * n**3 + 2 * m * n * n + svd_flops(m, n) + 2 * cfg.rank * n * n
+                                  for m, n in shapes.values())
+    return flops
 
 
 def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
@@ -146,8 +218,15 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     if cfg.uses_let and cfg.abits < 16:
         fwd_passes += 1  # SmoothQuant-style LET init statistics
     if cfg.method == "gptq":
-        fwd_passes += 1
+        fwd_passes += 1  # the Hessians' pass
+    # (a backward for the input gradient only is one matmul per linear: a forward's FLOPs)
+    if cfg.method == "oac":
+        fwd_passes += 2  # the Hessian pass: the FP forward recomputed, and its backward
+    if cfg.lowrank is not None:
+        fwd_passes += 1  # the autocorrelation pass of the quantized block
     train_passes = 3 * cfg.epochs if cfg.trains else 0  # forward + backward (input and weight gradients)
+    if cfg.cross_layer and cfg.trains:
+        train_passes += 3 * cfg.epochs  # block i+1: its target, its forward, its backward
     local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
     train_tflops = hw.bf16_tflops if cfg.precision == "bf16" else hw.tflops
     tokens_s = local_tokens * flops_per_token * (fwd_passes / (hw.tflops * 1e12) + train_passes / (train_tflops * 1e12))
@@ -166,10 +245,16 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
         load = [sum(svd_flops(*shapes[k]) for k in shapes if owners[k] == r) for r in range(p.gpus)]
         received = max(sum(factor_bytes(*shapes[k]) for k in shapes if owners[k] != r) for r in range(p.gpus))
         svd_s = max(load) / (hw.svd_tflops * 1e12) + received * 8 / (hw.link_gbps * 1e9)
-    block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s)
+    fp64_s = fp64_flops(p) / (hw.fp64_tflops * 1e12)
+    oac_s = 0.0
+    if cfg.method == "oac":  # the run's FP pass before the blocks, per block: forward, then recomputed
+        # forward and backward in reverse; and the head's logits and their gradient, shared out
+        head = 3 * 2 * a.hidden * a.vocab_size * local_tokens / a.num_layers
+        oac_s = (3 * local_tokens * flops_per_token + head) / (hw.tflops * 1e12)
+    block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s) + fp64_s + oac_s
     return {"steps_per_block": steps, "svd_s": svd_s, "tokens_s": tokens_s, "weight_s": steps * step_weight_s,
             "allreduce_s": steps * step_comm_s, "allreduce_bytes_per_step": allreduce_bytes,
-            "block_s": block_s, "hours": a.num_layers * block_s / 3600}
+            "fp64_s": fp64_s, "oac_pass_s": oac_s, "block_s": block_s, "hours": a.num_layers * block_s / 3600}
 
 
 def make_plan(p: PlanConfig) -> dict[str, Any]:
@@ -184,6 +269,7 @@ def make_plan(p: PlanConfig) -> dict[str, Any]:
             "gpu_mem_bytes": p.gpu_mem, "gpus": p.gpus, "recompute_weights": recompute,
             "memory": mem, "host": host_plan(p), "time": {k: round(v, 3) for k, v in t.items()},
             "settings": {"method": p.calib.method, "wbits": p.calib.wbits, "abits": p.calib.abits,
+                         "cross_layer": p.calib.cross_layer, "lowrank": p.calib.lowrank, "rank": p.calib.rank,
                          "group_size": p.calib.group_size, "nsamples": p.nsamples, "seqlen": p.seqlen,
                          "epochs": p.calib.epochs, "batch_size": p.calib.batch_size,
                          "precision": p.calib.precision},
@@ -218,6 +304,9 @@ def load_arch(path: str) -> BlockArch:
         raise SystemExit(f"error: {e}") from None
 
 
+PHASES = {"setup": "setup (the SVDs)", "steady": "passes over the tokens", "solve": "float64 solves"}
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -230,18 +319,28 @@ def render(plan: dict[str, Any]) -> str:
              f"{plan['gpus']} workers x {_gib(plan['gpu_mem_bytes'])}",
              f"per-worker device memory (recompute weights: {'on' if plan['recompute_weights'] else 'off'}):"]
     for k, v in mem.items():
-        if k != "peak":
+        if k != "peak" and not k.startswith("phase_") and v:
             lines.append(f"  {k:<20} {_gib(v):>12}")
-    lines.append(f"  {'peak':<20} {_gib(mem['peak']):>12}  of {_gib(plan['gpu_mem_bytes'])}")
+    phase = max(("setup", "steady", "solve"), key=lambda k: mem[f"phase_{k}"])
+    lines.append(f"  {'peak':<20} {_gib(mem['peak']):>12}  of {_gib(plan['gpu_mem_bytes'])} "
+                 f"(during the {PHASES[phase]})")
     host = plan["host"]
-    lines.append(f"per-worker host RAM: activation caches {_gib(host['activation_caches'])}, "
+    oac = f", OAC boundary caches {_gib(host['oac_caches'])}" if host["oac_caches"] else ""
+    lines.append(f"per-worker host RAM: activation caches {_gib(host['activation_caches'])}{oac}, "
                  f"block tensors {_gib(host['block_tensors'])} (caches spill to disk above --activation-budget)")
+    more = "".join(f" + {name} {t[k]:.1f}" for k, name in (("fp64_s", "float64 solves"), ("oac_pass_s", "OAC pass"))
+                   if t[k])
     lines.append(f"time per block: {t['block_s']:.1f} s = SVD {t['svd_s']:.1f} + tokens {t['tokens_s']:.1f} + "
-                 f"weight side {t['weight_s']:.1f} + all-reduce {t['allreduce_s']:.1f} ({t['steps_per_block']} steps)")
+                 f"weight side {t['weight_s']:.1f} + all-reduce {t['allreduce_s']:.1f}{more} "
+                 f"({t['steps_per_block']} steps)")
     lines.append(f"estimate: {plan['hours']:.2f} h for the model")
     flags = (f"--workers {plan['gpus']} --gpus-per-worker 1 --device cuda --method {s['method']} --wbits {s['wbits']} "
              f"--abits {s['abits']} --group-size {s['group_size']} --nsamples {s['nsamples']} --seqlen {s['seqlen']} "
              f"--epochs {s['epochs']} --batch-size {s['batch_size']} --precision {s['precision']}")
+    if s["cross_layer"]:
+        flags += " --cross-layer"
+    if s["lowrank"]:
+        flags += f" --lowrank {s['lowrank']} --rank {s['rank']}"
     lines.append(f"pipeline.quantize flags: {flags}{' --recompute-weights' if plan['recompute_weights'] else ''}")
     if "meets_target" in plan:
         lines.append(f"target {plan['target_hours']} h: {'met' if plan['meets_target'] else 'NOT met'}")
@@ -258,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", required=True, help="config.json of the model (file, folder or fsspec URL)")
     p.add_argument("--gpus", type=int, required=True, help="data-parallel workers, one GPU each (--workers)")
     p.add_argument("--gpu-mem", type=parse_bytes, required=True, help="memory of one GPU, e.g. 24GB")
-    p.add_argument("--method", choices=[m for m in METHODS if m != "oac"], default="lsi",
-                   help="(not modelled yet: oac's gradient pass, --cross-layer's second block, --lowrank's Hessians)")
+    p.add_argument("--method", choices=METHODS, default="lsi", help="as pipeline.quantize --method")
+    p.add_argument("--cross-layer", action="store_true", help="as pipeline.quantize --cross-layer (block i+1 too)")
+    p.add_argument("--lowrank", choices=LOWRANK_KINDS, default=None, help="as pipeline.quantize --lowrank")
+    p.add_argument("--rank", type=int, default=CalibConfig.rank, help="as pipeline.quantize --rank")
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--abits", type=int, default=16)
     p.add_argument("--group-size", type=int, default=128)
@@ -276,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--bf16-tflops", type=float, default=Hardware.bf16_tflops, help="sustained bf16 matmul TFLOP/s")
     hw.add_argument("--mem-gbs", type=float, default=Hardware.mem_gbs, help="sustained memory bandwidth, GB/s")
     hw.add_argument("--svd-tflops", type=float, default=Hardware.svd_tflops, help="sustained SVD TFLOP/s")
+    hw.add_argument("--fp64-tflops", type=float, default=Hardware.fp64_tflops,
+                    help="sustained float64 TFLOP/s (GPTQ/OAC Hessians and solves, --lowrank)")
     hw.add_argument("--link-gbps", type=float, default=Hardware.link_gbps, help="all-reduce bandwidth, Gbit/s")
     p.add_argument("--target-hours", type=float, default=None, help="also report whether the estimate meets this")
     return p
@@ -287,10 +390,10 @@ def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
     try:
         calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size,
                             epochs=a.epochs, batch_size=a.batch_size or a.gpus, lsi_block_k=a.lsi_block_k,
-                            precision=a.precision)
+                            precision=a.precision, cross_layer=a.cross_layer, lowrank=a.lowrank, rank=a.rank)
         return PlanConfig(arch=arch, gpus=a.gpus, gpu_mem=a.gpu_mem, calib=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, recompute=a.recompute_weights, target_hours=a.target_hours,
-                          hw=Hardware(a.tflops, a.bf16_tflops, a.mem_gbs, a.svd_tflops, a.link_gbps))
+                          hw=Hardware(a.tflops, a.bf16_tflops, a.mem_gbs, a.svd_tflops, a.fp64_tflops, a.link_gbps))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -304,9 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     print(render(plan))
     if not plan["fits"]:
         need, have = plan["per_worker_bytes"], plan["gpu_mem_bytes"]
-        print(f"error: does not fit: a worker needs {_gib(need)} at its peak and a GPU has {_gib(have)}; "
-              "lower --batch-size (fewer samples per worker per step), use GPUs with more memory, or a smaller "
-              "--seqlen", file=sys.stderr)
+        mem = plan["memory"]
+        if mem["peak"] == mem["phase_solve"]:
+            advice = ("its peak is the float64 Hessians and solves of GPTQ/OAC/--lowrank, one [in, in] matrix per "
+                      "linear, which no batch size or worker count shrinks: use GPUs with more memory")
+        else:
+            advice = ("lower --batch-size (fewer samples per worker per step), use GPUs with more memory, or a "
+                      "smaller --seqlen")
+        print(f"error: does not fit: a worker needs {_gib(need)} at its peak and a GPU has {_gib(have)}; {advice}",
+              file=sys.stderr)
     print(json.dumps(plan), flush=True)
     return 0 if plan["fits"] else 1
 

@@ -29,12 +29,24 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-SETTINGS = [  # (method, batch_size, recompute)
+from lsiq.block import CalibConfig  # noqa: E402
+
+SETTINGS = [  # (variant, batch_size, recompute); a variant is a method or method+option
     ("lsi", 1, False),
     ("lsi", 4, False),
     ("lsi", 4, True),
     ("lwc-let", 4, False),
+    ("gptq", 4, False),
+    ("oac", 4, False),
+    ("lsi+cross", 4, False),
+    ("lsi+qera16", 4, False),
 ]
+VARIANTS = {"lsi+cross": ("lsi", {"cross_layer": True}), "lsi+qera16": ("lsi", {"lowrank": "qera", "rank": 16})}
+
+
+def calib_config(variant: str, **kw) -> CalibConfig:
+    method, extra = VARIANTS.get(variant, (variant, {}))
+    return CalibConfig(method=method, **extra, **kw)
 
 
 def _rss(field: str) -> int:
@@ -45,7 +57,8 @@ def _rss(field: str) -> int:
 
 
 def measure_hardware(threads: int) -> dict[str, float]:
-    """Sustained fp32 matmul TFLOP/s, memory GB/s and float64 SVD TFLOP/s (the plan's formula) here."""
+    """Sustained fp32 and float64 matmul TFLOP/s, memory GB/s and float64 SVD TFLOP/s (the plan's
+    formula) here."""
     torch.set_num_threads(threads)
 
     def best(fn, reps: int = 7) -> float:  # the median: this VM's clock bursts make the minimum optimistic
@@ -65,7 +78,9 @@ def measure_hardware(threads: int) -> dict[str, float]:
     w = torch.randn(2816, 1024, dtype=torch.float64)
     m, r = 2816, 1024
     svd_tflops = (6 * m * r * r + 20 * r**3) / best(lambda: torch.linalg.svd(w, full_matrices=False), 2) / 1e12
-    return {"tflops": tflops, "mem_gbs": mem_gbs, "svd_tflops": svd_tflops}
+    a64, b64 = a.double(), b.double()
+    fp64_tflops = 2 * 1024 * 1024 * 2816 / best(lambda: a64 @ b64) / 1e12
+    return {"tflops": tflops, "mem_gbs": mem_gbs, "svd_tflops": svd_tflops, "fp64_tflops": fp64_tflops}
 
 
 def one(args: argparse.Namespace, method: str, batch: int, recompute: bool) -> dict:
@@ -73,7 +88,6 @@ def one(args: argparse.Namespace, method: str, batch: int, recompute: bool) -> d
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lsiq.block import CalibConfig
     from pipeline.calibrator import BlockCalibrator
 
     torch.set_num_threads(args.threads)
@@ -82,24 +96,29 @@ def one(args: argparse.Namespace, method: str, batch: int, recompute: bool) -> d
                          num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 256,
                          num_hidden_layers=1, vocab_size=256)
     tensors = {k: v.detach().clone() for k, v in LlamaDecoderLayer(config, 0).state_dict().items()}
-    cfg = CalibConfig(method=method, wbits=4, group_size=128, epochs=args.epochs, batch_size=batch,
-                      recompute_weights=recompute)
+    cfg = calib_config(method, wbits=4, group_size=128, epochs=args.epochs, batch_size=batch,
+                       recompute_weights=recompute)
     cal = BlockCalibrator(config.to_dict(), cfg, "cpu", args.threads)
+    # cross-layer: block 1's tensors, as the DAG hands them (held before the measurement, as block 0's are)
+    next_tensors = ({k: v.detach().clone() for k, v in LlamaDecoderLayer(config, 1).state_dict().items()}
+                    if cfg.cross_layer else None)
     hidden = torch.randn(args.nsamples, args.seqlen, args.hidden)
     pos = torch.arange(args.seqlen)[None]
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     kwargs = {"position_embeddings": LlamaRotaryEmbedding(config)(hidden, pos), "position_ids": pos}
     cal.set_inputs((hidden, kwargs))
+    if cfg.method == "oac":  # what the OAC pass leaves for block 0: dL/d(its output) for every sample
+        cal.oac_g[0] = torch.randn_like(hidden) * 1e-3
     del hidden
     meta = {"fingerprint": "", "bytes_read": 0, "read_seconds": 0.0, "peak_rss_reader": 0}
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak) to the current RSS
     before = _rss("VmRSS")
     t0 = time.perf_counter()
-    out = cal.calibrate(0, tensors, meta)
+    out = cal.calibrate(0, tensors, meta, next_tensors)
     seconds = time.perf_counter() - t0
     peak = _rss("VmHWM")
-    weights = sum(v.numel() * v.element_size() for v in tensors.values())
+    weights = sum(v.numel() * v.element_size() for v in tensors.values()) * (2 if next_tensors else 1)
     return {"method": method, "batch": batch, "recompute": recompute, "seconds": seconds,
             "measured_bytes": peak - before + weights, "loss_after": out["stats"]["loss_after"]}
 
@@ -121,12 +140,11 @@ def main() -> int:
         return 0
 
     from lsiq.arch import BlockArch
-    from lsiq.block import CalibConfig
     from pipeline import plan
 
     hw = measure_hardware(args.threads)
-    print(f"this machine: {hw['tflops']:.3f} TFLOP/s fp32 matmul, {hw['mem_gbs']:.1f} GB/s copy, "
-          f"{hw['svd_tflops']:.4f} TFLOP/s float64 SVD", flush=True)
+    print(f"this machine: {hw['tflops']:.3f} TFLOP/s fp32 matmul, {hw['fp64_tflops']:.3f} float64, "
+          f"{hw['mem_gbs']:.1f} GB/s copy, {hw['svd_tflops']:.4f} TFLOP/s float64 SVD", flush=True)
     arch = BlockArch("llama", args.hidden, args.intermediate, args.hidden // 64, args.hidden // 256, 64, 1)
     rows = []
     for method, batch, rec in SETTINGS:
@@ -138,16 +156,17 @@ def main() -> int:
         runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=e).stdout
                            .strip().splitlines()[-1]) for e in (env, dict(os.environ))]
         got = {**runs[1], "measured_bytes": runs[0]["measured_bytes"]}
-        cfg = CalibConfig(method=method, wbits=4, group_size=128, epochs=args.epochs, batch_size=batch)
+        cfg = calib_config(method, wbits=4, group_size=128, epochs=args.epochs, batch_size=batch)
         pc = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**12, calib=cfg, nsamples=args.nsamples,
                              seqlen=args.seqlen,
-                             hw=plan.Hardware(hw["tflops"], hw["tflops"], hw["mem_gbs"], hw["svd_tflops"], 10.0,
-                                              svd_bytes=8))
+                             hw=plan.Hardware(tflops=hw["tflops"], bf16_tflops=hw["tflops"], mem_gbs=hw["mem_gbs"],
+                                              svd_tflops=hw["svd_tflops"], fp64_tflops=hw["fp64_tflops"],
+                                              link_gbps=10.0, svd_bytes=8))
         mem, t = plan.memory_plan(pc, rec), plan.time_plan(pc, rec)
         row = {**got, "predicted_bytes": mem["peak"], "predicted_seconds": t["block_s"], "predicted_time": t,
                "memory_ratio": got["measured_bytes"] / mem["peak"], "time_ratio": got["seconds"] / t["block_s"]}
         rows.append(row)
-        print(f"{method:8s} batch {batch} recompute {'on ' if rec else 'off'}: memory {got['measured_bytes'] / 1e6:7.0f} MB "
+        print(f"{method:10s} batch {batch} recompute {'on ' if rec else 'off'}: memory {got['measured_bytes'] / 1e6:7.0f} MB "
               f"measured vs {mem['peak'] / 1e6:7.0f} MB planned ({row['memory_ratio']:.2f}); time {got['seconds']:6.1f} s "
               f"vs {t['block_s']:6.1f} s ({row['time_ratio']:.2f})", flush=True)
     out = Path(args.out)

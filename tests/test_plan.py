@@ -233,3 +233,85 @@ def test_bf16_runs_the_training_passes_at_the_bf16_rate():
     assert times["fp32"]["tokens_s"] == pytest.approx(10 * per_pass)  # 4 forward + 3 x 2 epochs
     assert times["bf16"]["tokens_s"] == pytest.approx(4 * per_pass + 6 * per_pass / 4)
     assert times["bf16"]["svd_s"] == times["fp32"]["svd_s"]  # the SVD stays float32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fp_block_coefficients_match_the_code(precision):
+    """Block i+1 under --cross-layer (and OAC's recomputed backward): a frozen FP block run for its
+    input gradient keeps FP_BLOCK_PER_TOKEN floats per token, and its weights only as bf16 copies."""
+    import contextlib
+
+    for hidden, inter in [(256, 704), (256, 2048)]:
+        layer, arch, cfg = _block(hidden, inter)
+        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        seqlen, got = 64, []
+        for batch in (1, 3):
+            x = torch.randn(batch, seqlen, hidden, requires_grad=True)
+            pos = torch.arange(seqlen)[None]
+            kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, pos), "position_ids": pos}
+            saved: list[torch.Tensor] = []
+            amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+            with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t) or t, lambda t: t), amp:
+                block_forward(layer, x * 1.0, kwargs)
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+            got.append(sum(v for k, v in storages.items() if k not in params))
+        per_token = (got[1] - got[0]) / (2 * seqlen) / 4
+        weights = (got[0] - per_token * seqlen * 4) / (4 * sum(m * n for m, n in arch.linear_shapes().values()))
+        fp_h, fp_i = plan.FP_BLOCK_PER_TOKEN[precision]
+        assert per_token == pytest.approx(fp_h * hidden + fp_i * inter, rel=0.05), (hidden, inter, per_token)
+        assert weights == pytest.approx(plan.FP_BLOCK_SAVED_WEIGHTS[precision], abs=0.05), (hidden, inter, weights)
+
+
+def test_hessian_bytes_equal_what_the_code_builds():
+    from lsiq.block import input_autocorrelations
+
+    layer, arch, cfg = _block(256, 704)
+    x = torch.randn(2, 16, 256)
+    pos = torch.arange(16)[None]
+    kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, pos), "position_ids": pos}
+    calib = CalibConfig(method="gptq", wbits=4, group_size=64, batch_size=2)
+    hess = input_autocorrelations(layer, x, kwargs, calib)
+    p = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**12, calib=calib, nsamples=2, seqlen=16)
+    assert plan.memory_plan(p, recompute=False)["hessians"] == sum(h.numel() * h.element_size() for h in hess.values())
+
+
+def test_the_other_methods_are_planned(plan_cli):
+    """GPTQ, OAC, --lowrank and --cross-layer: the parts each adds, and the refusal that names the
+    float64 solves when they are what does not fit (70B: down_proj's [28672, 28672] Hessian)."""
+    cfg = str(MODELS / "llama-2-70b")
+    base = ("--model-config", cfg, "--gpus", "8")
+    rc, lsi, _ = plan_cli(*base, "--gpu-mem", "80GB")
+    assert rc == 0 and lsi["memory"]["hessians"] == 0 and lsi["time"]["fp64_s"] == 0
+    rc, gptq, err = plan_cli(*base, "--gpu-mem", "24GB", "--method", "gptq")
+    assert rc == 1 and gptq["memory"]["peak"] == gptq["memory"]["phase_solve"] and "float64" in err
+    assert gptq["memory"]["hessians"] == 8 * (6 * 8192**2 + 28672**2)
+    rc, gptq80, _ = plan_cli(*base, "--gpu-mem", "80GB", "--method", "gptq")
+    assert rc == 0 and gptq80["time"]["fp64_s"] > 0 and gptq80["time"]["steps_per_block"] == 0
+    rc, oac, _ = plan_cli(*base, "--gpu-mem", "80GB", "--method", "oac")
+    assert rc == 0 and oac["time"]["oac_pass_s"] > 0 and oac["hours"] > gptq80["hours"]
+    assert oac["host"]["oac_caches"] == 81 * 16 * 2048 * 8192 * 4  # every block boundary, this worker's share
+    rc, qera, _ = plan_cli(*base, "--gpu-mem", "80GB", "--lowrank", "qera", "--rank", "16")
+    assert rc == 0 and qera["memory"]["solve_transient"] > 0 and qera["time"]["fp64_s"] > 0
+    assert qera["time"]["svd_s"] == lsi["time"]["svd_s"] and qera["hours"] > lsi["hours"]
+    assert qera["settings"]["lowrank"] == "qera" and qera["settings"]["rank"] == 16
+    rc, cross, _ = plan_cli(*base, "--gpu-mem", "80GB", "--cross-layer")
+    m = cross["memory"]
+    assert rc == 0 and m["next_block_weights"] == m["block_weights"]
+    assert cross["host"]["block_tensors"] == 2 * lsi["host"]["block_tensors"]
+    assert cross["time"]["tokens_s"] > lsi["time"]["tokens_s"] and cross["time"]["weight_s"] == lsi["time"]["weight_s"]
+
+
+def test_fp64_time_by_hand():
+    arch = BlockArch("llama", 256, 512, 4, 2, 64, 3)
+    shapes = [(256, 256), (128, 256), (128, 256), (256, 256), (512, 256), (512, 256), (256, 512)]
+    hw = plan.Hardware(tflops=1.0, fp64_tflops=0.25)
+    tokens = 4 * 32  # one of two workers' 4 samples
+    accumulate = sum(2 * tokens * n * n for _, n in shapes)
+    for kw, solve in [({"method": "gptq"}, sum(2 * n**3 + m * n * n for m, n in shapes)),
+                      ({"method": "lsi", "lowrank": "qera", "rank": 8},
+                       sum(13 * n**3 + 2 * m * n * n + 6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3
+                           + 2 * 8 * n * n for m, n in shapes))]:
+        calib = CalibConfig(wbits=4, group_size=64, epochs=2, batch_size=2, **kw)
+        t = plan.time_plan(plan.PlanConfig(arch=arch, gpus=2, gpu_mem=10**12, calib=calib, nsamples=8, seqlen=32,
+                                           hw=hw), recompute=False)
+        assert t["fp64_s"] == pytest.approx((accumulate + solve) / 0.25e12), kw
