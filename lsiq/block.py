@@ -545,10 +545,12 @@ def add_lowrank(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, 
     applied, so with the block's folded norms it computes the FP block). The inputs' autocorrelation
     comes from the quantized block (uncorrected) on the quantized stream. A and B are rounded to
     float16, the precision they are stored in, before anything uses them."""
-    autocorr = input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard, params=result.dequantized_params())
+    autocorr = (input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard, params=result.dequantized_params())
+                if cfg.lowrank != "svd" else {})  # svd ignores the inputs
     for name, q in result.linears.items():
         err = targets[name].to(torch.float64) - q.dequantize().to(torch.float64)
-        a, b = lowrank_correction(err, cfg.rank, cfg.lowrank, autocorr[name], cfg.lowrank_damp)
+        a, b = lowrank_correction(err, cfg.rank, cfg.lowrank, autocorr.pop(name, None), cfg.lowrank_damp)
+        del err
         a16, b16 = a.to(torch.float16), b.to(torch.float16)
         if not (torch.isfinite(a16).all() and torch.isfinite(b16).all()):
             raise FloatingPointError(f"{name}: the low-rank correction overflows float16")
@@ -642,6 +644,7 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                     step += 1
                     if on_step is not None:
                         on_step(step, steps, losses[-1])
+        params = out = loss = None  # the last step's weights and graph: not kept through the solves below
         linears, tensors = bq.finalize()
     result = BlockResult(linears, tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=losses,
                          trainable_params=trainable)

@@ -24,15 +24,17 @@ def sqrt_and_inv_sqrt(r: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor
     slightly negative) and raised by ``damp`` x their mean, which bounds R^{-1/2} by
     (damp x mean)^{-1/2} instead of letting it reach 1/sqrt(rounding noise). A zero matrix (inputs
     that are all zero carry no preference between directions) gives the identity for both."""
+    n, device = r.shape[0], r.device
     r = r.to(torch.float64)
-    r = (r + r.T) / 2
-    lam, q = torch.linalg.eigh(r)
+    lam, q = torch.linalg.eigh((r + r.T) / 2)
+    del r  # only q and the results are alive from here (memory: the planner's LOWRANK_TRANSIENT)
     lam = lam.clamp(min=0)
     if not bool(lam.max() > 0):
-        eye = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
+        eye = torch.eye(n, dtype=torch.float64, device=device)
         return eye, eye
     lam = lam + damp * lam.mean()
-    return (q * lam.sqrt()) @ q.T, (q * lam.rsqrt()) @ q.T
+    half = (q * lam.sqrt()) @ q.T
+    return half, (q * lam.rsqrt()) @ q.T
 
 
 def lowrank_correction(err: torch.Tensor, rank: int, kind: str = "qera", autocorr: torch.Tensor | None = None,

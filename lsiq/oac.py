@@ -53,16 +53,18 @@ def head_gradient(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, ids
 
 
 def block_backward(layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor, layer_kwargs: dict[str, Any],
-                   batch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """dL/d(inputs) of one block, given dL/d(its outputs): its forward recomputed on ``inputs``."""
+                   batch_size: int, out: torch.Tensor | None = None, keep: bool = True) -> torch.Tensor | None:
+    """dL/d(inputs) of one block, given dL/d(its outputs): its forward recomputed on ``inputs``.
+    With ``keep=False`` the gradients are computed (for hooks on the block) but not stored."""
     device = next(layer.parameters()).device
-    grad_in = torch.empty_like(inputs) if out is None else out
+    grad_in = (torch.empty_like(inputs) if out is None else out) if keep else None
     for idx in _batches(inputs.shape[0], batch_size):
         x = inputs[idx].to(device).detach().requires_grad_(True)
         y = block_forward(layer, x, layer_kwargs)
         # only d/dx: the block's weights need no gradient (nor memory for one)
         (g,) = torch.autograd.grad(y, x, grad_out[idx].to(device))
-        grad_in[idx] = g.to(grad_in.device)
+        if grad_in is not None:
+            grad_in[idx] = g.to(grad_in.device)
     return grad_in
 
 
@@ -87,7 +89,7 @@ def oac_hessians(layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor,
 
         handles.append(mod.register_full_backward_hook(on_grad))
     try:
-        block_backward(layer, inputs, grad_out, layer_kwargs, batch_size)
+        block_backward(layer, inputs, grad_out, layer_kwargs, batch_size, keep=False)
     finally:
         for h in handles:
             h.remove()

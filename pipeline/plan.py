@@ -45,13 +45,17 @@ SAVED_PER_TOKEN = {"fp32": (7.5, 4.0), "bf16": (7.0, 2.0)}
 # copy (0.5 x their fp32 bytes). Measured the same way; checked by tests/test_plan.py.
 FP_BLOCK_PER_TOKEN = {"fp32": (5.0, 3.0), "bf16": (3.5, 1.5)}
 FP_BLOCK_SAVED_WEIGHTS = {"fp32": 0.0, "bf16": 0.5}
+# OAC's Hessian pass keeps more per token than a plain FP block: its hooks hold every linear's input
+# until that linear's backward (measured with the hooks, as above).
+OAC_PER_TOKEN = (7.0, 4.0)
 # Transient bytes of the float64 linear algebra on one linear [m, n] (k = min(m, n)), as
-# (n^2, m n, k^2) coefficients, measured as peak RSS on this CPU for m, n in 1024..4096:
-# GPTQ's solve (H's copy, its Cholesky factors, float64 W, Q and the codes) and a low-rank
-# correction (R^{1/2}, R^{-1/2} and the eigendecomposition, the error, the SVD of E R^{1/2}).
+# (n^2, m n, k^2) coefficients: a least-squares fit of peak RSS on this CPU for m, n in 512..4096
+# (within 1 % at the largest shapes). GPTQ's solve: H's copy, its Cholesky factors, float64 W, Q
+# and the codes. A low-rank correction, with its float64 error E: qera R^{1/2}, R^{-1/2} and the
+# eigendecomposition, E R^{1/2} and its SVD; lqer the scaled E, its SVD and diag(1/s); svd E's SVD.
 # scripts/bench_plan.py checks them inside whole block calibrations.
-SOLVE_TRANSIENT = (16, 36, 0)
-LOWRANK_TRANSIENT = (19, 34, 21)
+SOLVE_TRANSIENT = (18, 35, 0)
+LOWRANK_TRANSIENT = {"qera": (24, 42, 20), "lqer": (8, 40, 30), "svd": (0, 32, 30)}
 
 
 @dataclass
@@ -109,8 +113,8 @@ def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
 
 
 def uses_hessians(cfg: CalibConfig) -> bool:
-    """Whether a block builds one float64 [in, in] matrix per linear (GPTQ, OAC, --lowrank)."""
-    return cfg.method in ("gptq", "oac") or cfg.lowrank is not None
+    """Whether a block builds one float64 [in, in] matrix per linear (GPTQ, OAC, --lowrank qera/lqer)."""
+    return cfg.method in ("gptq", "oac") or cfg.lowrank in ("qera", "lqer")
 
 
 def _transient(coef: tuple[int, int, int], shapes: dict[str, tuple[int, int]]) -> int:
@@ -145,15 +149,17 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
         extra = (SAVED_WEIGHTS[prec][cfg.method] - SAVED_WEIGHTS_RECOMPUTE[prec]) if recompute else 0.0
         mem["backward_transient"] = int(F32 * largest * (1.0 + extra))
     elif cfg.method == "oac":  # the Hessian pass: the FP block's forward recomputed and backpropagated
-        fp_h, fp_i = FP_BLOCK_PER_TOKEN["fp32"]
+        oac_h, oac_i = OAC_PER_TOKEN
         mem["saved_weights"] = 0
-        mem["saved_activations"] = int(F32 * tokens * (fp_h * a.hidden + fp_i * a.intermediate))
-        # one linear's inputs and their gradient-weighted copy in float64, for its Hessian update
-        mem["backward_transient"] = 2 * F64 * tokens * max(n for _, n in shapes.values())
+        mem["saved_activations"] = int(F32 * tokens * (oac_h * a.hidden + oac_i * a.intermediate))
+        # one linear's update in float64: its inputs, their weighted copy, its output gradient and its square
+        mem["backward_transient"] = 2 * F64 * tokens * max(m + n for m, n in shapes.values())
     else:  # forward passes only: a micro-batch's activations at a time
         mem["saved_weights"] = 0
         mem["saved_activations"] = int(F32 * tokens * (2 * a.hidden + 3 * a.intermediate))
-        mem["backward_transient"] = 2 * F64 * tokens * max(n for _, n in shapes.values()) if uses_hessians(cfg) else 0
+        # GPTQ's Hessian update: the inputs in float64, scaled, and the product x^T x before it is added
+        mem["backward_transient"] = (2 * F64 * tokens * max(n for _, n in shapes.values())
+                                     + F64 * max(n * n for _, n in shapes.values())) if cfg.method == "gptq" else 0
     # inputs and targets of the micro-batch (cross-layer: and block i+1's target; OAC: the gradients)
     mem["batch_io"] = (2 + int(cross) + 2 * int(cfg.method == "oac")) * F32 * tokens * a.hidden
     mem["hessians"] = F64 * sum(n * n for _, n in shapes.values()) if uses_hessians(cfg) else 0
@@ -161,9 +167,12 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     if cfg.method in ("gptq", "oac"):
         solve.append(_transient(SOLVE_TRANSIENT, shapes))
     if cfg.lowrank is not None:
-        # the correction's linear algebra, next to the dequantized weights and (LET) the FP targets
-        solve.append(_transient(LOWRANK_TRANSIENT, shapes) + F32 * lin * (2 if cfg.uses_let else 1))
-    mem["solve_transient"] = max(solve, default=0)
+        # the correction's linear algebra; with LET, next to the FP targets in LET's coordinates
+        solve.append(_transient(LOWRANK_TRANSIENT[cfg.lowrank], shapes) + (F32 * lin if cfg.uses_let else 0))
+        if cfg.lowrank != "svd":  # the autocorrelation pass: x^T x of the widest input before it is added
+            solve.append(F64 * max(n * n for _, n in shapes.values()))
+    # and the block's uint8 codes, built linear by linear through the solves
+    mem["solve_transient"] = max(solve) + lin if solve else 0
     # setup: the SVD of the largest linear (its copy, U, V^T and a workspace of its size), before training
     m, n = max(shapes.values(), key=lambda s: s[0] * s[1])
     svd = p.hw.svd_bytes * (2 * m * n + m * min(m, n) + min(m, n) * n) if cfg.uses_lsi else 0
@@ -171,7 +180,7 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     passes = mem["saved_weights"] + mem["saved_activations"] + mem["backward_transient"] + mem["batch_io"]
     # GPTQ and OAC accumulate their Hessians during their passes over the tokens; --lowrank after training
     steady = held + passes + (mem["hessians"] if cfg.method in ("gptq", "oac") else 0)
-    solve_phase = held + mem["hessians"] + mem["solve_transient"] if uses_hessians(cfg) else 0
+    solve_phase = held + mem["hessians"] + mem["solve_transient"] if solve else 0
     setup = block + mem["next_block_weights"] + mem["svd_factors"] + svd
     mem.update(phase_setup=setup, phase_steady=steady, phase_solve=solve_phase)
     mem["peak"] = max(steady, setup, solve_phase)
@@ -193,16 +202,21 @@ def fp64_flops(p: PlanConfig) -> int:
     """Float64 FLOPs of one block on one worker: accumulating the Hessians / autocorrelations over
     its tokens (2 n^2 per token and linear), and the solves every worker repeats: GPTQ's Cholesky
     factors and column updates (2 n^3 + m n^2), a low-rank correction's eigendecomposition and the
-    square roots from it (13 n^3), E R^{1/2} (2 m n^2), its SVD and B R^{-1/2} (2 r n^2)."""
+    square roots from it (13 n^3), E R^{1/2} (2 m n^2), its SVD and B R^{-1/2} (2 r n^2) for qera;
+    the SVD and B diag(1/s) for lqer; the SVD alone for svd (which builds no autocorrelation)."""
     cfg, shapes = p.calib, p.arch.linear_shapes()
     local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
     accumulate = sum(2 * local_tokens * n * n for _, n in shapes.values())
     flops = 0
     if cfg.method in ("gptq", "oac"):
         flops += accumulate + sum(2 * n**3 + m * n * n for m, n in shapes.values())
-    if cfg.lowrank is not None:
+    if cfg.lowrank == "qera":
         flops += accumulate + sum(13 * n**3 + 2 * m * n * n + svd_flops(m, n) + 2 * cfg.rank * n * n
                                   for m, n in shapes.values())
+    elif cfg.lowrank == "lqer":  # the diagonal scaling, E's SVD, B diag(1/s) as a dense product
+        flops += accumulate + sum(svd_flops(m, n) + 2 * cfg.rank * n * n for m, n in shapes.values())
+    elif cfg.lowrank == "svd":
+        flops += sum(svd_flops(m, n) for m, n in shapes.values())
     return flops
 
 
@@ -222,7 +236,7 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     # (a backward for the input gradient only is one matmul per linear: a forward's FLOPs)
     if cfg.method == "oac":
         fwd_passes += 2  # the Hessian pass: the FP forward recomputed, and its backward
-    if cfg.lowrank is not None:
+    if cfg.lowrank in ("qera", "lqer"):
         fwd_passes += 1  # the autocorrelation pass of the quantized block
     train_passes = 3 * cfg.epochs if cfg.trains else 0  # forward + backward (input and weight gradients)
     if cfg.cross_layer and cfg.trains:
@@ -238,7 +252,11 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     weight_bytes = 3 * coef * F32 * lin * (1.5 if recompute else 1.0)  # saved tensors written, read, their grads
     step_weight_s = weight_flops / (train_tflops * 1e12) + weight_bytes / (hw.mem_gbs * 1e9)
     allreduce_bytes = F32 * trainable_params(a, cfg) if p.gpus > 1 else 0
-    step_comm_s = 2 * (p.gpus - 1) / p.gpus * allreduce_bytes * 8 / (hw.link_gbps * 1e9) if p.gpus > 1 else 0.0
+    ring = 2 * (p.gpus - 1) / p.gpus * 8 / (hw.link_gbps * 1e9)  # seconds per byte all-reduced (ring)
+    step_comm_s = ring * allreduce_bytes if p.gpus > 1 else 0.0
+    # every worker's float64 Hessians are summed once per block (GPTQ/OAC, and again for --lowrank)
+    hess_rounds = int(cfg.method in ("gptq", "oac")) + int(cfg.lowrank in ("qera", "lqer"))
+    hess_comm_s = ring * hess_rounds * F64 * sum(n * n for _, n in shapes.values()) if p.gpus > 1 else 0.0
     svd_s = 0.0
     if cfg.uses_lsi:  # each worker computes its share of the SVDs, then receives the others' factors
         owners = svd_owners(shapes, p.gpus)
@@ -249,11 +267,11 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     oac_s = 0.0
     if cfg.method == "oac":  # the run's FP pass before the blocks, per block: forward, then recomputed
         # forward and backward in reverse; and the head's logits and their gradient, shared out
-        head = 3 * 2 * a.hidden * a.vocab_size * local_tokens / a.num_layers
+        head = 2 * 2 * a.hidden * a.vocab_size * local_tokens / a.num_layers  # logits, input gradient
         oac_s = (3 * local_tokens * flops_per_token + head) / (hw.tflops * 1e12)
-    block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s) + fp64_s + oac_s
+    block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s) + hess_comm_s + fp64_s + oac_s
     return {"steps_per_block": steps, "svd_s": svd_s, "tokens_s": tokens_s, "weight_s": steps * step_weight_s,
-            "allreduce_s": steps * step_comm_s, "allreduce_bytes_per_step": allreduce_bytes,
+            "allreduce_s": steps * step_comm_s + hess_comm_s, "allreduce_bytes_per_step": allreduce_bytes,
             "fp64_s": fp64_s, "oac_pass_s": oac_s, "block_s": block_s, "hours": a.num_layers * block_s / 3600}
 
 
