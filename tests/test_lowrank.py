@@ -91,6 +91,20 @@ def test_block_corrections_lower_the_block_loss(method):
     assert losses[0] < plain.loss_after and losses[1] < losses[0]
 
 
+@pytest.mark.parametrize("kind", ["qera", "lqer", "svd"])
+def test_every_kind_corrects_a_block(kind):
+    """All three kinds through calibrate_block (svd without building the inputs' autocorrelation)."""
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=4)
+    arch = BlockArch.from_config(cfg)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    common = dict(method="rtn", wbits=3, group_size=32, batch_size=2)
+    plain = calibrate_block(layer, kw, x, y, arch, CalibConfig(**common))
+    res = calibrate_block(layer, kw, x, y, arch, CalibConfig(lowrank=kind, rank=4, **common))
+    assert res.loss_after < plain.loss_after
+
+
 def test_pipeline_stores_and_evaluate_applies_the_corrections(tiny_checkpoint, texts_dir, tmp_path, ray_local):
     import json
 
