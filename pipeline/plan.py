@@ -189,12 +189,14 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
 
 def host_plan(p: PlanConfig) -> dict[str, int]:
     """Host RAM per worker: its share of the three activation caches (OAC: and of the gradient at
-    every block boundary) and the block's FP tensors (cross-layer: two blocks')."""
+    every block's output) and the block's FP tensors (cross-layer: two blocks')."""
     share = math.ceil(p.nsamples / p.gpus)
     cache = share * p.seqlen * p.arch.hidden * F32
     blocks = 2 if p.calib.cross_layer and p.calib.trains else 1
     return {"activation_caches": 3 * cache,
-            "oac_caches": (p.arch.num_layers + 1) * cache if p.calib.method == "oac" else 0,
+            # OAC: dL/d(output) of every block, from the FP pass until the block is calibrated (the
+            # pass's boundary activations are dropped as the gradients are made: never both at once)
+            "oac_caches": p.arch.num_layers * cache if p.calib.method == "oac" else 0,
             "block_tensors": blocks * F32 * sum(m * n for m, n in p.arch.linear_shapes().values())}
 
 
