@@ -112,9 +112,20 @@ def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
     return n
 
 
-def uses_hessians(cfg: CalibConfig) -> bool:
-    """Whether a block builds one float64 [in, in] matrix per linear (GPTQ, OAC, --lowrank qera/lqer)."""
-    return cfg.method in ("gptq", "oac") or cfg.lowrank in ("qera", "lqer")
+def hessian_rounds(cfg: CalibConfig) -> int:
+    """How many times a block builds one float64 [in, in] matrix per linear: once for GPTQ's or
+    OAC's Hessians, once for --lowrank qera/lqer's input autocorrelations."""
+    return int(cfg.method in ("gptq", "oac")) + int(cfg.lowrank in ("qera", "lqer"))
+
+
+def hessian_bytes(arch: BlockArch) -> int:
+    """Bytes of one float64 [in, in] matrix per linear of a block."""
+    return F64 * sum(n * n for _, n in arch.linear_shapes().values())
+
+
+def peak_phase(mem: dict[str, int]) -> str:
+    """Which phase of :func:`memory_plan` sets the peak: setup, steady or solve."""
+    return max(("setup", "steady", "solve"), key=lambda k: mem[f"phase_{k}"])
 
 
 def _transient(coef: tuple[int, int, int], shapes: dict[str, tuple[int, int]]) -> int:
@@ -128,7 +139,7 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     shapes = a.linear_shapes()
     lin = sum(m * n for m, n in shapes.values())
     largest = max(m * n for m, n in shapes.values())
-    cross = cfg.cross_layer and cfg.trains
+    cross = cfg.cross_layer  # CalibConfig allows it only with a method that trains
     block = F32 * (lin + 2 * a.hidden)
     mem = {"block_weights": block, "next_block_weights": block if cross else 0}
     mem["svd_factors"] = sum(factor_bytes(m, n) for m, n in shapes.values()) if cfg.uses_lsi else 0
@@ -162,7 +173,7 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
                                      + F64 * max(n * n for _, n in shapes.values())) if cfg.method == "gptq" else 0
     # inputs and targets of the micro-batch (cross-layer: and block i+1's target; OAC: the gradients)
     mem["batch_io"] = (2 + int(cross) + 2 * int(cfg.method == "oac")) * F32 * tokens * a.hidden
-    mem["hessians"] = F64 * sum(n * n for _, n in shapes.values()) if uses_hessians(cfg) else 0
+    mem["hessians"] = hessian_bytes(a) if hessian_rounds(cfg) else 0
     solve = []
     if cfg.method in ("gptq", "oac"):
         solve.append(_transient(SOLVE_TRANSIENT, shapes))
@@ -192,7 +203,7 @@ def host_plan(p: PlanConfig) -> dict[str, int]:
     every block's output) and the block's FP tensors (cross-layer: two blocks')."""
     share = math.ceil(p.nsamples / p.gpus)
     cache = share * p.seqlen * p.arch.hidden * F32
-    blocks = 2 if p.calib.cross_layer and p.calib.trains else 1
+    blocks = 2 if p.calib.cross_layer else 1
     return {"activation_caches": 3 * cache,
             # OAC: dL/d(output) of every block, from the FP pass until the block is calibrated (the
             # pass's boundary activations are dropped as the gradients are made: never both at once)
@@ -241,7 +252,7 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     if cfg.lowrank in ("qera", "lqer"):
         fwd_passes += 1  # the autocorrelation pass of the quantized block
     train_passes = 3 * cfg.epochs if cfg.trains else 0  # forward + backward (input and weight gradients)
-    if cfg.cross_layer and cfg.trains:
+    if cfg.cross_layer:
         train_passes += 3 * cfg.epochs  # block i+1: its target, its forward, its backward
     local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
     train_tflops = hw.bf16_tflops if cfg.precision == "bf16" else hw.tflops
@@ -257,8 +268,7 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     ring = 2 * (p.gpus - 1) / p.gpus * 8 / (hw.link_gbps * 1e9)  # seconds per byte all-reduced (ring)
     step_comm_s = ring * allreduce_bytes if p.gpus > 1 else 0.0
     # every worker's float64 Hessians are summed once per block (GPTQ/OAC, and again for --lowrank)
-    hess_rounds = int(cfg.method in ("gptq", "oac")) + int(cfg.lowrank in ("qera", "lqer"))
-    hess_comm_s = ring * hess_rounds * F64 * sum(n * n for _, n in shapes.values()) if p.gpus > 1 else 0.0
+    hess_comm_s = ring * hessian_rounds(cfg) * hessian_bytes(a) if p.gpus > 1 else 0.0
     svd_s = 0.0
     if cfg.uses_lsi:  # each worker computes its share of the SVDs, then receives the others' factors
         owners = svd_owners(shapes, p.gpus)
@@ -341,7 +351,7 @@ def render(plan: dict[str, Any]) -> str:
     for k, v in mem.items():
         if k != "peak" and not k.startswith("phase_") and v:
             lines.append(f"  {k:<20} {_gib(v):>12}")
-    phase = max(("setup", "steady", "solve"), key=lambda k: mem[f"phase_{k}"])
+    phase = peak_phase(mem)
     lines.append(f"  {'peak':<20} {_gib(mem['peak']):>12}  of {_gib(plan['gpu_mem_bytes'])} "
                  f"(during the {PHASES[phase]})")
     host = plan["host"]
@@ -428,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if not plan["fits"]:
         need, have = plan["per_worker_bytes"], plan["gpu_mem_bytes"]
         mem = plan["memory"]
-        if mem["peak"] == mem["phase_solve"]:
+        if peak_phase(mem) == "solve":
             advice = ("its peak is the float64 Hessians and solves of GPTQ/OAC/--lowrank, one [in, in] matrix per "
                       "linear, which no batch size or worker count shrinks: use GPUs with more memory")
         else:

@@ -70,13 +70,18 @@ def test_singular_autocorrelation_is_handled():
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
 
 
-@pytest.mark.parametrize("method", ["rtn", "lsi"])
-def test_block_corrections_lower_the_block_loss(method):
+def _calibration_case(n: int):
+    """A tiny Llama block, its inputs, kwargs and FP outputs, and its arch: calibrate_block's arguments."""
     cfg = tiny_llama_config()
-    _, layer, x, kw = _block(cfg, n=8)
-    arch = BlockArch.from_config(cfg)
+    _, layer, x, kw = _block(cfg, n=n)
     with torch.no_grad():
         y = block_forward(layer, x, kw)
+    return layer, kw, x, y, BlockArch.from_config(cfg)
+
+
+@pytest.mark.parametrize("method", ["rtn", "lsi"])
+def test_block_corrections_lower_the_block_loss(method):
+    layer, kw, x, y, arch = _calibration_case(8)
     common = dict(method=method, wbits=3, group_size=32, epochs=2, batch_size=2)
     plain = calibrate_block(layer, kw, x, y, arch, CalibConfig(**common))
     losses = []
@@ -94,11 +99,7 @@ def test_block_corrections_lower_the_block_loss(method):
 @pytest.mark.parametrize("kind", ["qera", "lqer", "svd"])
 def test_every_kind_corrects_a_block(kind):
     """All three kinds through calibrate_block (svd without building the inputs' autocorrelation)."""
-    cfg = tiny_llama_config()
-    _, layer, x, kw = _block(cfg, n=4)
-    arch = BlockArch.from_config(cfg)
-    with torch.no_grad():
-        y = block_forward(layer, x, kw)
+    layer, kw, x, y, arch = _calibration_case(4)
     common = dict(method="rtn", wbits=3, group_size=32, batch_size=2)
     plain = calibrate_block(layer, kw, x, y, arch, CalibConfig(**common))
     res = calibrate_block(layer, kw, x, y, arch, CalibConfig(lowrank=kind, rank=4, **common))
