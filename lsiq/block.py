@@ -32,6 +32,7 @@ from lsiq.quantizer import ActQuantizer, QuantSpec, dequantize, fake_quant, minm
 
 METHODS = ("rtn", "gptq", "lwc", "lwc-let", "lsi", "sde", "oac")
 PRECISIONS = ("fp32", "bf16")
+SOLVE_DTYPES = ("auto", "float64", "float32")
 
 
 @dataclass
@@ -77,6 +78,11 @@ class CalibConfig:
     # GPU; OmniQuant trains under fp16 autocast); statistics, targets and the propagated
     # activations stay float32. "fp32": everything in float32.
     precision: str = "fp32"
+    # dtype of the second-order statistics and closed-form solves (GPTQ's and OAC's Hessians,
+    # --lowrank's autocorrelations and their Cholesky/SVD solves): "auto" is float64 on a CPU and
+    # float32 on a GPU, where float64 runs at 1/64-1/2 of the float32 rate and float32 halves the
+    # [in, in] matrices (what lets a 70B block's solves fit 24 GB). GPTQ's reference code is float32.
+    solve_dtype: str = "auto"
     # Smallest zero point of asymmetric grids (QuantSpec.zero_min): 1 when the output format cannot
     # store a zero of 0 (GPTQ v1).
     zero_min: int = 0
@@ -86,6 +92,8 @@ class CalibConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.solve_dtype not in SOLVE_DTYPES:
+            raise ValueError(f"solve_dtype must be one of {', '.join(SOLVE_DTYPES)}, got {self.solve_dtype!r}")
         if self.let_init not in ("auto", "ones", "smooth"):
             raise ValueError(f"let_init must be auto, ones or smooth, got {self.let_init!r}")
         ActQuantizer(self.abits)  # validates the activation bit width
@@ -413,6 +421,13 @@ def _key(linear: str) -> str:
     return linear.replace(".", "__")
 
 
+def solve_dtype(cfg: CalibConfig, device: torch.device) -> torch.dtype:
+    """The dtype of Hessians, autocorrelations and their solves (CalibConfig.solve_dtype)."""
+    if cfg.solve_dtype == "auto":
+        return torch.float64 if device.type == "cpu" else torch.float32
+    return getattr(torch, cfg.solve_dtype)
+
+
 def _device(layer: nn.Module) -> torch.device:
     return next(layer.parameters()).device
 
@@ -482,11 +497,12 @@ def _rtn_params(layer: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
 def input_autocorrelations(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
                            shard: SampleShard | None = None, params: dict[str, torch.Tensor] | None = None
                            ) -> dict[str, torch.Tensor]:
-    """2/n sum x x^T [in, in] (float64) of every linear's inputs over the calibration samples (all
+    """2/n sum x x^T [in, in] (in :func:`solve_dtype`) of every linear's inputs over the calibration samples (all
     workers' samples when data-parallel), with the block run on ``params`` (default: its weights)
     and activation quantization on, so each linear sees what it will see at inference."""
     device = _device(layer)
-    hess = {n: HessianAccumulator(layer.get_submodule(n).in_features, device) for n in LINEARS}
+    dtype = solve_dtype(cfg, device)
+    hess = {n: HessianAccumulator(layer.get_submodule(n).in_features, device, dtype) for n in LINEARS}
     # The activation quantizers' hooks go first so that H is built from the inputs the layer sees.
     with act_quant_hooks(layer, cfg.abits):
         handles = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hess[n].add(a[0]))
@@ -499,7 +515,7 @@ def input_autocorrelations(layer: nn.Module, inputs: torch.Tensor, layer_kwargs:
                 h.remove()
     if shard is not None and not shard.trivial:
         for acc in hess.values():  # H of all samples = count-weighted mean of the workers' H
-            n = torch.tensor([float(acc.n)], dtype=torch.float64)
+            n = torch.tensor([float(acc.n)], dtype=acc.h.dtype)
             acc.h *= acc.n
             shard.all_reduce(acc.h, "sum")
             shard.all_reduce(n, "sum")
@@ -512,7 +528,7 @@ def _oac_hessians(layer: nn.Module, fp_inputs: torch.Tensor, output_grads: torch
     """OAC's output-adaptive Hessians, summed over every worker's tokens."""
     from lsiq.oac import oac_hessians
 
-    hess = oac_hessians(layer, fp_inputs, output_grads, layer_kwargs, cfg.batch_size)
+    hess = oac_hessians(layer, fp_inputs, output_grads, layer_kwargs, cfg.batch_size, solve_dtype(cfg, _device(layer)))
     if shard is not None and not shard.trivial:
         for h in hess.values():
             shard.all_reduce(h, "sum")
@@ -523,13 +539,14 @@ def _oac_hessians(layer: nn.Module, fp_inputs: torch.Tensor, output_grads: torch
 def _gptq(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
           shard: SampleShard | None = None, hess: dict[str, torch.Tensor] | None = None
           ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
-    """GPTQ of every linear with ``hess`` (default: 2 X^T X of the inputs, input_autocorrelations)."""
+    """GPTQ of every linear with ``hess`` (default: 2 X^T X of the inputs, input_autocorrelations);
+    each Hessian is dropped from ``hess`` once its linear is quantized."""
     if hess is None:
         hess = input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard)
     linears = {}
     for name in LINEARS:
         w = layer.get_submodule(name).weight.detach()
-        q, scale, zero = gptq_quantize(w, hess[name], cfg.spec, damp=cfg.gptq_damp)
+        q, scale, zero = gptq_quantize(w, hess.pop(name), cfg.spec, damp=cfg.gptq_damp)
         linears[name] = QuantizedLinear(quantize_codes(q, scale, zero, cfg.spec), scale, zero, cfg.spec)
     tensors = {k: v.detach().clone() for k, v in layer.state_dict().items()
                if k.rsplit(".", 1)[0] not in LINEARS or not k.endswith(".weight")}
@@ -542,19 +559,39 @@ def add_lowrank(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, 
     """Give every linear of ``result`` its rank-``cfg.rank`` correction of (target - quantized weight).
 
     ``targets``: each linear's full-precision weight in the calibrated block's coordinates (LET
-    applied, so with the block's folded norms it computes the FP block). The inputs' autocorrelation
-    comes from the quantized block (uncorrected) on the quantized stream. A and B are rounded to
-    float16, the precision they are stored in, before anything uses them."""
+    applied, so with the block's folded norms it computes the FP block); each is dropped from the
+    dict once used. The inputs' autocorrelation comes from the quantized block (uncorrected) on the
+    quantized stream. A and B are rounded to float16, the precision they are stored in, before
+    anything uses them. With data-parallel workers each solves its share of the linears (as the
+    SVDs are shared out: svd_owners) and the factors are broadcast from their owners."""
     autocorr = (input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard, params=result.dequantized_params())
                 if cfg.lowrank != "svd" else {})  # svd ignores the inputs
+    dtype = solve_dtype(cfg, _device(layer))
+    shared = shard is not None and shard.world > 1 and shard.broadcast is not None
+    shapes = {name: tuple(q.codes.shape) for name, q in result.linears.items()}
+    owners = svd_owners(shapes, shard.world) if shared else dict.fromkeys(shapes, 0)  # cost ~ an SVD each
+    me = shard.rank if shared else 0
     for name, q in result.linears.items():
-        err = targets[name].to(torch.float64) - q.dequantize().to(torch.float64)
-        a, b = lowrank_correction(err, cfg.rank, cfg.lowrank, autocorr.pop(name, None), cfg.lowrank_damp)
-        del err
+        target, r = targets.pop(name), autocorr.pop(name, None)  # freed once used, here or by its owner
+        if owners[name] != me:
+            continue
+        err = target.to(dtype) - q.dequantize().to(dtype)
+        del target
+        a, b = lowrank_correction(err, cfg.rank, cfg.lowrank, r, cfg.lowrank_damp, dtype)
+        del err, r
         a16, b16 = a.to(torch.float16), b.to(torch.float16)
         if not (torch.isfinite(a16).all() and torch.isfinite(b16).all()):
             raise FloatingPointError(f"{name}: the low-rank correction overflows float16")
-        q.lowrank_a, q.lowrank_b = a16.to(q.scale.dtype), b16.to(q.scale.dtype)
+        # row-major: LAPACK's factors come column-major, and a broadcast sends raw memory
+        q.lowrank_a, q.lowrank_b = a16.to(q.scale.dtype).contiguous(), b16.to(q.scale.dtype).contiguous()
+    if shared:  # every worker in the same order: no broadcast waits on a solve still running
+        for name, q in result.linears.items():
+            if owners[name] != me:
+                k = min(cfg.rank, *shapes[name])
+                q.lowrank_a = q.scale.new_empty(shapes[name][0], k)
+                q.lowrank_b = q.scale.new_empty(k, shapes[name][1])
+            shard.broadcast(q.lowrank_a, owners[name])
+            shard.broadcast(q.lowrank_b, owners[name])
 
 
 def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor,
@@ -646,10 +683,12 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                         on_step(step, steps, losses[-1])
         params = out = loss = None  # the last step's weights and graph: not kept through the solves below
         linears, tensors = bq.finalize()
+        del opt, learnable  # Adam's state: not kept through the solves either
     result = BlockResult(linears, tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=losses,
                          trainable_params=trainable)
     if cfg.lowrank is not None:
         targets_fp = bq.fp_weights() if bq is not None else {n: layer.get_submodule(n).weight.detach() for n in LINEARS}
+        bq = None  # its SVD factors and learned parameters: the solves need only the FP targets and the codes
         add_lowrank(layer, inputs, layer_kwargs, cfg, result, targets_fp, shard)
     result.loss_after = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size,
                                   result.dequantized_params(), cfg.abits, shard)

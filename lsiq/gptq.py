@@ -17,12 +17,12 @@ from lsiq.quantizer import QuantSpec, dequantize, fake_quant, minmax_scale_zero,
 class HessianAccumulator:
     """Running H = 2/n sum x x^T over the rows of every input batch a linear sees."""
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> None:
+        self.h = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.reshape(-1, x.shape[-1]).to(self.h.dtype)
         m = x.shape[0]
         self.h *= self.n / (self.n + m)
         self.n += m
@@ -32,17 +32,19 @@ class HessianAccumulator:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
                   block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize weight [out, in] given H [in, in]. Returns (fake-quantized weight, scale, zero)."""
+    """Quantize weight [out, in] given H [in, in], in H's dtype (float64, or float32 on a GPU:
+    lsiq.block.solve_dtype). Returns (fake-quantized weight, scale, zero)."""
     out_f, in_f = w.shape
     glen = spec.group_len(in_f)
     if spec.group_size:
         block_size = glen * max(1, block_size // glen)
-    W = w.detach().clone().to(torch.float64)
-    H = h.detach().clone().to(torch.float64)
+    dtype = h.dtype
+    W = w.detach().to(dtype, copy=True)
+    H = h.detach().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype, device=H.device)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # H + damp mean(diag H) I, without an [in, in] eye
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     group_spec = dataclasses.replace(spec, group_size=0)  # per-row params of one group's columns
@@ -72,7 +74,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
             err1[:, i:i + 1] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    scale64, zero64 = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
-    codes = quantize_codes(Q, scale64, zero64, spec)  # Q lies on the fp64 grid: codes are exact
-    scale, zero = scale64.to(w.dtype), zero64.to(w.dtype)
+    scale_h, zero_h = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
+    codes = quantize_codes(Q, scale_h, zero_h, spec)  # Q lies on the grid of its dtype: codes are exact
+    scale, zero = scale_h.to(w.dtype), zero_h.to(w.dtype)
     return dequantize(codes, scale, zero, spec, w.dtype), scale, zero

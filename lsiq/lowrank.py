@@ -3,10 +3,10 @@
 A quantized linear keeps a rank-r correction in 16 bits: y = (W_q + A B) x. With E = W - W_q and
 R = E[x x^T] the autocorrelation of the linear's inputs, the output error is
 E||(E - C) x||^2 = ||(E - C) R^{1/2}||_F^2, so the best rank-r C is (QERA's closed form)
-C = trunc_r(E R^{1/2}) R^{-1/2}. ``lqer`` keeps only R's diagonal (LQER's activation-scaled SVD),
-``svd`` ignores the inputs (C = trunc_r(E), ZeroQuant-V2). All three return A [out, r] and
-B [r, in] with the singular values split evenly between them, so neither factor's range blows up
-in 16 bits.
+C = trunc_r(E R^{1/2}) R^{-1/2} (computed with R's Cholesky factor in place of R^{1/2}: the same
+C). ``lqer`` keeps only R's diagonal (LQER's activation-scaled SVD), ``svd`` ignores the inputs
+(C = trunc_r(E), ZeroQuant-V2). All three return A [out, r] and B [r, in] with the singular values
+split evenly between them, so neither factor's range blows up in 16 bits.
 """
 
 from __future__ import annotations
@@ -16,52 +16,69 @@ import torch
 KINDS = ("qera", "lqer", "svd")
 
 
-def sqrt_and_inv_sqrt(r: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """R^{1/2} and R^{-1/2} of a symmetric positive semi-definite matrix, in float64.
+def cholesky_root(r: torch.Tensor, damp: float = 1e-6, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+    """L, lower triangular, with L L^T = R + d I, in ``dtype``; None when R is zero (inputs that
+    are all zero carry no preference between directions).
 
     An autocorrelation from finitely many tokens is often ill-conditioned or singular (dead input
-    channels, fewer tokens than channels). Its eigenvalues are clipped at 0 (rounding makes some
-    slightly negative) and raised by ``damp`` x their mean, which bounds R^{-1/2} by
-    (damp x mean)^{-1/2} instead of letting it reach 1/sqrt(rounding noise). A zero matrix (inputs
-    that are all zero carry no preference between directions) gives the identity for both."""
-    n, device = r.shape[0], r.device
-    r = r.to(torch.float64)
-    lam, q = torch.linalg.eigh((r + r.T) / 2)
-    del r  # only q and the results are alive from here (memory: the planner's LOWRANK_TRANSIENT)
-    lam = lam.clamp(min=0)
-    if not bool(lam.max() > 0):
-        eye = torch.eye(n, dtype=torch.float64, device=device)
-        return eye, eye
-    lam = lam + damp * lam.mean()
-    half = (q * lam.sqrt()) @ q.T
-    return half, (q * lam.rsqrt()) @ q.T
+    channels, fewer tokens than channels), and rounding leaves it slightly indefinite. d starts at
+    ``damp`` x the mean of R's diagonal (the mean eigenvalue), which bounds L^{-1} by (d)^{-1/2}
+    instead of letting it reach 1/sqrt(rounding noise), and grows 10x until the factorization
+    succeeds (float32 rounding can need more than 1e-6 on a badly conditioned R)."""
+    r = r.to(dtype)
+    mean = r.diagonal().mean()
+    if not bool(mean > 0):
+        return None
+    d = damp * mean.item()
+    for _ in range(12):
+        a = r.clone()
+        a.diagonal().add_(d)
+        info = torch.empty((), dtype=torch.int32, device=a.device)
+        torch.linalg.cholesky_ex(a, out=(a, info))  # in place: no third [n, n] matrix
+        if int(info) == 0:
+            return a.tril_()  # cholesky_ex leaves the upper triangle of its input as it was
+        del a
+        d *= 10
+    raise FloatingPointError(f"the autocorrelation is not positive definite even with {d / 10:.3g} added to its diagonal")
 
 
 def lowrank_correction(err: torch.Tensor, rank: int, kind: str = "qera", autocorr: torch.Tensor | None = None,
-                       damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                       damp: float = 1e-6, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """A [out, r], B [r, in] with A B the ``kind`` rank-``rank`` approximation of ``err`` [out, in];
-    ``autocorr`` [in, in] is E[x x^T] of the linear's inputs (any positive scale: it cancels)."""
+    ``autocorr`` [in, in] is E[x x^T] of the linear's inputs (any positive scale: it cancels).
+    Computed in ``dtype`` (float64, or float32 on a GPU: lsiq.block.solve_dtype)."""
     if kind not in KINDS:
         raise ValueError(f"unknown low-rank method {kind!r}; choose one of {', '.join(KINDS)}")
     if kind != "svd" and autocorr is None:
         raise ValueError(f"{kind} needs the inputs' autocorrelation")
-    e = err.detach().to(torch.float64)
+    e = err.detach().to(dtype)
     rank = min(rank, *e.shape)
+    chol = None
     if kind == "svd":
-        left, right_inv = e, None
+        left, scale = e, None
     elif kind == "lqer":
-        s = autocorr.diagonal().to(torch.float64).clamp(min=0).sqrt()
+        s = autocorr.diagonal().to(dtype).clamp(min=0).sqrt()
         s = s + damp * s.mean() if bool(s.max() > 0) else torch.ones_like(s)  # no signal: plain SVD
-        left, right_inv = e * s, torch.diag(1 / s)
+        left, scale = e * s, s
     else:
-        half, inv_half = sqrt_and_inv_sqrt(autocorr.to(e.device), damp)
-        left, right_inv = e @ half, inv_half
+        # QERA's C = trunc_r(E R^{1/2}) R^{-1/2}, with the Cholesky factor L in place of R^{1/2}:
+        # any S with S S^T = R gives ||(E - C) S||_F^2 = E||(E - C) x||^2, and S = R^{1/2} Q (Q
+        # orthogonal), so trunc_r(E S) S^{-1} is the same C; L costs n^3/3 at matmul speed, the
+        # eigendecomposition behind R^{1/2} ~9 n^3 at LAPACK's much lower rate.
+        chol = cholesky_root(autocorr.to(e.device), damp, dtype)
+        del autocorr  # the caller popped it: this was its last reference
+        left, scale = (e @ chol if chol is not None else e), None
+    del e
     u, sv, vh = torch.linalg.svd(left, full_matrices=False)
-    root = sv[:rank].sqrt()
-    a = u[:, :rank] * root
-    b = root[:, None] * vh[:rank]
-    if right_inv is not None:
-        b = b @ right_inv
+    del left
+    root_sv = sv[:rank].sqrt()
+    a = u[:, :rank] * root_sv
+    b = root_sv[:, None] * vh[:rank]
+    del u, vh
+    if scale is not None:  # lqer: B diag(1/s)
+        b = b * (1 / scale)
+    if chol is not None:  # qera: B L^{-1}, a triangular solve of X L = B
+        b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)
     return a.to(err.dtype), b.to(err.dtype)
 
 

@@ -69,12 +69,12 @@ def block_backward(layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tenso
 
 
 def oac_hessians(layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor, layer_kwargs: dict[str, Any],
-                 batch_size: int) -> dict[str, torch.Tensor]:
-    """H_OAC [in, in] (float64, summed over this worker's tokens) of every linear of the block, from
+                 batch_size: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """H_OAC [in, in] (in ``dtype``, summed over this worker's tokens) of every linear of the block, from
     its FP inputs and the loss gradient at its output (block_backward's recomputation)."""
     device = next(layer.parameters()).device
     hess = {n: torch.zeros(layer.get_submodule(n).in_features, layer.get_submodule(n).in_features,
-                           dtype=torch.float64, device=device) for n in LINEARS}
+                           dtype=dtype, device=device) for n in LINEARS}
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for name in LINEARS:
@@ -82,8 +82,8 @@ def oac_hessians(layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor,
         handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: seen.__setitem__(n, a[0].detach())))
 
         def on_grad(m: nn.Module, grad_in: Any, grad_output: tuple[torch.Tensor, ...], n: str = name) -> None:
-            x = seen.pop(n).reshape(-1, m.in_features).to(torch.float64)
-            g = grad_output[0].reshape(-1, grad_output[0].shape[-1]).to(torch.float64)
+            x = seen.pop(n).reshape(-1, m.in_features).to(dtype)
+            g = grad_output[0].reshape(-1, grad_output[0].shape[-1]).to(dtype)
             w = g.pow(2).sum(-1, keepdim=True) / g.shape[-1]  # |g_t|^2 / out, one weight per token
             hess[n].addmm_(x.T, x * w)
 

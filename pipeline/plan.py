@@ -26,7 +26,7 @@ from lsiq.lsi import svd_flops, svd_owners
 from pipeline.config import parse_bytes
 
 F32 = 4  # the calibrator works in float32 whatever the checkpoint's dtype
-F64 = 8  # Hessians, autocorrelations, GPTQ's solve and the low-rank factors are computed in float64
+F64 = 8  # CalibConfig.solve_dtype float64 (auto on a CPU); auto on a GPU is float32, F32
 
 # Bytes that one optimizer step keeps for the backward pass, in float32 weights of the block's
 # linears, by precision (measured with torch.autograd.graph.saved_tensors_hooks on random Llama
@@ -48,14 +48,20 @@ FP_BLOCK_SAVED_WEIGHTS = {"fp32": 0.0, "bf16": 0.5}
 # OAC's Hessian pass keeps more per token than a plain FP block: its hooks hold every linear's input
 # until that linear's backward (measured with the hooks, as above).
 OAC_PER_TOKEN = (7.0, 4.0)
-# Transient bytes of the float64 linear algebra on one linear [m, n] (k = min(m, n)), as
-# (n^2, m n, k^2) coefficients: a least-squares fit of peak RSS on this CPU for m, n in 512..4096
-# (within 1 % at the largest shapes). GPTQ's solve: H's copy, its Cholesky factors, float64 W, Q
-# and the codes. A low-rank correction, with its float64 error E: qera R^{1/2}, R^{-1/2} and the
-# eigendecomposition, E R^{1/2} and its SVD; lqer the scaled E, its SVD and diag(1/s); svd E's SVD.
+# Transient bytes of the closed-form linear algebra on one linear [m, n] (k = min(m, n)) above its
+# held Hessian, by solve dtype (bytes per value), as (n^2, m n, k^2) coefficients: least-squares
+# fits of peak RSS on this CPU for m, n in 1024..4096 (scripts/fit_solve_memory.py; negative
+# coefficients clamped to 0), within 10 % of the measurements at the 4096-wide shapes. GPTQ's
+# solve: H's copy, its Cholesky factors, W, Q and the codes. lqer: the scaled error E and its SVD;
+# svd: E's SVD. qera is not fitted but built: R's Cholesky factor L (one [n, n], kept for B L^{-1})
+# plus what svd takes for E L's SVD; 0.84-1.32 x its measurements, over where n > m (down_proj),
+# under where m > n (a single linear form fitted to them is 0.81-1.17 x, under at n = 4 m).
 # scripts/bench_plan.py checks them inside whole block calibrations.
-SOLVE_TRANSIENT = (18, 35, 0)
-LOWRANK_TRANSIENT = {"qera": (24, 42, 20), "lqer": (8, 40, 30), "svd": (0, 32, 30)}
+SOLVE_TRANSIENT = {F64: (17.4, 33.0, 0.0), F32: (8.1, 22.4, 0.0)}
+_SVD_TRANSIENT = {F64: (0.0, 32.2, 27.3), F32: (0.0, 19.4, 10.9)}
+LOWRANK_TRANSIENT = {b: {"qera": (float(b), *_SVD_TRANSIENT[b][1:]), "svd": _SVD_TRANSIENT[b]} for b in (F64, F32)}
+LOWRANK_TRANSIENT[F64]["lqer"] = (0.0, 39.6, 27.2)
+LOWRANK_TRANSIENT[F32]["lqer"] = (0.0, 23.9, 10.3)
 
 
 @dataclass
@@ -113,14 +119,36 @@ def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
 
 
 def hessian_rounds(cfg: CalibConfig) -> int:
-    """How many times a block builds one float64 [in, in] matrix per linear: once for GPTQ's or
-    OAC's Hessians, once for --lowrank qera/lqer's input autocorrelations."""
+    """How many times a block builds one [in, in] matrix per linear: once for GPTQ's or OAC's
+    Hessians, once for --lowrank qera/lqer's input autocorrelations."""
     return int(cfg.method in ("gptq", "oac")) + int(cfg.lowrank in ("qera", "lqer"))
 
 
-def hessian_bytes(arch: BlockArch) -> int:
-    """Bytes of one float64 [in, in] matrix per linear of a block."""
-    return F64 * sum(n * n for _, n in arch.linear_shapes().values())
+def solve_bytes(cfg: CalibConfig) -> int:
+    """Bytes per value of the Hessians and solves: CalibConfig.solve_dtype, "auto" being float32
+    on the GPUs a plan is for."""
+    return F64 if cfg.solve_dtype == "float64" else F32
+
+
+def hessian_bytes(arch: BlockArch, nbytes: int = F32) -> int:
+    """Bytes of one [in, in] matrix per linear of a block, ``nbytes`` per value."""
+    return nbytes * sum(n * n for _, n in arch.linear_shapes().values())
+
+
+def _solve_peak(coef: tuple[float, float, float], shapes: dict[str, tuple[int, int]], nbytes: int,
+                target_bytes: int = 0) -> tuple[int, int]:
+    """(Hessian bytes held, the rest) at the worst of the solves run linear by linear in LINEARS
+    order, each Hessian (``nbytes`` per value) and FP target (``target_bytes`` per weight: the LET
+    coordinates' weights of --lowrank) freed once its linear is solved (lsiq.block._gptq, add_lowrank)."""
+    order = list(shapes)
+    worst = (0, 0)
+    for i, name in enumerate(order):
+        m, n = shapes[name]
+        held = nbytes * sum(shapes[k][1] ** 2 for k in order[i:])
+        targets = target_bytes * sum(shapes[k][0] * shapes[k][1] for k in order[i:])
+        transient = int(coef[0] * n * n + coef[1] * m * n + coef[2] * min(m, n) ** 2) + targets
+        worst = max(worst, (held, transient), key=sum)
+    return worst
 
 
 def peak_phase(mem: dict[str, int]) -> str:
@@ -128,14 +156,11 @@ def peak_phase(mem: dict[str, int]) -> str:
     return max(("setup", "steady", "solve"), key=lambda k: mem[f"phase_{k}"])
 
 
-def _transient(coef: tuple[int, int, int], shapes: dict[str, tuple[int, int]]) -> int:
-    return max(coef[0] * n * n + coef[1] * m * n + coef[2] * min(m, n) ** 2 for m, n in shapes.values())
-
-
 def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     """Peak bytes on one worker's device while it calibrates a block, by part (``phase_*``: the
-    totals of the setup, of the steady passes over the tokens, and of the float64 solves)."""
+    totals of the setup, of the steady passes over the tokens, and of the closed-form solves)."""
     a, cfg = p.arch, p.calib
+    sb = solve_bytes(cfg)
     shapes = a.linear_shapes()
     lin = sum(m * n for m, n in shapes.values())
     largest = max(m * n for m, n in shapes.values())
@@ -163,35 +188,45 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
         oac_h, oac_i = OAC_PER_TOKEN
         mem["saved_weights"] = 0
         mem["saved_activations"] = int(F32 * tokens * (oac_h * a.hidden + oac_i * a.intermediate))
-        # one linear's update in float64: its inputs, their weighted copy, its output gradient and its square
-        mem["backward_transient"] = 2 * F64 * tokens * max(m + n for m, n in shapes.values())
+        # one linear's update in the solve dtype: its inputs, their weighted copy, its output gradient and its square
+        mem["backward_transient"] = 2 * sb * tokens * max(m + n for m, n in shapes.values())
     else:  # forward passes only: a micro-batch's activations at a time
         mem["saved_weights"] = 0
         mem["saved_activations"] = int(F32 * tokens * (2 * a.hidden + 3 * a.intermediate))
-        # GPTQ's Hessian update: the inputs in float64, scaled, and the product x^T x before it is added
-        mem["backward_transient"] = (2 * F64 * tokens * max(n for _, n in shapes.values())
-                                     + F64 * max(n * n for _, n in shapes.values())) if cfg.method == "gptq" else 0
+        # GPTQ's Hessian update: the inputs in the solve dtype, scaled, and the product x^T x before it is added
+        mem["backward_transient"] = (2 * sb * tokens * max(n for _, n in shapes.values())
+                                     + sb * max(n * n for _, n in shapes.values())) if cfg.method == "gptq" else 0
     # inputs and targets of the micro-batch (cross-layer: and block i+1's target; OAC: the gradients)
     mem["batch_io"] = (2 + int(cross) + 2 * int(cfg.method == "oac")) * F32 * tokens * a.hidden
-    mem["hessians"] = hessian_bytes(a) if hessian_rounds(cfg) else 0
-    solve = []
+    mem["hessians"] = hessian_bytes(a, sb) if hessian_rounds(cfg) else 0  # all of them, once built
+    # The solves, linear by linear, each Hessian freed once used: the worst moment's Hessians
+    # (``solve_hessians``) and the rest (``solve_transient``: its linear algebra, the block's uint8
+    # codes, and with --lowrank and LET the FP targets in LET's coordinates not yet used).
+    solve = []  # (Hessians held, the rest)
     if cfg.method in ("gptq", "oac"):
-        solve.append(_transient(SOLVE_TRANSIENT, shapes))
+        solve.append(_solve_peak(SOLVE_TRANSIENT[sb], shapes, sb))
     if cfg.lowrank is not None:
-        # the correction's linear algebra; with LET, next to the FP targets in LET's coordinates
-        solve.append(_transient(LOWRANK_TRANSIENT[cfg.lowrank], shapes) + (F32 * lin if cfg.uses_let else 0))
-        if cfg.lowrank != "svd":  # the autocorrelation pass: x^T x of the widest input before it is added
-            solve.append(F64 * max(n * n for _, n in shapes.values()))
-    # and the block's uint8 codes, built linear by linear through the solves
-    mem["solve_transient"] = max(solve) + lin if solve else 0
+        # (svd builds no autocorrelation: nothing held)
+        target = F32 if cfg.uses_let else 0
+        solve.append(_solve_peak(LOWRANK_TRANSIENT[sb][cfg.lowrank], shapes, sb if cfg.lowrank != "svd" else 0, target))
+        if cfg.lowrank != "svd":  # the autocorrelation pass, forward only, on the dequantized weights
+            # (F32 lin): all the matrices, a micro-batch's activations, and the widest input in the
+            # solve dtype, scaled, and its x^T x before it is added
+            widest = max(n for _, n in shapes.values())
+            solve.append((mem["hessians"], (target + F32) * lin + sb * widest * (widest + 2 * tokens)
+                          + int(F32 * tokens * (2 * a.hidden + 3 * a.intermediate))))
+    worst = max(solve, key=sum) if solve else (0, 0)
+    mem["solve_hessians"] = worst[0]
+    mem["solve_transient"] = worst[1] + lin if solve else 0
     # setup: the SVD of the largest linear (its copy, U, V^T and a workspace of its size), before training
     m, n = max(shapes.values(), key=lambda s: s[0] * s[1])
     svd = p.hw.svd_bytes * (2 * m * n + m * min(m, n) + min(m, n) * n) if cfg.uses_lsi else 0
     held = block + mem["next_block_weights"] + mem["svd_factors"] + mem["optimizer_state"]
     passes = mem["saved_weights"] + mem["saved_activations"] + mem["backward_transient"] + mem["batch_io"]
-    # GPTQ and OAC accumulate their Hessians during their passes over the tokens; --lowrank after training
+    # GPTQ and OAC accumulate their Hessians during their passes over the tokens; --lowrank after
+    # training, once the SVD factors and Adam's state are freed (lsiq.block.calibrate_block)
     steady = held + passes + (mem["hessians"] if cfg.method in ("gptq", "oac") else 0)
-    solve_phase = held + mem["hessians"] + mem["solve_transient"] if solve else 0
+    solve_phase = block + mem["next_block_weights"] + mem["solve_hessians"] + mem["solve_transient"] if solve else 0
     setup = block + mem["next_block_weights"] + mem["svd_factors"] + svd
     mem.update(phase_setup=setup, phase_steady=steady, phase_solve=solve_phase)
     mem["peak"] = max(steady, setup, solve_phase)
@@ -211,26 +246,42 @@ def host_plan(p: PlanConfig) -> dict[str, int]:
             "block_tensors": blocks * F32 * sum(m * n for m, n in p.arch.linear_shapes().values())}
 
 
-def fp64_flops(p: PlanConfig) -> int:
-    """Float64 FLOPs of one block on one worker: accumulating the Hessians / autocorrelations over
-    its tokens (2 n^2 per token and linear), and the solves every worker repeats: GPTQ's Cholesky
-    factors and column updates (2 n^3 + m n^2), a low-rank correction's eigendecomposition and the
-    square roots from it (13 n^3), E R^{1/2} (2 m n^2), its SVD and B R^{-1/2} (2 r n^2) for qera;
-    the SVD and B diag(1/s) for lqer; the SVD alone for svd (which builds no autocorrelation)."""
+def solve_flops(p: PlanConfig) -> tuple[int, int]:
+    """FLOPs of one block's Hessians and solves on one worker, as (matrix products and blocked
+    Cholesky factors, which run near matmul speed; eigendecompositions and SVDs, which do not):
+    accumulating the Hessians / autocorrelations over its tokens (2 n^2 per token and linear) and,
+    repeated on every worker, GPTQ's column updates (m n^2) and Cholesky factors (2 n^3); shared out
+    between the workers (the slowest's share), the low-rank corrections: for qera R's Cholesky
+    factor L (n^3 / 3), E L (2 m n^2), B L^{-1} (r n^2) and E L's SVD; the SVD for lqer and svd
+    (svd builds no autocorrelation)."""
     cfg, shapes = p.calib, p.arch.linear_shapes()
     local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
     accumulate = sum(2 * local_tokens * n * n for _, n in shapes.values())
-    flops = 0
+    mm = fact = 0
     if cfg.method in ("gptq", "oac"):
-        flops += accumulate + sum(2 * n**3 + m * n * n for m, n in shapes.values())
-    if cfg.lowrank == "qera":
-        flops += accumulate + sum(13 * n**3 + 2 * m * n * n + svd_flops(m, n) + 2 * cfg.rank * n * n
-                                  for m, n in shapes.values())
-    elif cfg.lowrank == "lqer":  # the diagonal scaling, E's SVD, B diag(1/s) as a dense product
-        flops += accumulate + sum(svd_flops(m, n) + 2 * cfg.rank * n * n for m, n in shapes.values())
-    elif cfg.lowrank == "svd":
-        flops += sum(svd_flops(m, n) for m, n in shapes.values())
-    return flops
+        mm += accumulate + sum(m * n * n + 2 * n**3 for m, n in shapes.values())
+    if cfg.lowrank is not None:
+        if cfg.lowrank != "svd":
+            mm += accumulate
+        # per linear; with several workers each solves its share (svd_owners) and the slowest sets the pace
+        per = {k: ((n**3 // 3 + 2 * m * n * n + cfg.rank * n * n) if cfg.lowrank == "qera" else 0, svd_flops(m, n))
+               for k, (m, n) in shapes.items()}
+        owners = svd_owners(shapes, p.gpus)
+        loads = [(sum(per[k][0] for k in per if owners[k] == r), sum(per[k][1] for k in per if owners[k] == r))
+                 for r in range(p.gpus)]
+        worst = max(loads, key=sum)
+        mm, fact = mm + worst[0], fact + worst[1]
+    return mm, fact
+
+
+def solve_seconds(p: PlanConfig) -> float:
+    """Products at the matmul rate of the solve dtype (--tflops, or --fp64-tflops for float64);
+    eigendecompositions and SVDs at --svd-tflops (cuSOLVER's are far from matmul speed), and in
+    float64 no faster than its matmuls."""
+    mm, fact = solve_flops(p)
+    if solve_bytes(p.calib) == F64:
+        return mm / (p.hw.fp64_tflops * 1e12) + fact / (min(p.hw.fp64_tflops, p.hw.svd_tflops) * 1e12)
+    return mm / (p.hw.tflops * 1e12) + fact / (p.hw.svd_tflops * 1e12)
 
 
 def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
@@ -267,24 +318,24 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     allreduce_bytes = F32 * trainable_params(a, cfg) if p.gpus > 1 else 0
     ring = 2 * (p.gpus - 1) / p.gpus * 8 / (hw.link_gbps * 1e9)  # seconds per byte all-reduced (ring)
     step_comm_s = ring * allreduce_bytes if p.gpus > 1 else 0.0
-    # every worker's float64 Hessians are summed once per block (GPTQ/OAC, and again for --lowrank)
-    hess_comm_s = ring * hessian_rounds(cfg) * hessian_bytes(a) if p.gpus > 1 else 0.0
+    # every worker's Hessians are summed once per block (GPTQ/OAC, and again for --lowrank)
+    hess_comm_s = ring * hessian_rounds(cfg) * hessian_bytes(a, solve_bytes(cfg)) if p.gpus > 1 else 0.0
     svd_s = 0.0
     if cfg.uses_lsi:  # each worker computes its share of the SVDs, then receives the others' factors
         owners = svd_owners(shapes, p.gpus)
         load = [sum(svd_flops(*shapes[k]) for k in shapes if owners[k] == r) for r in range(p.gpus)]
         received = max(sum(factor_bytes(*shapes[k]) for k in shapes if owners[k] != r) for r in range(p.gpus))
         svd_s = max(load) / (hw.svd_tflops * 1e12) + received * 8 / (hw.link_gbps * 1e9)
-    fp64_s = fp64_flops(p) / (hw.fp64_tflops * 1e12)
+    solve_s = solve_seconds(p)
     oac_s = 0.0
     if cfg.method == "oac":  # the run's FP pass before the blocks, per block: forward, then recomputed
         # forward and backward in reverse; and the head's logits and their gradient, shared out
         head = 2 * 2 * a.hidden * a.vocab_size * local_tokens / a.num_layers  # logits, input gradient
         oac_s = (3 * local_tokens * flops_per_token + head) / (hw.tflops * 1e12)
-    block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s) + hess_comm_s + fp64_s + oac_s
+    block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s) + hess_comm_s + solve_s + oac_s
     return {"steps_per_block": steps, "svd_s": svd_s, "tokens_s": tokens_s, "weight_s": steps * step_weight_s,
             "allreduce_s": steps * step_comm_s + hess_comm_s, "allreduce_bytes_per_step": allreduce_bytes,
-            "fp64_s": fp64_s, "oac_pass_s": oac_s, "block_s": block_s, "hours": a.num_layers * block_s / 3600}
+            "solve_s": solve_s, "oac_pass_s": oac_s, "block_s": block_s, "hours": a.num_layers * block_s / 3600}
 
 
 def make_plan(p: PlanConfig) -> dict[str, Any]:
@@ -302,7 +353,8 @@ def make_plan(p: PlanConfig) -> dict[str, Any]:
                          "cross_layer": p.calib.cross_layer, "lowrank": p.calib.lowrank, "rank": p.calib.rank,
                          "group_size": p.calib.group_size, "nsamples": p.nsamples, "seqlen": p.seqlen,
                          "epochs": p.calib.epochs, "batch_size": p.calib.batch_size,
-                         "precision": p.calib.precision},
+                         "precision": p.calib.precision, "solve_dtype": "float64" if solve_bytes(p.calib) == F64
+                         else "float32"},
             "hardware": asdict(p.hw), "blocks": p.arch.num_layers}
     if p.target_hours is not None:
         plan["target_hours"] = p.target_hours
@@ -334,7 +386,7 @@ def load_arch(path: str) -> BlockArch:
         raise SystemExit(f"error: {e}") from None
 
 
-PHASES = {"setup": "setup (the SVDs)", "steady": "passes over the tokens", "solve": "float64 solves"}
+PHASES = {"setup": "setup (the SVDs)", "steady": "passes over the tokens", "solve": "Hessians' solves"}
 
 
 def _gib(n: float) -> str:
@@ -358,7 +410,8 @@ def render(plan: dict[str, Any]) -> str:
     oac = f", OAC boundary caches {_gib(host['oac_caches'])}" if host["oac_caches"] else ""
     lines.append(f"per-worker host RAM: activation caches {_gib(host['activation_caches'])}{oac}, "
                  f"block tensors {_gib(host['block_tensors'])} (caches spill to disk above --activation-budget)")
-    more = "".join(f" + {name} {t[k]:.1f}" for k, name in (("fp64_s", "float64 solves"), ("oac_pass_s", "OAC pass"))
+    more = "".join(f" + {name} {t[k]:.1f}" for k, name in (("solve_s", f"{s['solve_dtype']} solves"),
+                                                              ("oac_pass_s", "OAC pass"))
                    if t[k])
     lines.append(f"time per block: {t['block_s']:.1f} s = SVD {t['svd_s']:.1f} + tokens {t['tokens_s']:.1f} + "
                  f"weight side {t['weight_s']:.1f} + all-reduce {t['allreduce_s']:.1f}{more} "
@@ -371,6 +424,8 @@ def render(plan: dict[str, Any]) -> str:
         flags += " --cross-layer"
     if s["lowrank"]:
         flags += f" --lowrank {s['lowrank']} --rank {s['rank']}"
+    if s["method"] in ("gptq", "oac") or s["lowrank"]:
+        flags += f" --solve-dtype {s['solve_dtype']}"
     lines.append(f"pipeline.quantize flags: {flags}{' --recompute-weights' if plan['recompute_weights'] else ''}")
     if "meets_target" in plan:
         lines.append(f"target {plan['target_hours']} h: {'met' if plan['meets_target'] else 'NOT met'}")
@@ -400,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step (default: --gpus)")
     p.add_argument("--lsi-block-k", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="as pipeline.quantize --precision")
+    p.add_argument("--solve-dtype", choices=["float32", "float64"], default="float32",
+                   help="as pipeline.quantize --solve-dtype (its auto is float32 on a GPU)")
     p.add_argument("--recompute-weights", choices=["auto", "on", "off"], default="auto",
                    help="auto: recompute the calibrated weights in backward only when the plan does not fit without")
     hw = p.add_argument_group("hardware (per worker)")
@@ -408,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--mem-gbs", type=float, default=Hardware.mem_gbs, help="sustained memory bandwidth, GB/s")
     hw.add_argument("--svd-tflops", type=float, default=Hardware.svd_tflops, help="sustained SVD TFLOP/s")
     hw.add_argument("--fp64-tflops", type=float, default=Hardware.fp64_tflops,
-                    help="sustained float64 TFLOP/s (GPTQ/OAC Hessians and solves, --lowrank)")
+                    help="sustained float64 TFLOP/s (GPTQ/OAC Hessians and solves, --lowrank, with --solve-dtype float64)")
     hw.add_argument("--link-gbps", type=float, default=Hardware.link_gbps, help="all-reduce bandwidth, Gbit/s")
     p.add_argument("--target-hours", type=float, default=None, help="also report whether the estimate meets this")
     return p
@@ -420,7 +477,8 @@ def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
     try:
         calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size,
                             epochs=a.epochs, batch_size=a.batch_size or a.gpus, lsi_block_k=a.lsi_block_k,
-                            precision=a.precision, cross_layer=a.cross_layer, lowrank=a.lowrank, rank=a.rank)
+                            precision=a.precision, cross_layer=a.cross_layer, lowrank=a.lowrank, rank=a.rank,
+                            solve_dtype=a.solve_dtype)
         return PlanConfig(arch=arch, gpus=a.gpus, gpu_mem=a.gpu_mem, calib=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, recompute=a.recompute_weights, target_hours=a.target_hours,
                           hw=Hardware(a.tflops, a.bf16_tflops, a.mem_gbs, a.svd_tflops, a.fp64_tflops, a.link_gbps))
@@ -439,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         need, have = plan["per_worker_bytes"], plan["gpu_mem_bytes"]
         mem = plan["memory"]
         if peak_phase(mem) == "solve":
-            advice = ("its peak is the float64 Hessians and solves of GPTQ/OAC/--lowrank, one [in, in] matrix per "
-                      "linear, which no batch size or worker count shrinks: use GPUs with more memory")
+            advice = ("its peak is the Hessians and solves of GPTQ/OAC/--lowrank, [in, in] matrices that no batch "
+                      "size or worker count shrinks: use GPUs with more memory"
+                      + (", or --solve-dtype float32" if plan["settings"]["solve_dtype"] == "float64" else ""))
         else:
             advice = ("lower --batch-size (fewer samples per worker per step), use GPUs with more memory, or a "
                       "smaller --seqlen")

@@ -12,6 +12,7 @@ in-process, one worker) for several settings, each in a fresh process, and compa
 
     python scripts/bench_plan.py                                  # hidden 1024, 16 x 256 tokens, 1 epoch
     python scripts/bench_plan.py --hidden 1536 --out bench_out/plan
+    python scripts/bench_plan.py --only gptq gptq-f32 --out bench_out/plan-gptq
 """
 
 from __future__ import annotations
@@ -40,13 +41,23 @@ SETTINGS = [  # (variant, batch_size, recompute); a variant is a method or metho
     ("oac", 4, False),
     ("lsi+cross", 4, False),
     ("lsi+qera16", 4, False),
+    ("gptq-f32", 4, False),
+    ("lsi+qera16-f32", 4, False),
+    ("rtn+qera16", 4, False),  # no training: the peak is the correction's solves
+    ("rtn+qera16-f32", 4, False),
 ]
-VARIANTS = {"lsi+cross": ("lsi", {"cross_layer": True}), "lsi+qera16": ("lsi", {"lowrank": "qera", "rank": 16})}
+VARIANTS = {"lsi+cross": ("lsi", {"cross_layer": True}), "lsi+qera16": ("lsi", {"lowrank": "qera", "rank": 16}),
+            "gptq-f32": ("gptq", {"solve_dtype": "float32"}),
+            "lsi+qera16-f32": ("lsi", {"lowrank": "qera", "rank": 16, "solve_dtype": "float32"}),
+            "rtn+qera16": ("rtn", {"lowrank": "qera", "rank": 16}),
+            "rtn+qera16-f32": ("rtn", {"lowrank": "qera", "rank": 16, "solve_dtype": "float32"})}
 
 
 def calib_config(variant: str, **kw) -> CalibConfig:
+    """The variant's CalibConfig; solves in float64 (what auto is on this CPU) unless it says float32,
+    stated so that the plan (whose default is a GPU's float32) plans what runs."""
     method, extra = VARIANTS.get(variant, (variant, {}))
-    return CalibConfig(method=method, **extra, **kw)
+    return CalibConfig(method=method, **{"solve_dtype": "float64", **extra}, **kw)
 
 
 def _rss(field: str) -> int:
@@ -132,6 +143,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench_out/plan")
+    p.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="run only these variants' rows")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: method,batch,recompute
     args = p.parse_args()
     if args.one:
@@ -148,6 +160,8 @@ def main() -> int:
     arch = BlockArch("llama", args.hidden, args.intermediate, args.hidden // 64, args.hidden // 256, 64, 1)
     rows = []
     for method, batch, rec in SETTINGS:
+        if args.only and method not in args.only:
+            continue
         cmd = [sys.executable, __file__, "--one", f"{method},{batch},{int(rec)}", "--hidden", str(args.hidden),
                "--intermediate", str(args.intermediate), "--nsamples", str(args.nsamples), "--seqlen",
                str(args.seqlen), "--epochs", str(args.epochs), "--threads", str(args.threads)]

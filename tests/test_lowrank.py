@@ -6,7 +6,7 @@ import torch
 
 from lsiq.arch import LINEARS, BlockArch
 from lsiq.block import CalibConfig, block_forward, calibrate_block
-from lsiq.lowrank import KINDS, lowrank_correction, output_error, sqrt_and_inv_sqrt
+from lsiq.lowrank import KINDS, cholesky_root, lowrank_correction, output_error
 from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero
 from tests.conftest import tiny_llama_config
 from tests.test_methods import _block
@@ -53,14 +53,15 @@ def test_output_error_is_the_mean_squared_output_error():
 
 
 def test_singular_autocorrelation_is_handled():
-    """Dead input channels and fewer tokens than channels: R is singular; the square root and its
-    inverse stay finite and bounded, and QERA still beats the input-blind SVD."""
+    """Dead input channels and fewer tokens than channels: R is singular; its damped Cholesky factor
+    stays finite and invertible, and QERA still beats the input-blind SVD."""
     err, _, x = _problem(inf=64, n=40)  # 40 tokens, 64 channels: rank <= 40
     x[:, :5] = 0  # dead channels
     r = x.T @ x / x.shape[0]
-    half, inv_half = sqrt_and_inv_sqrt(r)
-    assert torch.isfinite(half).all() and torch.isfinite(inv_half).all()
-    assert torch.allclose(half @ half, r.double(), atol=1e-4 * r.abs().max().item())
+    for dtype in (torch.float64, torch.float32):
+        chol = cholesky_root(r, dtype=dtype)
+        assert torch.isfinite(chol).all() and torch.equal(chol, chol.tril()) and bool(chol.diagonal().min() > 0)
+        assert torch.allclose((chol @ chol.T).double(), r.double(), atol=1e-4 * r.abs().max().item())
     a, b = lowrank_correction(err, 8, "qera", r)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     assert b.abs().max() < 1e3 * err.abs().max()
@@ -68,6 +69,26 @@ def test_singular_autocorrelation_is_handled():
     for kind in ("qera", "lqer"):
         a, b = lowrank_correction(err, 8, kind, torch.zeros(64, 64))  # no signal at all: still finite
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_solves_match_float64(kind):
+    """--solve-dtype float32 (a GPU's auto): the same correction quality as float64; and QERA through
+    R's Cholesky factor is QERA's closed form through R^{1/2} (formed here from R's eigenvectors)."""
+    err, r, _ = _problem(seed=2)
+    base = output_error(err, r)
+    e64 = output_error(err, r, *lowrank_correction(err, 8, kind, r.double()))
+    a, b = lowrank_correction(err, 8, kind, r.float(), dtype=torch.float32)
+    assert a.dtype == b.dtype == err.dtype
+    assert abs(output_error(err, r, a, b) - e64) < 1e-3 * base, kind
+    if kind == "qera":
+        r64 = r.double()
+        lam, q = torch.linalg.eigh(r64)
+        lam = lam.clamp(min=0) + 1e-6 * lam.clamp(min=0).mean()
+        u, sv, vh = torch.linalg.svd(err.double() @ (q * lam.sqrt()) @ q.T, full_matrices=False)
+        want = (u[:, :8] * sv[:8]) @ vh[:8] @ (q * lam.rsqrt()) @ q.T
+        got_a, got_b = lowrank_correction(err.double(), 8, "qera", r64)
+        assert torch.allclose(got_a @ got_b, want, rtol=1e-6, atol=1e-8 * want.abs().max().item())
 
 
 def _calibration_case(n: int):
@@ -104,6 +125,8 @@ def test_every_kind_corrects_a_block(kind):
     plain = calibrate_block(layer, kw, x, y, arch, CalibConfig(**common))
     res = calibrate_block(layer, kw, x, y, arch, CalibConfig(lowrank=kind, rank=4, **common))
     assert res.loss_after < plain.loss_after
+    res32 = calibrate_block(layer, kw, x, y, arch, CalibConfig(lowrank=kind, rank=4, solve_dtype="float32", **common))
+    assert res32.loss_after == pytest.approx(res.loss_after, rel=1e-3)  # float32 solves: a GPU's auto
 
 
 def test_pipeline_stores_and_evaluate_applies_the_corrections(tiny_checkpoint, texts_dir, tmp_path, ray_local):

@@ -118,6 +118,34 @@ def test_gptq_beats_rtn_on_layer_output():
         assert err_gptq < 0.9 * err_rtn, spec
 
 
+def test_gptq_in_float32_matches_float64():
+    """--solve-dtype float32 (a GPU's auto): float32 Hessian and solve, the same output error."""
+    torch.manual_seed(1)
+    n, d_in, d_out = 1024, 128, 64
+    x = torch.randn(n, d_in) @ (torch.randn(d_in, d_in) / d_in**0.5)
+    w = torch.randn(d_out, d_in)
+    errs = {}
+    for dtype in (torch.float64, torch.float32):
+        acc = HessianAccumulator(d_in, dtype=dtype)
+        acc.add(x)
+        assert acc.h.dtype == dtype
+        q, scale, zero = gptq_quantize(w, acc.h, QuantSpec(3, 32))
+        assert q.dtype == w.dtype and torch.equal(fake_quant(q, scale, zero, QuantSpec(3, 32)), q)
+        errs[dtype] = (x @ (w - q).T).pow(2).mean().item()
+    assert errs[torch.float32] == pytest.approx(errs[torch.float64], rel=0.02)
+
+
+def test_solve_dtype_setting():
+    from lsiq.block import solve_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert solve_dtype(CalibConfig(), cpu) == torch.float64 and solve_dtype(CalibConfig(), gpu) == torch.float32
+    assert solve_dtype(CalibConfig(solve_dtype="float32"), cpu) == torch.float32
+    assert solve_dtype(CalibConfig(solve_dtype="float64"), gpu) == torch.float64
+    with pytest.raises(ValueError, match="solve_dtype must be one of"):
+        CalibConfig(solve_dtype="float16")
+
+
 @pytest.mark.parametrize("method", ["lwc", "lwc-let", "lsi", "sde"])
 def test_calibration_lowers_block_loss(method):
     cfg = tiny_llama_config()

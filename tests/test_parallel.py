@@ -77,22 +77,41 @@ def _run_workers(layer, kw, x, targets, arch, cfg, world, grads=None):
     return results
 
 
-@pytest.mark.parametrize("method,abits", [("lsi", 16), ("lwc-let", 8), ("gptq", 16), ("oac", 16)])
-def test_two_workers_equal_one(method, abits):
+@pytest.mark.parametrize("method,abits,lowrank", [("lsi", 16, None), ("lwc-let", 8, None), ("gptq", 16, None),
+                                                  ("oac", 16, None), ("lsi", 16, "qera")])
+def test_two_workers_equal_one(method, abits, lowrank):
+    """(With --lowrank each worker solves its share of the corrections and receives the others'.)"""
     cfg_model = tiny_llama_config()
     _, layer, x, kw = _block(cfg_model, n=6)
     arch = BlockArch.from_config(cfg_model)
     targets = forward_all(layer, x, kw, 2)
     x = x + 0.05 * torch.randn_like(x)  # quantized-stream inputs differ from the FP ones
-    cfg = CalibConfig(method=method, wbits=3, abits=abits, group_size=32, epochs=2, batch_size=4, lsi_block_k=4)
+    cfg = CalibConfig(method=method, wbits=3, abits=abits, group_size=32, epochs=2, batch_size=4, lsi_block_k=4,
+                      lowrank=lowrank, rank=4)
     grads = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) if method == "oac" else None
     extra = {} if grads is None else {"fp_inputs": x, "output_grads": grads}
     one = calibrate_block(layer, kw, x, targets, arch, cfg, 0, **extra)
-    two = _run_workers(layer, kw, x, targets, arch, cfg, 2, grads)
+    import lsiq.block as block_mod
+
+    real, solved = block_mod.lowrank_correction, []
+
+    def counting(*args, **kwargs):  # which worker solved a correction (threads share the module)
+        solved.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    block_mod.lowrank_correction = counting
+    try:
+        two = _run_workers(layer, kw, x, targets, arch, cfg, 2, grads)
+    finally:
+        block_mod.lowrank_correction = real
+    if lowrank:  # seven corrections, shared out between the two workers
+        assert len(solved) == 7 and len(set(solved)) == 2
     # workers end with identical parameters
     for name in one.linears:
         assert torch.equal(two[0].linears[name].codes, two[1].linears[name].codes)
         assert torch.equal(two[0].linears[name].scale, two[1].linears[name].scale)
+        if lowrank:
+            assert torch.equal(two[0].linears[name].weight(), two[1].linears[name].weight())
     # and agree with the single worker within float tolerance (summation order differs)
     assert abs(two[0].loss_after - one.loss_after) <= 1e-4 * one.loss_after
     for a, b in zip(one.losses, two[0].losses, strict=True):

@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from lsiq.arch import BlockArch
+from lsiq.arch import LINEARS, BlockArch
 from lsiq.block import BlockQuantizer, CalibConfig, block_forward
 from pipeline import plan
 
@@ -269,24 +269,43 @@ def test_hessian_bytes_equal_what_the_code_builds():
     x = torch.randn(2, 16, 256)
     pos = torch.arange(16)[None]
     kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, pos), "position_ids": pos}
-    calib = CalibConfig(method="gptq", wbits=4, group_size=64, batch_size=2)
-    hess = input_autocorrelations(layer, x, kwargs, calib)
-    p = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**12, calib=calib, nsamples=2, seqlen=16)
-    assert plan.memory_plan(p, recompute=False)["hessians"] == sum(h.numel() * h.element_size() for h in hess.values())
+    for dtype in ("float64", "float32"):
+        calib = CalibConfig(method="gptq", wbits=4, group_size=64, batch_size=2, solve_dtype=dtype)
+        hess = input_autocorrelations(layer, x, kwargs, calib)
+        assert {h.dtype for h in hess.values()} == {getattr(torch, dtype)}
+        p = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**12, calib=calib, nsamples=2, seqlen=16)
+        mem = plan.memory_plan(p, recompute=False)
+        assert mem["hessians"] == sum(h.numel() * h.element_size() for h in hess.values()), dtype
+        # at the worst solve (down_proj's, the last and widest) only its own Hessian is left
+        assert mem["solve_hessians"] == hess["mlp.down_proj"].numel() * hess["mlp.down_proj"].element_size()
+
+
+def test_gptq_frees_each_hessian_once_used():
+    """What the plan's solve phase assumes: _gptq pops every Hessian, so only the unsolved ones stay."""
+    from lsiq.block import _gptq
+
+    layer, arch, cfg = _block(256, 704)
+    hess = {n: torch.eye(layer.get_submodule(n).in_features) for n in LINEARS}
+    _gptq(layer, None, {}, CalibConfig(method="gptq", wbits=4, group_size=64), hess=hess)
+    assert hess == {}
 
 
 def test_the_other_methods_are_planned(plan_cli):
     """GPTQ, OAC, --lowrank and --cross-layer: the parts each adds, and the refusal that names the
-    float64 solves when they are what does not fit (70B: down_proj's [28672, 28672] Hessian)."""
+    solves when they are what does not fit (70B: down_proj's [28672, 28672] Hessian in float64)."""
     cfg = str(MODELS / "llama-2-70b")
     base = ("--model-config", cfg, "--gpus", "8")
     rc, lsi, _ = plan_cli(*base, "--gpu-mem", "80GB")
-    assert rc == 0 and lsi["memory"]["hessians"] == 0 and lsi["time"]["fp64_s"] == 0
-    rc, gptq, err = plan_cli(*base, "--gpu-mem", "24GB", "--method", "gptq")
-    assert rc == 1 and gptq["memory"]["peak"] == gptq["memory"]["phase_solve"] and "float64" in err
-    assert gptq["memory"]["hessians"] == 8 * (6 * 8192**2 + 28672**2)
+    assert rc == 0 and lsi["memory"]["hessians"] == 0 and lsi["time"]["solve_s"] == 0
+    rc, gptq64, err = plan_cli(*base, "--gpu-mem", "24GB", "--method", "gptq", "--solve-dtype", "float64")
+    assert rc == 1 and gptq64["memory"]["peak"] == gptq64["memory"]["phase_solve"] and "--solve-dtype float32" in err
+    assert gptq64["memory"]["hessians"] == 8 * (6 * 8192**2 + 28672**2)
+    assert gptq64["memory"]["solve_hessians"] == 8 * 28672**2  # the others are freed by down_proj's turn
+    rc, gptq, _ = plan_cli(*base, "--gpu-mem", "24GB", "--method", "gptq")  # float32, a GPU's auto
+    assert rc == 0 and gptq["memory"]["hessians"] == gptq64["memory"]["hessians"] // 2
+    assert gptq["settings"]["solve_dtype"] == "float32" and gptq["hours"] < gptq64["hours"]
     rc, gptq80, _ = plan_cli(*base, "--gpu-mem", "80GB", "--method", "gptq")
-    assert rc == 0 and gptq80["time"]["fp64_s"] > 0 and gptq80["time"]["steps_per_block"] == 0
+    assert rc == 0 and gptq80["time"]["solve_s"] > 0 and gptq80["time"]["steps_per_block"] == 0
     rc, oac, _ = plan_cli(*base, "--gpu-mem", "80GB", "--method", "oac")
     assert rc == 0 and oac["time"]["oac_pass_s"] > 0 and oac["hours"] > gptq80["hours"]
     # what the calibrator itself reserves for the OAC pass (pipeline.calibrator.oac_forward)
@@ -295,7 +314,7 @@ def test_the_other_methods_are_planned(plan_cli):
     host = oac["host"]["activation_caches"] + oac["host"]["oac_caches"]
     assert host == (CACHES_AT_ONCE + 80) * 16 * 2048 * 8192 * 4
     rc, qera, _ = plan_cli(*base, "--gpu-mem", "80GB", "--lowrank", "qera", "--rank", "16")
-    assert rc == 0 and qera["memory"]["solve_transient"] > 0 and qera["time"]["fp64_s"] > 0
+    assert rc == 0 and qera["memory"]["solve_transient"] > 0 and qera["time"]["solve_s"] > 0
     assert qera["time"]["svd_s"] == lsi["time"]["svd_s"] and qera["hours"] > lsi["hours"]
     assert qera["settings"]["lowrank"] == "qera" and qera["settings"]["rank"] == 16
     rc, cross, _ = plan_cli(*base, "--gpu-mem", "80GB", "--cross-layer")
@@ -305,17 +324,31 @@ def test_the_other_methods_are_planned(plan_cli):
     assert cross["time"]["tokens_s"] > lsi["time"]["tokens_s"] and cross["time"]["weight_s"] == lsi["time"]["weight_s"]
 
 
-def test_fp64_time_by_hand():
+def test_solve_time_by_hand():
+    """GPTQ's solves are repeated on every worker; the low-rank corrections are shared out between
+    the two workers as the SVDs are (svd_owners), and the slower one sets the time."""
     arch = BlockArch("llama", 256, 512, 4, 2, 64, 3)
     shapes = [(256, 256), (128, 256), (128, 256), (256, 256), (512, 256), (512, 256), (256, 512)]
-    hw = plan.Hardware(tflops=1.0, fp64_tflops=0.25)
+    hw = plan.Hardware(tflops=1.0, fp64_tflops=0.25, svd_tflops=0.1)
     tokens = 4 * 32  # one of two workers' 4 samples
     accumulate = sum(2 * tokens * n * n for _, n in shapes)
-    for kw, solve in [({"method": "gptq"}, sum(2 * n**3 + m * n * n for m, n in shapes)),
-                      ({"method": "lsi", "lowrank": "qera", "rank": 8},
-                       sum(13 * n**3 + 2 * m * n * n + 6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3
-                           + 2 * 8 * n * n for m, n in shapes))]:
-        calib = CalibConfig(wbits=4, group_size=64, epochs=2, batch_size=2, **kw)
-        t = plan.time_plan(plan.PlanConfig(arch=arch, gpus=2, gpu_mem=10**12, calib=calib, nsamples=8, seqlen=32,
-                                           hw=hw), recompute=False)
-        assert t["fp64_s"] == pytest.approx((accumulate + solve) / 0.25e12), kw
+
+    def svd(m, n):
+        return 6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3
+
+    qera = [(n**3 // 3 + 2 * m * n * n + 8 * n * n, svd(m, n)) for m, n in shapes]
+    from pipeline.plan import svd_owners
+
+    by_name = svd_owners(dict(zip(arch.linear_shapes(), shapes, strict=True)), 2)
+    owners = [by_name[k] for k in arch.linear_shapes()]
+    assert sorted(set(owners)) == [0, 1]
+    loads = [tuple(sum(q[i] for q, o in zip(qera, owners, strict=True) if o == r) for i in (0, 1)) for r in (0, 1)]
+    worst = max(loads, key=sum)
+    for kw, mm, fact in [({"method": "gptq"}, sum(2 * n**3 + m * n * n for m, n in shapes), 0),
+                         ({"method": "lsi", "lowrank": "qera", "rank": 8}, worst[0], worst[1])]:
+        for dtype in ("float64", "float32"):
+            calib = CalibConfig(wbits=4, group_size=64, epochs=2, batch_size=2, solve_dtype=dtype, **kw)
+            t = plan.time_plan(plan.PlanConfig(arch=arch, gpus=2, gpu_mem=10**12, calib=calib, nsamples=8, seqlen=32,
+                                               hw=hw), recompute=False)
+            want = (accumulate + mm) / (0.25e12 if dtype == "float64" else 1e12) + fact / 0.1e12
+            assert t["solve_s"] == pytest.approx(want), (kw, dtype)
