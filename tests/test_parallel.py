@@ -173,6 +173,29 @@ def test_pipeline_two_ray_workers_match_one(tiny_checkpoint, texts_dir, tmp_path
         assert (two / f).read_bytes() == (nodes2 / f).read_bytes(), f
 
 
+def test_pipeline_two_ray_workers_share_the_lowrank_solves(tiny_checkpoint, texts_dir, tmp_path, ray_local):
+    """--lowrank through two calibrator actors: each solves its share of the corrections and
+    broadcasts A and B with torch.distributed (gloo); the stored corrections are one worker's."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import QuantizeConfig
+    from tests.test_pipeline import _run
+
+    calib = CalibConfig(method="rtn", wbits=3, group_size=32, lowrank="qera", rank=4)
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = tmp_path / f"w{workers}"
+        _run(QuantizeConfig(model=str(tiny_checkpoint), output=str(outs[workers]), calib=[str(texts_dir / "calib.txt")],
+                            calib_cfg=calib, nsamples=4, seqlen=32, workers=workers, cpus_per_worker=1))
+    found = 0
+    for shard in sorted(p.name for p in outs[1].glob("model-layers-*.safetensors")):
+        ta, tb = load_file(outs[1] / shard), load_file(outs[2] / shard)
+        for k in (k for k in ta if ".lowrank_" in k):
+            found += 1  # float16 factors from autocorrelations summed in another order: equal or an ulp apart
+            torch.testing.assert_close(ta[k], tb[k], rtol=2e-3, atol=1e-3 * ta[k].abs().max().item())
+    assert found == 3 * 7 * 2
+
+
 def test_sharded_svds_equal_local_ones():
     """With three workers each computes its share of the block's seven SVDs (largest first to the
     least loaded) and receives the rest by broadcast: every worker ends with the local factors."""
