@@ -571,19 +571,30 @@ def add_lowrank(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, 
     shapes = {name: tuple(q.codes.shape) for name, q in result.linears.items()}
     owners = svd_owners(shapes, shard.world) if shared else dict.fromkeys(shapes, 0)  # cost ~ an SVD each
     me = shard.rank if shared else 0
-    for name, q in result.linears.items():
-        target, r = targets.pop(name), autocorr.pop(name, None)  # freed once used, here or by its owner
-        if owners[name] != me:
-            continue
-        err = target.to(dtype) - q.dequantize().to(dtype)
-        del target
-        a, b = lowrank_correction(err, cfg.rank, cfg.lowrank, r, cfg.lowrank_damp, dtype)
-        del err, r
-        a16, b16 = a.to(torch.float16), b.to(torch.float16)
-        if not (torch.isfinite(a16).all() and torch.isfinite(b16).all()):
-            raise FloatingPointError(f"{name}: the low-rank correction overflows float16")
-        # row-major: LAPACK's factors come column-major, and a broadcast sends raw memory
-        q.lowrank_a, q.lowrank_b = a16.to(q.scale.dtype).contiguous(), b16.to(q.scale.dtype).contiguous()
+    failed: Exception | None = None
+    try:
+        for name, q in result.linears.items():
+            if owners[name] != me:  # another worker's: dropped here
+                del targets[name]
+                autocorr.pop(name, None)
+                continue
+            # E and R passed on without a reference kept here, so the solve frees them as it goes
+            a, b = lowrank_correction(targets.pop(name).to(dtype) - q.dequantize().to(dtype), cfg.rank, cfg.lowrank,
+                                      autocorr.pop(name, None), cfg.lowrank_damp, dtype)
+            a16, b16 = a.to(torch.float16), b.to(torch.float16)
+            if not (torch.isfinite(a16).all() and torch.isfinite(b16).all()):
+                raise FloatingPointError(f"{name}: the low-rank correction overflows float16")
+            # row-major: LAPACK's factors come column-major, and a broadcast sends raw memory
+            q.lowrank_a, q.lowrank_b = a16.to(q.scale.dtype).contiguous(), b16.to(q.scale.dtype).contiguous()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every worker, not only this one
+        failed = e
+    if shared:  # a failed solve stops every worker before the broadcasts, none waits on it
+        flag = torch.tensor([float(failed is not None)], dtype=torch.float64)
+        shard.all_reduce(flag, "sum")
+        if flag.item() and failed is None:
+            raise FloatingPointError("another data-parallel worker's low-rank correction failed")
+    if failed is not None:
+        raise failed
     if shared:  # every worker in the same order: no broadcast waits on a solve still running
         for name, q in result.linears.items():
             if owners[name] != me:
@@ -681,7 +692,10 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                     step += 1
                     if on_step is not None:
                         on_step(step, steps, losses[-1])
-        params = out = loss = None  # the last step's weights and graph: not kept through the solves below
+        # the last step's weights and graph (cross-layer: block i+1's too): not kept through the solves below
+        params = out = loss = target = None
+        if cfg.cross_layer:
+            next_out = next_target = None
         linears, tensors = bq.finalize()
         del opt, learnable  # Adam's state: not kept through the solves either
     result = BlockResult(linears, tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=losses,

@@ -41,6 +41,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
     dtype = h.dtype
     W = w.detach().to(dtype, copy=True)
     H = h.detach().clone()
+    del h  # freed here when the caller did not keep it (lsiq.block._gptq pops it)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0

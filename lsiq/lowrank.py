@@ -26,6 +26,8 @@ def cholesky_root(r: torch.Tensor, damp: float = 1e-6, dtype: torch.dtype = torc
     instead of letting it reach 1/sqrt(rounding noise), and grows 10x until the factorization
     succeeds (float32 rounding can need more than 1e-6 on a badly conditioned R)."""
     r = r.to(dtype)
+    if not bool(torch.isfinite(r).all()):
+        raise FloatingPointError("the inputs' autocorrelation has NaN or Inf entries")
     mean = r.diagonal().mean()
     if not bool(mean > 0):
         return None
@@ -36,7 +38,7 @@ def cholesky_root(r: torch.Tensor, damp: float = 1e-6, dtype: torch.dtype = torc
         info = torch.empty((), dtype=torch.int32, device=a.device)
         torch.linalg.cholesky_ex(a, out=(a, info))  # in place: no third [n, n] matrix
         if int(info) == 0:
-            return a.tril_()  # cholesky_ex leaves the upper triangle of its input as it was
+            return a
         del a
         d *= 10
     raise FloatingPointError(f"the autocorrelation is not positive definite even with {d / 10:.3g} added to its diagonal")
@@ -46,12 +48,15 @@ def lowrank_correction(err: torch.Tensor, rank: int, kind: str = "qera", autocor
                        damp: float = 1e-6, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """A [out, r], B [r, in] with A B the ``kind`` rank-``rank`` approximation of ``err`` [out, in];
     ``autocorr`` [in, in] is E[x x^T] of the linear's inputs (any positive scale: it cancels).
-    Computed in ``dtype`` (float64, or float32 on a GPU: lsiq.block.solve_dtype)."""
+    Computed in ``dtype`` (float64, or float32 on a GPU: lsiq.block.solve_dtype). A caller that
+    passes ``err`` and ``autocorr`` without keeping them lets both be freed along the way."""
     if kind not in KINDS:
         raise ValueError(f"unknown low-rank method {kind!r}; choose one of {', '.join(KINDS)}")
     if kind != "svd" and autocorr is None:
         raise ValueError(f"{kind} needs the inputs' autocorrelation")
+    out_dtype = err.dtype
     e = err.detach().to(dtype)
+    del err
     rank = min(rank, *e.shape)
     chol = None
     if kind == "svd":
@@ -66,7 +71,7 @@ def lowrank_correction(err: torch.Tensor, rank: int, kind: str = "qera", autocor
         # orthogonal), so trunc_r(E S) S^{-1} is the same C; L costs n^3/3 at matmul speed, the
         # eigendecomposition behind R^{1/2} ~9 n^3 at LAPACK's much lower rate.
         chol = cholesky_root(autocorr.to(e.device), damp, dtype)
-        del autocorr  # the caller popped it: this was its last reference
+        del autocorr  # the last reference when the caller did not keep it
         left, scale = (e @ chol if chol is not None else e), None
     del e
     u, sv, vh = torch.linalg.svd(left, full_matrices=False)
@@ -79,7 +84,7 @@ def lowrank_correction(err: torch.Tensor, rank: int, kind: str = "qera", autocor
         b = b * (1 / scale)
     if chol is not None:  # qera: B L^{-1}, a triangular solve of X L = B
         b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)
-    return a.to(err.dtype), b.to(err.dtype)
+    return a.to(out_dtype), b.to(out_dtype)
 
 
 def output_error(err: torch.Tensor, autocorr: torch.Tensor, a: torch.Tensor | None = None,

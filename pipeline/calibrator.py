@@ -298,9 +298,9 @@ def remote_calibrators(config_dict: dict[str, Any], calib_cfg: CalibConfig, devi
             for rank in range(workers)]
 
 
-def form_group(calibrators: list[ray.actor.ActorHandle]) -> None:
+def form_group(calibrators: list[ray.actor.ActorHandle], timeout_s: float = 120.0) -> None:
     """(Re)form the workers' process group: rank 0 picks the address, all join at once."""
     if len(calibrators) == 1:
         return
     addr, port = ray.get(calibrators[0].rendezvous.remote())
-    ray.get([c.join_group.remote(addr, port) for c in calibrators])
+    ray.get([c.join_group.remote(addr, port, timeout_s) for c in calibrators])

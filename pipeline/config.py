@@ -37,9 +37,14 @@ class QuantizeConfig:
     workers: int = 1  # data-parallel calibrator workers, each holding a share of the samples
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_worker: int | None = None  # default: --num-cpus (or the node's CPUs) / workers
+    # the longest a worker waits in one collective before the group is declared broken: also how
+    # long survivors take to notice a dead worker, and a bound on one worker's lone SVD or solve
+    collective_timeout: float = 120.0
     format: str | None = None  # output layout (pipeline.formats); None = formats.default_format
 
     def __post_init__(self) -> None:
+        if self.collective_timeout <= 0:
+            raise ValueError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.format is None:
             self.format = formats.default_format(self.calib_cfg.wbits, self.calib_cfg.abits,
                                                  self.calib_cfg.lowrank is not None)
@@ -176,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 if the cluster has GPUs)")
     r.add_argument("--cpus-per-worker", type=int, default=None,
                    help="CPUs per worker (default: --num-cpus, or the largest node's CPUs, divided by --workers)")
+    r.add_argument("--collective-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="with --workers > 1: how long a worker waits in one all-reduce or broadcast before the group "
+                   "counts as broken (survivors notice a dead worker after this long). It must exceed the longest "
+                   "SVD or low-rank solve one worker runs alone: python -m pipeline.plan says when 120 s is too short")
     r.add_argument("--max-restarts", type=int, default=3,
                    help="times a dead calibrator actor is restarted (its caches rebuilt by replay) before giving up")
     return p
@@ -196,6 +205,7 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
                               output_storage_options=a.output_storage_options, max_shard_bytes=a.max_shard_size,
                               activation_budget=a.activation_budget, spill_dir=a.spill_dir, max_restarts=a.max_restarts,
                               workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
+                              collective_timeout=a.collective_timeout,
                               format=a.format)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

@@ -23,8 +23,9 @@ from typing import Any
 from lsiq.arch import BlockArch, UnsupportedArchitecture
 from lsiq.block import LOWRANK_KINDS, METHODS, CalibConfig
 from lsiq.lsi import svd_flops, svd_owners
-from pipeline.config import parse_bytes
+from pipeline.config import QuantizeConfig, parse_bytes
 
+DEFAULT_COLLECTIVE_TIMEOUT = QuantizeConfig.collective_timeout
 F32 = 4  # the calibrator works in float32 whatever the checkpoint's dtype
 F64 = 8  # CalibConfig.solve_dtype float64 (auto on a CPU); auto on a GPU is float32, F32
 
@@ -246,42 +247,45 @@ def host_plan(p: PlanConfig) -> dict[str, int]:
             "block_tensors": blocks * F32 * sum(m * n for m, n in p.arch.linear_shapes().values())}
 
 
-def solve_flops(p: PlanConfig) -> tuple[int, int]:
-    """FLOPs of one block's Hessians and solves on one worker, as (matrix products and blocked
+def solve_flops(p: PlanConfig) -> list[tuple[int, int]]:
+    """FLOPs of one block's Hessians and solves on each worker, as (matrix products and blocked
     Cholesky factors, which run near matmul speed; eigendecompositions and SVDs, which do not):
     accumulating the Hessians / autocorrelations over its tokens (2 n^2 per token and linear) and,
     repeated on every worker, GPTQ's column updates (m n^2) and Cholesky factors (2 n^3); shared out
-    between the workers (the slowest's share), the low-rank corrections: for qera R's Cholesky
-    factor L (n^3 / 3), E L (2 m n^2), B L^{-1} (r n^2) and E L's SVD; the SVD for lqer and svd
-    (svd builds no autocorrelation)."""
+    between the workers (svd_owners), the low-rank corrections: for qera R's Cholesky factor L
+    (n^3 / 3), E L (2 m n^2), B L^{-1} (r n^2) and E L's SVD; the SVD for lqer and svd (svd builds
+    no autocorrelation)."""
     cfg, shapes = p.calib, p.arch.linear_shapes()
     local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
     accumulate = sum(2 * local_tokens * n * n for _, n in shapes.values())
-    mm = fact = 0
+    mm = 0
     if cfg.method in ("gptq", "oac"):
         mm += accumulate + sum(m * n * n + 2 * n**3 for m, n in shapes.values())
-    if cfg.lowrank is not None:
-        if cfg.lowrank != "svd":
-            mm += accumulate
-        # per linear; with several workers each solves its share (svd_owners) and the slowest sets the pace
-        per = {k: ((n**3 // 3 + 2 * m * n * n + cfg.rank * n * n) if cfg.lowrank == "qera" else 0, svd_flops(m, n))
-               for k, (m, n) in shapes.items()}
-        owners = svd_owners(shapes, p.gpus)
-        loads = [(sum(per[k][0] for k in per if owners[k] == r), sum(per[k][1] for k in per if owners[k] == r))
-                 for r in range(p.gpus)]
-        worst = max(loads, key=sum)
-        mm, fact = mm + worst[0], fact + worst[1]
-    return mm, fact
+    if cfg.lowrank is None:
+        return [(mm, 0)] * p.gpus
+    if cfg.lowrank != "svd":
+        mm += accumulate
+    per = {k: ((n**3 // 3 + 2 * m * n * n + cfg.rank * n * n) if cfg.lowrank == "qera" else 0, svd_flops(m, n))
+           for k, (m, n) in shapes.items()}
+    owners = svd_owners(shapes, p.gpus)
+    return [(mm + sum(per[k][0] for k in per if owners[k] == r), sum(per[k][1] for k in per if owners[k] == r))
+            for r in range(p.gpus)]
+
+
+def solve_times(p: PlanConfig) -> list[float]:
+    """Each worker's seconds of Hessians and solves: products at the matmul rate of the solve
+    dtype (--tflops, or --fp64-tflops for float64); eigendecompositions and SVDs at --svd-tflops
+    (cuSOLVER's are far from matmul speed), and in float64 no faster than its matmuls."""
+    if solve_bytes(p.calib) == F64:
+        mm_rate, fact_rate = p.hw.fp64_tflops, min(p.hw.fp64_tflops, p.hw.svd_tflops)
+    else:
+        mm_rate, fact_rate = p.hw.tflops, p.hw.svd_tflops
+    return [mm / (mm_rate * 1e12) + fact / (fact_rate * 1e12) for mm, fact in solve_flops(p)]
 
 
 def solve_seconds(p: PlanConfig) -> float:
-    """Products at the matmul rate of the solve dtype (--tflops, or --fp64-tflops for float64);
-    eigendecompositions and SVDs at --svd-tflops (cuSOLVER's are far from matmul speed), and in
-    float64 no faster than its matmuls."""
-    mm, fact = solve_flops(p)
-    if solve_bytes(p.calib) == F64:
-        return mm / (p.hw.fp64_tflops * 1e12) + fact / (min(p.hw.fp64_tflops, p.hw.svd_tflops) * 1e12)
-    return mm / (p.hw.tflops * 1e12) + fact / (p.hw.svd_tflops * 1e12)
+    """The slowest worker's :func:`solve_times`: the block waits for it."""
+    return max(solve_times(p))
 
 
 def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
@@ -320,13 +324,18 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     step_comm_s = ring * allreduce_bytes if p.gpus > 1 else 0.0
     # every worker's Hessians are summed once per block (GPTQ/OAC, and again for --lowrank)
     hess_comm_s = ring * hessian_rounds(cfg) * hessian_bytes(a, solve_bytes(cfg)) if p.gpus > 1 else 0.0
-    svd_s = 0.0
+    svd_s = svd_wait = 0.0
     if cfg.uses_lsi:  # each worker computes its share of the SVDs, then receives the others' factors
         owners = svd_owners(shapes, p.gpus)
         load = [sum(svd_flops(*shapes[k]) for k in shapes if owners[k] == r) for r in range(p.gpus)]
         received = max(sum(factor_bytes(*shapes[k]) for k in shapes if owners[k] != r) for r in range(p.gpus))
         svd_s = max(load) / (hw.svd_tflops * 1e12) + received * 8 / (hw.link_gbps * 1e9)
-    solve_s = solve_seconds(p)
+        svd_wait = (max(load) - min(load)) / (hw.svd_tflops * 1e12)
+    times = solve_times(p)
+    solve_s = max(times)
+    # the longest a worker sits in one collective while another computes alone (the first SVD
+    # broadcast; the low-rank solves' failure flag): pipeline.quantize --collective-timeout must exceed it
+    wait_s = max(svd_wait, max(times) - min(times)) if p.gpus > 1 else 0.0
     oac_s = 0.0
     if cfg.method == "oac":  # the run's FP pass before the blocks, per block: forward, then recomputed
         # forward and backward in reverse; and the head's logits and their gradient, shared out
@@ -335,7 +344,8 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     block_s = svd_s + tokens_s + steps * (step_weight_s + step_comm_s) + hess_comm_s + solve_s + oac_s
     return {"steps_per_block": steps, "svd_s": svd_s, "tokens_s": tokens_s, "weight_s": steps * step_weight_s,
             "allreduce_s": steps * step_comm_s + hess_comm_s, "allreduce_bytes_per_step": allreduce_bytes,
-            "solve_s": solve_s, "oac_pass_s": oac_s, "block_s": block_s, "hours": a.num_layers * block_s / 3600}
+            "solve_s": solve_s, "collective_wait_s": wait_s, "oac_pass_s": oac_s, "block_s": block_s,
+            "hours": a.num_layers * block_s / 3600}
 
 
 def make_plan(p: PlanConfig) -> dict[str, Any]:
@@ -426,6 +436,11 @@ def render(plan: dict[str, Any]) -> str:
         flags += f" --lowrank {s['lowrank']} --rank {s['rank']}"
     if s["method"] in ("gptq", "oac") or s["lowrank"]:
         flags += f" --solve-dtype {s['solve_dtype']}"
+    if t["collective_wait_s"] > DEFAULT_COLLECTIVE_TIMEOUT / 2:  # a factor 2 for the throughputs being estimates
+        flags += f" --collective-timeout {math.ceil(2 * t['collective_wait_s'] / 60) * 60}"
+        lines.append(f"note: a worker waits about {t['collective_wait_s']:.0f} s in one collective while another "
+                     f"computes an SVD or a low-rank solve alone; pass --collective-timeout (default "
+                     f"{DEFAULT_COLLECTIVE_TIMEOUT:.0f} s) with twice that")
     lines.append(f"pipeline.quantize flags: {flags}{' --recompute-weights' if plan['recompute_weights'] else ''}")
     if "meets_target" in plan:
         lines.append(f"target {plan['target_hours']} h: {'met' if plan['meets_target'] else 'NOT met'}")

@@ -147,7 +147,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         while True:
             try:
                 t0 = time.perf_counter()
-                form_group(calibrators)
+                form_group(calibrators, cfg.collective_timeout)
                 cache = ray.get([c.set_inputs.remote(ref) for c, ref in zip(calibrators, input_refs, strict=True)])[0]
                 if ccfg.method == "oac" and state.next_block < n:
                     t_oac = time.perf_counter()

@@ -64,10 +64,8 @@ def one(kind: str, dtype_name: str, m: int, n: int, threads: int) -> int:
         q, scale, zero = gptq_quantize(w, held.pop("h"), spec)
         codes = quantize_codes(q, scale, zero, spec)
         del q, codes
-    else:
-        err = w.to(dtype) - wq.to(dtype)
-        a, b = lowrank_correction(err, 16, kind, held.pop("h", None), 1e-6, dtype)
-        del err
+    else:  # E and R handed over without a reference kept, as add_lowrank does
+        a, b = lowrank_correction(w.to(dtype) - wq.to(dtype), 16, kind, held.pop("h", None), 1e-6, dtype)
         a16, b16 = a.to(torch.float16), b.to(torch.float16)
         del a, b, a16, b16
     return _rss("VmHWM") - before

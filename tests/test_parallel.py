@@ -49,9 +49,10 @@ class ThreadCollective:
         return broadcast
 
 
-def _run_workers(layer, kw, x, targets, arch, cfg, world, grads=None):
+def _run_workers(layer, kw, x, targets, arch, cfg, world, grads=None, errors_out=None):
     """Each worker calibrates its share; ``grads`` (OAC): the loss gradients at the block's output,
-    with ``x`` standing in for the FP inputs."""
+    with ``x`` standing in for the FP inputs. With ``errors_out`` (a list) the workers' exceptions
+    are collected there instead of failing the test."""
     coll = ThreadCollective(world)
     results = [None] * world
     errors = []
@@ -73,8 +74,37 @@ def _run_workers(layer, kw, x, targets, arch, cfg, world, grads=None):
         t.start()
     for t in threads:
         t.join()
-    assert not errors, errors
+    if errors_out is not None:
+        errors_out.extend(errors)
+    else:
+        assert not errors, errors
     return results
+
+
+def test_a_failed_lowrank_solve_stops_every_worker():
+    """Only a linear's owner solves its correction; when that fails, the other worker must raise
+    too instead of waiting in the broadcast for factors that never come."""
+    import lsiq.block as block_mod
+
+    cfg_model = tiny_llama_config()
+    _, layer, x, kw = _block(cfg_model, n=4)
+    targets = forward_all(layer, x, kw, 2)
+    cfg = CalibConfig(method="rtn", wbits=3, group_size=32, batch_size=2, lowrank="qera", rank=4)
+    real, first = block_mod.lowrank_correction, []
+
+    def failing(*args, **kwargs):  # the first worker to solve a correction fails
+        first.append(threading.get_ident())
+        if threading.get_ident() == first[0]:
+            raise FloatingPointError("injected")
+        return real(*args, **kwargs)
+
+    errors = []
+    block_mod.lowrank_correction = failing
+    try:
+        _run_workers(layer, kw, x, targets, BlockArch.from_config(cfg_model), cfg, 2, errors_out=errors)
+    finally:
+        block_mod.lowrank_correction = real
+    assert sorted(str(e) for e in errors) == ["another data-parallel worker's low-rank correction failed", "injected"]
 
 
 @pytest.mark.parametrize("method,abits,lowrank", [("lsi", 16, None), ("lwc-let", 8, None), ("gptq", 16, None),

@@ -343,12 +343,33 @@ def test_solve_time_by_hand():
     owners = [by_name[k] for k in arch.linear_shapes()]
     assert sorted(set(owners)) == [0, 1]
     loads = [tuple(sum(q[i] for q, o in zip(qera, owners, strict=True) if o == r) for i in (0, 1)) for r in (0, 1)]
-    worst = max(loads, key=sum)
-    for kw, mm, fact in [({"method": "gptq"}, sum(2 * n**3 + m * n * n for m, n in shapes), 0),
-                         ({"method": "lsi", "lowrank": "qera", "rank": 8}, worst[0], worst[1])]:
+    gptq = [(sum(2 * n**3 + m * n * n for m, n in shapes), 0)] * 2
+    for kw, per_worker in [({"method": "gptq"}, gptq), ({"method": "lsi", "lowrank": "qera", "rank": 8}, loads)]:
         for dtype in ("float64", "float32"):
             calib = CalibConfig(wbits=4, group_size=64, epochs=2, batch_size=2, solve_dtype=dtype, **kw)
             t = plan.time_plan(plan.PlanConfig(arch=arch, gpus=2, gpu_mem=10**12, calib=calib, nsamples=8, seqlen=32,
                                                hw=hw), recompute=False)
-            want = (accumulate + mm) / (0.25e12 if dtype == "float64" else 1e12) + fact / 0.1e12
+            mm_rate = 0.25e12 if dtype == "float64" else 1e12
+            # the slower worker in seconds (products and SVDs run at different rates)
+            want = max((accumulate + mm) / mm_rate + fact / 0.1e12 for mm, fact in per_worker)
             assert t["solve_s"] == pytest.approx(want), (kw, dtype)
+
+
+def test_collective_timeout_advice(plan_cli, capsys):
+    """A worker that waits in a collective while another runs an SVD alone: the plan asks for a
+    --collective-timeout above that wait when the default would be too tight, and quantize takes it."""
+    from pipeline.config import parse_quantize_args
+
+    base = ("--model-config", str(MODELS / "llama-2-70b"), "--gpus", "8", "--gpu-mem", "24GB")
+    rc, fast, _ = plan_cli(*base)
+    assert rc == 0 and 0 < fast["time"]["collective_wait_s"] < 60
+    rc, slow, _ = plan_cli(*base, "--svd-tflops", "0.1")  # 5x slower SVDs: one MLP SVD alone takes ~225 s
+    assert rc == 0 and slow["time"]["collective_wait_s"] == pytest.approx(5 * fast["time"]["collective_wait_s"])
+    plan.main([*base, "--svd-tflops", "0.1"])
+    out = capsys.readouterr().out
+    flag = out.split("--collective-timeout ")[-1].split()[0]  # the flags line comes last
+    assert "note: a worker waits" in out and float(flag) >= 2 * slow["time"]["collective_wait_s"]
+    one = ("--model", "m", "--output", "o", "--calib", "c")
+    assert parse_quantize_args([*one, "--collective-timeout", flag]).collective_timeout == float(flag)
+    with pytest.raises(SystemExit, match="collective-timeout must be > 0"):
+        parse_quantize_args([*one, "--collective-timeout", "0"])
