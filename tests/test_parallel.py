@@ -52,7 +52,8 @@ class ThreadCollective:
 def _run_workers(layer, kw, x, targets, arch, cfg, world, grads=None, errors_out=None):
     """Each worker calibrates its share; ``grads`` (OAC): the loss gradients at the block's output,
     with ``x`` standing in for the FP inputs. With ``errors_out`` (a list) the workers' exceptions
-    are collected there instead of failing the test."""
+    are collected there instead of failing the test, and a worker's error does not break the
+    others' collectives (a worker still waiting after 120 s counts as hung)."""
     coll = ThreadCollective(world)
     results = [None] * world
     errors = []
@@ -67,13 +68,19 @@ def _run_workers(layer, kw, x, targets, arch, cfg, world, grads=None, errors_out
             results[rank] = calibrate_block(own_layer, kw, x[owned], targets[owned], arch, cfg, 0, shard=shard, **extra)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
-            coll.barrier.abort()
+            if errors_out is None:
+                coll.barrier.abort()
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+    threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=120)
+    if any(t.is_alive() for t in threads):  # stuck in a collective: release it, and say so
+        coll.barrier.abort()
+        for t in threads:
+            t.join()
+        errors.append(TimeoutError("a worker hung in a collective"))
     if errors_out is not None:
         errors_out.extend(errors)
     else:
@@ -104,6 +111,7 @@ def test_a_failed_lowrank_solve_stops_every_worker():
         _run_workers(layer, kw, x, targets, BlockArch.from_config(cfg_model), cfg, 2, errors_out=errors)
     finally:
         block_mod.lowrank_correction = real
+    # the other worker raised on its own: without the flag it would wait in the broadcast (a hang)
     assert sorted(str(e) for e in errors) == ["another data-parallel worker's low-rank correction failed", "injected"]
 
 
