@@ -401,13 +401,24 @@ def _block_svds(weights: dict[str, torch.Tensor], shard: SampleShard | None
         return {n: svd_factors(w) for n, w in weights.items()}
     owners = svd_owners({n: tuple(w.shape) for n, w in weights.items()}, shard.world)
     mine = {n: svd_factors(w) for n, w in weights.items() if owners[n] == shard.rank}
+
+    def empty(name: str) -> tuple[torch.Tensor, ...]:
+        w = weights[name]
+        r = min(w.shape)
+        return w.new_empty(w.shape[0], r), w.new_empty(r), w.new_empty(r, w.shape[1])
+
+    return _broadcast_from_owners(mine, list(weights), owners, shard, empty)
+
+
+def _broadcast_from_owners(mine: dict[str, tuple[torch.Tensor, ...]], names: list[str], owners: dict[str, int],
+                           shard: SampleShard, empty: Callable[[str], tuple[torch.Tensor, ...]]
+                           ) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Every name's tensors on every worker: this worker's own (``mine``, computed before the
+    call), the others' received from their owners into ``empty(name)``. Every worker walks
+    ``names`` in the same order, so no broadcast waits on a computation still running elsewhere."""
     out = {}
-    for name, w in weights.items():
-        if name in mine:
-            out[name] = mine[name]
-        else:
-            r = min(w.shape)
-            out[name] = (w.new_empty(w.shape[0], r), w.new_empty(r), w.new_empty(r, w.shape[1]))
+    for name in names:
+        out[name] = mine[name] if name in mine else empty(name)
         for t in out[name]:
             shard.broadcast(t, owners[name])
     return out
@@ -595,14 +606,15 @@ def add_lowrank(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, 
             raise FloatingPointError("another data-parallel worker's low-rank correction failed")
     if failed is not None:
         raise failed
-    if shared:  # every worker in the same order: no broadcast waits on a solve still running
-        for name, q in result.linears.items():
-            if owners[name] != me:
-                k = min(cfg.rank, *shapes[name])
-                q.lowrank_a = q.scale.new_empty(shapes[name][0], k)
-                q.lowrank_b = q.scale.new_empty(k, shapes[name][1])
-            shard.broadcast(q.lowrank_a, owners[name])
-            shard.broadcast(q.lowrank_b, owners[name])
+    if shared:
+        def empty(name: str) -> tuple[torch.Tensor, ...]:
+            (m, n), scale = shapes[name], result.linears[name].scale
+            k = min(cfg.rank, m, n)
+            return scale.new_empty(m, k), scale.new_empty(k, n)
+
+        mine = {n: (q.lowrank_a, q.lowrank_b) for n, q in result.linears.items() if owners[n] == me}
+        for name, (a, b) in _broadcast_from_owners(mine, list(shapes), owners, shard, empty).items():
+            result.linears[name].lowrank_a, result.linears[name].lowrank_b = a, b
 
 
 def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor,
@@ -693,9 +705,7 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                     if on_step is not None:
                         on_step(step, steps, losses[-1])
         # the last step's weights and graph (cross-layer: block i+1's too): not kept through the solves below
-        params = out = loss = target = None
-        if cfg.cross_layer:
-            next_out = next_target = None
+        params = out = loss = target = next_out = next_target = None
         linears, tensors = bq.finalize()
         del opt, learnable  # Adam's state: not kept through the solves either
     result = BlockResult(linears, tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=losses,

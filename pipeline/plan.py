@@ -61,9 +61,9 @@ OAC_PER_TOKEN = (7.0, 4.0)
 # scripts/bench_plan.py checks them inside whole block calibrations.
 SOLVE_TRANSIENT = {F64: (9.4, 32.9, 0.0), F32: (4.1, 22.3, 0.0)}
 _SVD_TRANSIENT = {F64: (0.0, 32.3, 27.3), F32: (0.0, 19.5, 10.9)}
-LOWRANK_TRANSIENT = {b: {"qera": (float(b), *_SVD_TRANSIENT[b][1:]), "svd": _SVD_TRANSIENT[b]} for b in (F64, F32)}
-LOWRANK_TRANSIENT[F64]["lqer"] = (0.0, 31.6, 27.1)
-LOWRANK_TRANSIENT[F32]["lqer"] = (0.0, 19.9, 10.3)
+_LQER_TRANSIENT = {F64: (0.0, 31.6, 27.1), F32: (0.0, 19.9, 10.3)}
+LOWRANK_TRANSIENT = {b: {"qera": (float(b), *_SVD_TRANSIENT[b][1:]), "lqer": _LQER_TRANSIENT[b], "svd": _SVD_TRANSIENT[b]}
+                     for b in (F64, F32)}
 
 
 @dataclass
@@ -283,10 +283,6 @@ def solve_times(p: PlanConfig) -> list[float]:
         mm_rate, fact_rate = p.hw.tflops, p.hw.svd_tflops
     return [mm / (mm_rate * 1e12) + fact / (fact_rate * 1e12) for mm, fact in solve_flops(p)]
 
-
-def solve_seconds(p: PlanConfig) -> float:
-    """The slowest worker's :func:`solve_times`: the block waits for it."""
-    return max(solve_times(p))
 
 
 def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:

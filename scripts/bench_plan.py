@@ -60,11 +60,18 @@ def calib_config(variant: str, **kw) -> CalibConfig:
     return CalibConfig(method=method, **{"solve_dtype": "float64", **extra}, **kw)
 
 
-def _rss(field: str) -> int:
+def rss(field: str) -> int:
+    """This process's /proc/self/status ``field`` (VmRSS, VmHWM) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(field)
+
+
+def measured_env() -> dict[str, str]:
+    """A measured child's environment: glibc's mmap threshold lowered so that freed tensors leave
+    RSS (it then follows the live tensors, as torch.cuda.max_memory_allocated does on a GPU)."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def measure_hardware(threads: int) -> dict[str, float]:
@@ -124,11 +131,11 @@ def one(args: argparse.Namespace, method: str, batch: int, recompute: bool) -> d
     del hidden
     meta = {"fingerprint": "", "bytes_read": 0, "read_seconds": 0.0, "peak_rss_reader": 0}
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak) to the current RSS
-    before = _rss("VmRSS")
+    before = rss("VmRSS")
     t0 = time.perf_counter()
     out = cal.calibrate(0, tensors, meta, next_tensors)
     seconds = time.perf_counter() - t0
-    peak = _rss("VmHWM")
+    peak = rss("VmHWM")
     weights = sum(v.numel() * v.element_size() for v in tensors.values()) * (2 if next_tensors else 1)
     return {"method": method, "batch": batch, "recompute": recompute, "seconds": seconds,
             "measured_bytes": peak - before + weights, "loss_after": out["stats"]["loss_after"]}
@@ -143,7 +150,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench_out/plan")
-    p.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="run only these variants' rows")
+    p.add_argument("--only", nargs="+", default=None, choices=sorted({s[0] for s in SETTINGS}), metavar="VARIANT",
+                   help="run only these variants' rows")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: method,batch,recompute
     args = p.parse_args()
     if args.one:
@@ -166,7 +174,7 @@ def main() -> int:
                "--intermediate", str(args.intermediate), "--nsamples", str(args.nsamples), "--seqlen",
                str(args.seqlen), "--epochs", str(args.epochs), "--threads", str(args.threads)]
         # memory with mmap'd allocations (slower: every allocation faults in fresh pages), time without
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        env = measured_env()
         runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=e).stdout
                            .strip().splitlines()[-1]) for e in (env, dict(os.environ))]
         got = {**runs[1], "measured_bytes": runs[0]["measured_bytes"]}

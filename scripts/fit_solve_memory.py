@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_plan import measured_env, rss  # noqa: E402  (scripts/ is this script's own directory)
+
 KINDS = ("gptq", "qera", "lqer", "svd")
 SIZES = (1024, 2048, 4096)
-
-
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def one(kind: str, dtype_name: str, m: int, n: int, threads: int) -> int:
@@ -59,7 +53,7 @@ def one(kind: str, dtype_name: str, m: int, n: int, threads: int) -> int:
         held["h"] = x.T @ x / x.shape[0]
         del x
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak) to the current RSS
-    before = _rss("VmRSS")
+    before = rss("VmRSS")
     if kind == "gptq":
         q, scale, zero = gptq_quantize(w, held.pop("h"), spec)
         codes = quantize_codes(q, scale, zero, spec)
@@ -68,7 +62,7 @@ def one(kind: str, dtype_name: str, m: int, n: int, threads: int) -> int:
         a, b = lowrank_correction(w.to(dtype) - wq.to(dtype), 16, kind, held.pop("h", None), 1e-6, dtype)
         a16, b16 = a.to(torch.float16), b.to(torch.float16)
         del a, b, a16, b16
-    return _rss("VmHWM") - before
+    return rss("VmHWM") - before
 
 
 def fit(rows: list[dict], kind: str) -> tuple[list[float], float]:
@@ -113,7 +107,7 @@ def main() -> int:
         kind, dtype, m, n = args.one.split(",")
         print(json.dumps({"bytes": one(kind, dtype, int(m), int(n), args.threads)}))
         return 0
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = measured_env()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "solve_memory.json"
