@@ -377,7 +377,13 @@ class BlockQuantizer(nn.Module):
         """One linear's weight after LSI and LET, fake-quantized on its (learned) grid."""
         w = self._transformed_weight(name)
         scale, zero = self.scale_zero(name, w)
-        return fake_quant(w, scale, zero, self.spec)
+        w = fake_quant(w, scale, zero, self.spec)
+        # bf16: the linear's autocast would cast it to bfloat16 anyway (the same rounding); cast here,
+        # the float32 weight is not held beside the bfloat16 copy saved for the backward (the dict
+        # of parameters keeps it through the step: a block's weights in float32 on a GPU)
+        if self.cfg.precision == "bf16" and torch.is_autocast_enabled(w.device.type):
+            w = w.to(torch.bfloat16)
+        return w
 
     @torch.no_grad()
     def finalize(self) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:

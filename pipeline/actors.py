@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
 import torch
 from safetensors.torch import load as safetensors_load
 
 from pipeline import resume
 from pipeline.checkpoint import Checkpoint
 from pipeline.writer import OutputDir, sha256, split_shards
+
+if TYPE_CHECKING:  # Ray is imported where it is used: the reader and writer classes run without it
+    import ray
 
 
 def peak_rss_bytes() -> int:
@@ -90,6 +92,8 @@ class BlockWriter:
 
 
 def remote_reader(checkpoint: Checkpoint) -> ray.actor.ActorHandle:
+    import ray
+
     # I/O bound: no CPU reserved, so it runs beside the calibrator; pure reads may be retried.
     cls = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(BlockReader)
     return cls.remote(checkpoint)
@@ -97,5 +101,7 @@ def remote_reader(checkpoint: Checkpoint) -> ray.actor.ActorHandle:
 
 def remote_writer(url: str, storage_options: dict[str, Any], run_fingerprint: str,
                   max_shard_bytes: int) -> ray.actor.ActorHandle:
+    import ray
+
     cls = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(BlockWriter)
     return cls.remote(url, storage_options, run_fingerprint, max_shard_bytes)

@@ -12,9 +12,8 @@ import os
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
 import torch
 from transformers import AutoConfig
 
@@ -24,6 +23,9 @@ from pipeline import formats
 from pipeline.actors import peak_rss_bytes
 from pipeline.checkpoint import layer_prefix
 from pipeline.model_io import decoder_layer, decoder_layer_class
+
+if TYPE_CHECKING:  # Ray is imported where it is used: the calibrator's device code runs without it
+    import ray
 
 CACHES_AT_ONCE = 3  # FP targets, quantized inputs, and the next block's quantized inputs
 
@@ -94,20 +96,23 @@ class BlockCalibrator:
         """(address, free port) on this worker's node for the process group's TCP store (rank 0)."""
         import socket
 
+        import ray
+
         addr = ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind((addr, 0))
             return addr, s.getsockname()[1]
 
-    def join_group(self, addr: str, port: int, timeout_s: float = 120.0) -> int:
-        """Join (or rejoin, after a restart elsewhere) the workers' process group."""
+    def join_group(self, addr: str, port: int, timeout_s: float = 120.0, backend: str | None = None) -> int:
+        """Join (or rejoin, after a restart elsewhere) the workers' process group; ``backend``
+        defaults to nccl on a GPU, gloo on a CPU (gloo also takes CUDA tensors, through the host)."""
         import datetime
 
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         return self.rank
@@ -137,6 +142,8 @@ class BlockCalibrator:
 
     def state(self) -> dict[str, Any]:
         """Where this worker stands: a restarted worker reports position -1 (no caches)."""
+        import ray
+
         return {"rank": self.rank, "position": self.position, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
@@ -291,6 +298,8 @@ def remote_calibrators(config_dict: dict[str, Any], calib_cfg: CalibConfig, devi
     share of the samples. Ray restarts a dead worker's process (``max_restarts``); calls are not
     retried, because a restarted calibrator has lost its caches: the driver rebuilds them
     (set_inputs, then replay of the finished blocks) and redoes the block."""
+    import ray
+
     actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                            max_task_retries=0)(BlockCalibrator)
     return [actor_cls.remote(config_dict, calib_cfg, device, num_cpus, activation_budget, spill_dir, rank, workers,
@@ -302,5 +311,7 @@ def form_group(calibrators: list[ray.actor.ActorHandle], timeout_s: float = 120.
     """(Re)form the workers' process group: rank 0 picks the address, all join at once."""
     if len(calibrators) == 1:
         return
+    import ray
+
     addr, port = ray.get(calibrators[0].rendezvous.remote())
     ray.get([c.join_group.remote(addr, port, timeout_s) for c in calibrators])
