@@ -48,6 +48,11 @@ class CalibConfig:
     sym: bool = False
     epochs: int = 5
     batch_size: int = 1
+    # Samples per micro-batch of the passes that do not train (FP targets, losses, statistics,
+    # Hessians, the next block's inputs), per worker; 0: a worker's share of batch_size, what one
+    # training step runs on it. Their peak grows with it: on a GPU, fp32 attention with GQA runs
+    # PyTorch's math kernel, which holds [batch, heads, seqlen, seqlen] scores (BENCHMARKS.md).
+    forward_batch_size: int = 0
     seed: int = 0
     lr_lwc: float = 1e-2
     lr_let: float = 5e-3
@@ -100,6 +105,9 @@ class CalibConfig:
         self.spec  # noqa: B018 - validates bits, group size and zero_min
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.forward_batch_size < 0:
+            raise ValueError(f"forward_batch_size must be >= 0 (0: a worker's share of batch_size), "
+                             f"got {self.forward_batch_size}")
         if self.sde_band < 0:
             raise ValueError(f"sde_band must be >= 0, got {self.sde_band}")
         if self.lowrank is not None and self.lowrank not in LOWRANK_KINDS:
@@ -109,6 +117,10 @@ class CalibConfig:
                              f"not {self.method}")
         if self.lowrank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+
+    def forward_batch(self, world: int = 1) -> int:
+        """Samples per micro-batch of one of ``world`` workers' passes that do not train."""
+        return self.forward_batch_size or math.ceil(self.batch_size / world)
 
     @property
     def spec(self) -> QuantSpec:
@@ -525,7 +537,7 @@ def input_autocorrelations(layer: nn.Module, inputs: torch.Tensor, layer_kwargs:
         handles = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hess[n].add(a[0]))
                    for n in LINEARS]
         try:
-            for idx in _batches(inputs.shape[0], cfg.batch_size):
+            for idx in _batches(inputs.shape[0], cfg.forward_batch(shard.world if shard is not None else 1)):
                 block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
         finally:
             for h in handles:
@@ -545,7 +557,9 @@ def _oac_hessians(layer: nn.Module, fp_inputs: torch.Tensor, output_grads: torch
     """OAC's output-adaptive Hessians, summed over every worker's tokens."""
     from lsiq.oac import oac_hessians
 
-    hess = oac_hessians(layer, fp_inputs, output_grads, layer_kwargs, cfg.batch_size, solve_dtype(cfg, _device(layer)))
+    world = shard.world if shard is not None else 1
+    hess = oac_hessians(layer, fp_inputs, output_grads, layer_kwargs, cfg.forward_batch(world),
+                        solve_dtype(cfg, _device(layer)))
     if shard is not None and not shard.trivial:
         for h in hess.values():
             shard.all_reduce(h, "sum")
@@ -649,8 +663,8 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
     if next_layer is not None:
         for p in next_layer.parameters():
             p.requires_grad_(False)
-    loss_rtn = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size, _rtn_params(layer, cfg.spec), cfg.abits,
-                         shard)
+    fb = cfg.forward_batch(shard.world)
+    loss_rtn = mean_loss(layer, inputs, targets, layer_kwargs, fb, _rtn_params(layer, cfg.spec), cfg.abits, shard)
     losses: list[float] = []
     trainable = 0
     bq: BlockQuantizer | None = None
@@ -668,7 +682,7 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
         let_init = None
         if cfg.uses_let and (cfg.let_init == "smooth" or (cfg.let_init == "auto" and cfg.abits < 16)):
             let_init = smooth_let_init(layer, arch, fp_inputs if fp_inputs is not None else inputs,
-                                       layer_kwargs, cfg.batch_size, cfg.let_alpha, shard)
+                                       layer_kwargs, fb, cfg.let_alpha, shard)
         bq = BlockQuantizer(layer, arch, cfg, let_init, shard)
         trainable = bq.trainable_params()
         opt = torch.optim.AdamW(bq.param_groups(), weight_decay=0.0)
@@ -720,7 +734,8 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
         targets_fp = bq.fp_weights() if bq is not None else {n: layer.get_submodule(n).weight.detach() for n in LINEARS}
         bq = None  # its SVD factors and learned parameters: the solves need only the FP targets and the codes
         add_lowrank(layer, inputs, layer_kwargs, cfg, result, targets_fp, shard)
-    result.loss_after = mean_loss(layer, inputs, targets, layer_kwargs, cfg.batch_size,
+    bq = None  # nor through the last loss pass (a block's SVD factors: 4.5 GiB for Llama-2-70B)
+    result.loss_after = mean_loss(layer, inputs, targets, layer_kwargs, fb,
                                   result.dequantized_params(), cfg.abits, shard)
     result.seconds = time.perf_counter() - t0
     return result

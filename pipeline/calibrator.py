@@ -177,7 +177,7 @@ class BlockCalibrator:
         io_wait = t0 - self.idle_since  # idle time before this call could start: waiting on the reader
         self._check_position(index)
         layer = self._layer(index, tensors)
-        bs = self.cfg.batch_size
+        bs = self.cfg.forward_batch(self.world)
         targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
         next_layer = self._layer(index + 1, next_tensors) if next_tensors is not None else None
         self.oac_h.clear()  # the OAC pass's boundary activations are no longer needed
@@ -221,7 +221,7 @@ class BlockCalibrator:
         the stored quantized block (exactly the weights the original run used) for the other."""
         self._check_position(index)
         layer = self._layer(index, tensors)
-        bs = self.cfg.batch_size
+        bs = self.cfg.forward_batch(self.world)
         params = self._params(index, stored)
         self.oac_g.pop(index, None)  # a finished block needs no OAC gradients
         targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
@@ -242,7 +242,7 @@ class BlockCalibrator:
             self.cache.plan(one, CACHES_AT_ONCE + num_blocks)
         layer = self._layer(index, tensors)
         with torch.no_grad():
-            self.oac_h[index + 1] = forward_all(layer, self.oac_h[index], self.kwargs, self.cfg.batch_size,
+            self.oac_h[index + 1] = forward_all(layer, self.oac_h[index], self.kwargs, self.cfg.forward_batch(self.world),
                                                 out=self.cache.empty_like(self.fp_in))
         return {"peak_cache_bytes": (CACHES_AT_ONCE + num_blocks) * one, "spilled": self.cache.spilled}
 
@@ -258,7 +258,7 @@ class BlockCalibrator:
         norm, lm_head = model.model.norm.to(self.device), model.lm_head.to(self.device)
         last = max(self.oac_h)
         self.oac_g[last - 1], loss = head_gradient(norm, lm_head, self.oac_h.pop(last), ids, predicted_total,
-                                                   self.cfg.batch_size, out=self.cache.empty_like(self.fp_in))
+                                                   self.cfg.forward_batch(self.world), out=self.cache.empty_like(self.fp_in))
         return loss
 
     def oac_backward(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -267,7 +267,7 @@ class BlockCalibrator:
 
         layer = self._layer(index, tensors)
         self.oac_g[index - 1] = block_backward(layer, self.oac_h.pop(index), self.oac_g[index], self.kwargs,
-                                               self.cfg.batch_size, out=self.cache.empty_like(self.fp_in))
+                                               self.cfg.forward_batch(self.world), out=self.cache.empty_like(self.fp_in))
 
     def _params(self, index: int, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Block ``index``'s stored tensors as the float parameters of its layer."""

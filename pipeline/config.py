@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
     c.add_argument("--epochs", type=int, default=5, help="passes over the calibration set per block")
     c.add_argument("--batch-size", type=int, default=CalibConfig.batch_size, help="sequences per optimizer step (micro-batch)")
+    c.add_argument("--forward-batch-size", type=int, default=CalibConfig.forward_batch_size,
+                   help="sequences per micro-batch of the passes that do not train (targets, losses, statistics, "
+                        "next inputs), per worker; 0 = a worker's share of --batch-size. Lower it when those passes "
+                        "set the memory peak (python -m pipeline.plan says when)")
     c.add_argument("--seed", type=int, default=0, help="seed for sampling and training")
     c.add_argument("--lr-lwc", type=float, default=CalibConfig.lr_lwc, help="learning rate of LWC bounds")
     c.add_argument("--lr-let", type=float, default=CalibConfig.lr_let, help="learning rate of LET scales")
@@ -194,7 +198,8 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
     a = build_parser().parse_args(argv)
     try:
         calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size, sym=a.sym,
-                            epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr_lwc=a.lr_lwc, lr_let=a.lr_let,
+                            epochs=a.epochs, batch_size=a.batch_size, forward_batch_size=a.forward_batch_size, seed=a.seed,
+                            lr_lwc=a.lr_lwc, lr_let=a.lr_let,
                             lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, lsi_relative=a.lsi_relative, let_init=a.let_init,
                             sde_band=a.sde_band, lr_sde=a.lr_sde, lowrank=a.lowrank, rank=a.rank,
                             cross_layer=a.cross_layer, cross_layer_weight=a.cross_layer_weight,

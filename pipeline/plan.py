@@ -14,6 +14,7 @@ breakdowns. Exit status 1 when the plan does not fit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -46,6 +47,16 @@ SAVED_PER_TOKEN = {"fp32": (7.5, 4.0), "bf16": (7.0, 2.0)}
 # copy (0.5 x their fp32 bytes). Measured the same way; checked by tests/test_plan.py.
 FP_BLOCK_PER_TOKEN = {"fp32": (5.0, 3.0), "bf16": (3.5, 1.5)}
 FP_BLOCK_SAVED_WEIGHTS = {"fp32": 0.0, "bf16": 0.5}
+# The passes that do not train (FP targets, losses, statistics, the next block's inputs) run a
+# micro-batch of CalibConfig.forward_batch samples in float32: per token a x hidden + b x
+# intermediate floats (measured like the above on this CPU, whose SDPA kernel holds no scores).
+FORWARD_PER_TOKEN = (2.0, 3.0)
+# ... plus, on a GPU, for a model with grouped-query attention: transformers' SDPA passes
+# enable_gqa, which in float32 only PyTorch's math kernel takes (flash needs 16-bit, memory-
+# efficient has no GQA), and it holds the scores and their softmax, [batch, heads, seqlen, seqlen]:
+# this many x heads x seqlen floats per token. Measured on an H100 (torch 2.11, transformers 5.17:
+# scripts/bench_gpu.py --phases, a Llama-2-70B block at 4 x 2048 tokens; BENCHMARKS.md).
+GPU_GQA_SCORES = 2.0
 # OAC's Hessian pass keeps more per token than a plain FP block: its hooks hold every linear's input
 # until that linear's backward (measured with the hooks, as above).
 OAC_PER_TOKEN = (7.0, 4.0)
@@ -77,6 +88,12 @@ class Hardware:
     fp64_tflops: float = 0.5  # sustained float64 TFLOP/s (A10G: 1/32 of its fp32 rate), for Hessians and solves
     link_gbps: float = 10.0  # all-reduce bandwidth between workers, Gbit/s (g5.xlarge: up to 10)
     svd_bytes: int = 4  # bytes per value of the SVD: float32 on a GPU, float64 on a CPU (lsiq/lsi.py)
+    # GPTQ's column loop (lsiq.gptq) launches a dozen small kernels per input column: seconds per
+    # column beyond its FLOPs, 165-276 us on an H100 (scripts/bench_gpu.py), about launch latency
+    gptq_column_us: float = 250.0
+    # a float32 forward with grouped-query attention holds its scores (GPU_GQA_SCORES): true of
+    # PyTorch's CUDA kernels, not of its CPU flash kernel (scripts/bench_plan.py on this CPU)
+    gqa_scores: bool = True
 
 
 @dataclass
@@ -154,8 +171,15 @@ def _solve_peak(coef: tuple[float, float, float], shapes: dict[str, tuple[int, i
 
 
 def peak_phase(mem: dict[str, int]) -> str:
-    """Which phase of :func:`memory_plan` sets the peak: setup, steady or solve."""
-    return max(("setup", "steady", "solve"), key=lambda k: mem[f"phase_{k}"])
+    """Which phase of :func:`memory_plan` sets the peak: setup, steady, forward or solve."""
+    return max(("setup", "steady", "forward", "solve"), key=lambda k: mem[f"phase_{k}"])
+
+
+def forward_floats_per_token(arch: BlockArch, seqlen: int, gqa_scores: bool = True) -> float:
+    """Floats one token of a float32 forward pass (no autograd) holds at its peak (``gqa_scores``:
+    with the attention scores of GQA, as on a GPU)."""
+    scores = GPU_GQA_SCORES * arch.n_heads * seqlen if gqa_scores and arch.n_kv_heads < arch.n_heads else 0.0
+    return FORWARD_PER_TOKEN[0] * arch.hidden + FORWARD_PER_TOKEN[1] * arch.intermediate + scores
 
 
 def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
@@ -173,6 +197,9 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     mem["optimizer_state"] = 4 * F32 * trainable_params(a, cfg) if cfg.trains else 0  # param, grad, Adam m and v
     b_local = math.ceil(cfg.batch_size / p.gpus)  # samples of the global batch one worker computes per step
     tokens = b_local * p.seqlen
+    # the passes that do not train: a micro-batch of forward_batch samples of the worker's share
+    tokens_fwd = min(cfg.forward_batch(p.gpus), math.ceil(p.nsamples / p.gpus)) * p.seqlen
+    fwd_act = int(F32 * tokens_fwd * forward_floats_per_token(a, p.seqlen, p.hw.gqa_scores))
     prec = cfg.precision
     if cfg.trains:
         coef = SAVED_WEIGHTS_RECOMPUTE[prec] if recompute else SAVED_WEIGHTS[prec][cfg.method]
@@ -189,17 +216,18 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     elif cfg.method == "oac":  # the Hessian pass: the FP block's forward recomputed and backpropagated
         oac_h, oac_i = OAC_PER_TOKEN
         mem["saved_weights"] = 0
-        mem["saved_activations"] = int(F32 * tokens * (oac_h * a.hidden + oac_i * a.intermediate))
+        scores = fwd_act - int(F32 * tokens_fwd * (FORWARD_PER_TOKEN[0] * a.hidden + FORWARD_PER_TOKEN[1] * a.intermediate))
+        mem["saved_activations"] = int(F32 * tokens_fwd * (oac_h * a.hidden + oac_i * a.intermediate)) + scores
         # one linear's update in the solve dtype: its inputs, their weighted copy, its output gradient and its square
-        mem["backward_transient"] = 2 * sb * tokens * max(m + n for m, n in shapes.values())
+        mem["backward_transient"] = 2 * sb * tokens_fwd * max(m + n for m, n in shapes.values())
     else:  # forward passes only: a micro-batch's activations at a time
         mem["saved_weights"] = 0
-        mem["saved_activations"] = int(F32 * tokens * (2 * a.hidden + 3 * a.intermediate))
+        mem["saved_activations"] = fwd_act
         # GPTQ's Hessian update: the inputs in the solve dtype, scaled, and the product x^T x before it is added
-        mem["backward_transient"] = (2 * sb * tokens * max(n for _, n in shapes.values())
+        mem["backward_transient"] = (2 * sb * tokens_fwd * max(n for _, n in shapes.values())
                                      + sb * max(n * n for _, n in shapes.values())) if cfg.method == "gptq" else 0
     # inputs and targets of the micro-batch (cross-layer: and block i+1's target; OAC: the gradients)
-    mem["batch_io"] = (2 + int(cross) + 2 * int(cfg.method == "oac")) * F32 * tokens * a.hidden
+    mem["batch_io"] = (2 + int(cross) + 2 * int(cfg.method == "oac")) * F32 * (tokens if cfg.trains else tokens_fwd) * a.hidden
     mem["hessians"] = hessian_bytes(a, sb) if hessian_rounds(cfg) else 0  # all of them, once built
     # The solves, linear by linear, each Hessian freed once used: the worst moment's Hessians
     # (``solve_hessians``) and the rest (``solve_transient``: its linear algebra, the block's uint8
@@ -215,8 +243,7 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
             # (F32 lin): all the matrices, a micro-batch's activations, and the widest input in the
             # solve dtype, scaled, and its x^T x before it is added
             widest = max(n for _, n in shapes.values())
-            solve.append((mem["hessians"], (target + F32) * lin + sb * widest * (widest + 2 * tokens)
-                          + int(F32 * tokens * (2 * a.hidden + 3 * a.intermediate))))
+            solve.append((mem["hessians"], (target + F32) * lin + sb * widest * (widest + 2 * tokens_fwd) + fwd_act))
     worst = max(solve, key=sum) if solve else (0, 0)
     mem["solve_hessians"] = worst[0]
     mem["solve_transient"] = worst[1] + lin if solve else 0
@@ -230,8 +257,12 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     steady = held + passes + (mem["hessians"] if cfg.method in ("gptq", "oac") else 0)
     solve_phase = block + mem["next_block_weights"] + mem["solve_hessians"] + mem["solve_transient"] if solve else 0
     setup = block + mem["next_block_weights"] + mem["svd_factors"] + svd
-    mem.update(phase_setup=setup, phase_steady=steady, phase_solve=solve_phase)
-    mem["peak"] = max(steady, setup, solve_phase)
+    # the passes that do not train: the block, the weights it runs on (RTN's, the calibrated ones
+    # dequantized), a micro-batch's activations, and its inputs, targets and outputs
+    mem["forward_activations"] = fwd_act
+    forward = block + mem["next_block_weights"] + F32 * lin + fwd_act + 3 * F32 * tokens_fwd * a.hidden
+    mem.update(phase_setup=setup, phase_steady=steady, phase_forward=forward, phase_solve=solve_phase)
+    mem["peak"] = max(steady, setup, forward, solve_phase)
     return mem
 
 
@@ -276,12 +307,15 @@ def solve_flops(p: PlanConfig) -> list[tuple[int, int]]:
 def solve_times(p: PlanConfig) -> list[float]:
     """Each worker's seconds of Hessians and solves: products at the matmul rate of the solve
     dtype (--tflops, or --fp64-tflops for float64); eigendecompositions and SVDs at --svd-tflops
-    (cuSOLVER's are far from matmul speed), and in float64 no faster than its matmuls."""
+    (cuSOLVER's are far from matmul speed), and in float64 no faster than its matmuls; GPTQ's
+    column loop at --gptq-column-us per input column."""
     if solve_bytes(p.calib) == F64:
         mm_rate, fact_rate = p.hw.fp64_tflops, min(p.hw.fp64_tflops, p.hw.svd_tflops)
     else:
         mm_rate, fact_rate = p.hw.tflops, p.hw.svd_tflops
-    return [mm / (mm_rate * 1e12) + fact / (fact_rate * 1e12) for mm, fact in solve_flops(p)]
+    columns = sum(n for _, n in p.arch.linear_shapes().values()) if p.calib.method in ("gptq", "oac") else 0
+    return [mm / (mm_rate * 1e12) + fact / (fact_rate * 1e12) + columns * p.hw.gptq_column_us * 1e-6
+            for mm, fact in solve_flops(p)]
 
 
 
@@ -345,13 +379,35 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
             "hours": a.num_layers * block_s / 3600}
 
 
+def forward_batches(p: PlanConfig) -> list[int]:
+    """Forward micro-batches to try, largest first: the one set, or a worker's share of the batch
+    (quantize's default) halved down to 1."""
+    if p.calib.forward_batch_size:
+        return [p.calib.forward_batch_size]
+    b = min(p.calib.forward_batch(p.gpus), math.ceil(p.nsamples / p.gpus))
+    out = [b]
+    while b > 1:
+        b = (b + 1) // 2
+        out.append(b)
+    return out
+
+
 def make_plan(p: PlanConfig) -> dict[str, Any]:
-    """Choose recomputation (when auto) and assemble the plan."""
+    """Choose recomputation (when auto) and the forward micro-batch (when unset), and assemble the
+    plan: the first that fits, recomputation last (it costs time; a smaller forward batch hardly does)."""
     options = {"on": [True], "off": [False], "auto": [False, True]}[p.recompute]
+    default_fb = p.calib.forward_batch(p.gpus)
+    fits = False
     for recompute in options:
-        mem = memory_plan(p, recompute)
-        if mem["peak"] <= p.gpu_mem:
+        for fb in forward_batches(p):
+            q = dataclasses.replace(p, calib=dataclasses.replace(p.calib, forward_batch_size=fb))
+            mem = memory_plan(q, recompute)
+            fits = mem["peak"] <= p.gpu_mem
+            if fits:
+                break
+        if fits:
             break
+    p = q
     t = time_plan(p, recompute)
     plan = {"fits": mem["peak"] <= p.gpu_mem, "hours": round(t["hours"], 3), "per_worker_bytes": mem["peak"],
             "gpu_mem_bytes": p.gpu_mem, "gpus": p.gpus, "recompute_weights": recompute,
@@ -360,6 +416,8 @@ def make_plan(p: PlanConfig) -> dict[str, Any]:
                          "cross_layer": p.calib.cross_layer, "lowrank": p.calib.lowrank, "rank": p.calib.rank,
                          "group_size": p.calib.group_size, "nsamples": p.nsamples, "seqlen": p.seqlen,
                          "epochs": p.calib.epochs, "batch_size": p.calib.batch_size,
+                         "forward_batch_size": p.calib.forward_batch_size,
+                         "forward_batch_default": p.calib.forward_batch_size == default_fb,
                          "precision": p.calib.precision, "solve_dtype": "float64" if solve_bytes(p.calib) == F64
                          else "float32"},
             "hardware": asdict(p.hw), "blocks": p.arch.num_layers}
@@ -393,7 +451,8 @@ def load_arch(path: str) -> BlockArch:
         raise SystemExit(f"error: {e}") from None
 
 
-PHASES = {"setup": "setup (the SVDs)", "steady": "passes over the tokens", "solve": "Hessians' solves"}
+PHASES = {"setup": "setup (the SVDs)", "steady": "passes over the tokens", "solve": "Hessians' solves",
+          "forward": "passes that do not train (targets, losses, next inputs)"}
 
 
 def _gib(n: float) -> str:
@@ -427,6 +486,8 @@ def render(plan: dict[str, Any]) -> str:
     flags = (f"--workers {plan['gpus']} --gpus-per-worker 1 --device cuda --method {s['method']} --wbits {s['wbits']} "
              f"--abits {s['abits']} --group-size {s['group_size']} --nsamples {s['nsamples']} --seqlen {s['seqlen']} "
              f"--epochs {s['epochs']} --batch-size {s['batch_size']} --precision {s['precision']}")
+    if not s["forward_batch_default"]:
+        flags += f" --forward-batch-size {s['forward_batch_size']}"
     if s["cross_layer"]:
         flags += " --cross-layer"
     if s["lowrank"]:
@@ -465,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=CalibConfig.epochs)
     p.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step (default: --gpus)")
+    p.add_argument("--forward-batch-size", type=int, default=0,
+                   help="as pipeline.quantize --forward-batch-size; 0: the largest that fits, from a worker's share "
+                        "of --batch-size down to 1")
     p.add_argument("--lsi-block-k", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="as pipeline.quantize --precision")
     p.add_argument("--solve-dtype", choices=["float32", "float64"], default="float32",
@@ -479,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--fp64-tflops", type=float, default=Hardware.fp64_tflops,
                     help="sustained float64 TFLOP/s (GPTQ/OAC Hessians and solves, --lowrank, with --solve-dtype float64)")
     hw.add_argument("--link-gbps", type=float, default=Hardware.link_gbps, help="all-reduce bandwidth, Gbit/s")
+    hw.add_argument("--gptq-column-us", type=float, default=Hardware.gptq_column_us,
+                    help="GPTQ/OAC: microseconds per input column of the column loop beyond its FLOPs")
     p.add_argument("--target-hours", type=float, default=None, help="also report whether the estimate meets this")
     return p
 
@@ -489,11 +555,13 @@ def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
     try:
         calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size,
                             epochs=a.epochs, batch_size=a.batch_size or a.gpus, lsi_block_k=a.lsi_block_k,
+                            forward_batch_size=a.forward_batch_size,
                             precision=a.precision, cross_layer=a.cross_layer, lowrank=a.lowrank, rank=a.rank,
                             solve_dtype=a.solve_dtype)
         return PlanConfig(arch=arch, gpus=a.gpus, gpu_mem=a.gpu_mem, calib=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, recompute=a.recompute_weights, target_hours=a.target_hours,
-                          hw=Hardware(a.tflops, a.bf16_tflops, a.mem_gbs, a.svd_tflops, a.fp64_tflops, a.link_gbps))
+                          hw=Hardware(a.tflops, a.bf16_tflops, a.mem_gbs, a.svd_tflops, a.fp64_tflops, a.link_gbps,
+                                      gptq_column_us=a.gptq_column_us))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -512,6 +580,12 @@ def main(argv: list[str] | None = None) -> int:
             advice = ("its peak is the Hessians and solves of GPTQ/OAC/--lowrank, [in, in] matrices that no batch "
                       "size or worker count shrinks: use GPUs with more memory"
                       + (", or --solve-dtype float32" if plan["settings"]["solve_dtype"] == "float64" else ""))
+        elif peak_phase(mem) == "forward" and plan["settings"]["forward_batch_size"] > 1:
+            advice = ("its peak is the passes that do not train: lower --forward-batch-size (or leave it unset: the "
+                      "plan then picks the largest that fits)")
+        elif peak_phase(mem) == "forward":
+            advice = ("its peak is a forward pass of one sample (--forward-batch-size 1) with the block's weights "
+                      "twice: use GPUs with more memory, or a smaller --seqlen")
         else:
             advice = ("lower --batch-size (fewer samples per worker per step), use GPUs with more memory, or a "
                       "smaller --seqlen")

@@ -234,9 +234,10 @@ def planned(args: argparse.Namespace, variant: str, hw: dict, gpus: int = 1, nsa
     cfg = calib_config(variant, args)
     if epochs is not None:
         cfg = CalibConfig(**{**cfg.__dict__, "epochs": epochs})
-    fields = {k: hw[k] for k in ("tflops", "bf16_tflops", "mem_gbs", "svd_tflops", "fp64_tflops")}
+    fields = {k: hw[k] for k in ("tflops", "bf16_tflops", "mem_gbs", "svd_tflops", "fp64_tflops", "gptq_column_us")}
     pc = plan.PlanConfig(arch=arch, gpus=gpus, gpu_mem=gpu_mem, calib=cfg, nsamples=nsamples or args.nsamples,
-                         seqlen=seqlen or args.seqlen, hw=plan.Hardware(**fields, link_gbps=args.link_gbps, svd_bytes=4),
+                         seqlen=seqlen or args.seqlen, hw=plan.Hardware(**fields, link_gbps=args.link_gbps, svd_bytes=4,
+                                                       gqa_scores=args.device.startswith("cuda")),
                          recompute="on" if cfg.recompute_weights else "off")
     return plan.make_plan(pc)
 

@@ -98,7 +98,11 @@ def measure_hardware(threads: int) -> dict[str, float]:
     svd_tflops = (6 * m * r * r + 20 * r**3) / best(lambda: torch.linalg.svd(w, full_matrices=False), 2) / 1e12
     a64, b64 = a.double(), b.double()
     fp64_tflops = 2 * 1024 * 1024 * 2816 / best(lambda: a64 @ b64) / 1e12
-    return {"tflops": tflops, "mem_gbs": mem_gbs, "svd_tflops": svd_tflops, "fp64_tflops": fp64_tflops}
+    from bench_gpu import gptq_column  # its column loop's cost beyond its FLOPs (float32 here, as on a GPU)
+
+    column = gptq_column(torch.device("cpu"), tflops, n=1024)["gptq_column_us"]
+    return {"tflops": tflops, "mem_gbs": mem_gbs, "svd_tflops": svd_tflops, "fp64_tflops": fp64_tflops,
+            "gptq_column_us": column}
 
 
 def one(args: argparse.Namespace, method: str, batch: int, recompute: bool) -> dict:
@@ -164,7 +168,8 @@ def main() -> int:
 
     hw = measure_hardware(args.threads)
     print(f"this machine: {hw['tflops']:.3f} TFLOP/s fp32 matmul, {hw['fp64_tflops']:.3f} float64, "
-          f"{hw['mem_gbs']:.1f} GB/s copy, {hw['svd_tflops']:.4f} TFLOP/s float64 SVD", flush=True)
+          f"{hw['mem_gbs']:.1f} GB/s copy, {hw['svd_tflops']:.4f} TFLOP/s float64 SVD, "
+          f"GPTQ {hw['gptq_column_us']:.0f} us per column", flush=True)
     arch = BlockArch("llama", args.hidden, args.intermediate, args.hidden // 64, args.hidden // 256, 64, 1)
     rows = []
     for method, batch, rec in SETTINGS:
@@ -183,7 +188,8 @@ def main() -> int:
                              seqlen=args.seqlen,
                              hw=plan.Hardware(tflops=hw["tflops"], bf16_tflops=hw["tflops"], mem_gbs=hw["mem_gbs"],
                                               svd_tflops=hw["svd_tflops"], fp64_tflops=hw["fp64_tflops"],
-                                              link_gbps=10.0, svd_bytes=8))
+                                              link_gbps=10.0, svd_bytes=8, gptq_column_us=hw["gptq_column_us"],
+                                              gqa_scores=False))  # this CPU's SDPA holds no scores
         mem, t = plan.memory_plan(pc, rec), plan.time_plan(pc, rec)
         row = {**got, "predicted_bytes": mem["peak"], "predicted_seconds": t["block_s"], "predicted_time": t,
                "memory_ratio": got["measured_bytes"] / mem["peak"], "time_ratio": got["seconds"] / t["block_s"]}

@@ -179,6 +179,80 @@ def test_bf16_precision_calibrates_like_fp32():
         CalibConfig(precision="fp16")
 
 
+def test_bf16_steps_hold_the_bfloat16_weights_only():
+    """Under bf16 the effective weights come out bfloat16 (the float32 ones are not held beside the
+    copy the linears save), and the step computes exactly what autocast's own cast gives."""
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=2)
+    arch = BlockArch.from_config(cfg)
+    results = {}
+    for precision in ("fp32", "bf16"):  # fp32 settings under autocast: autocast casts the float32 weights itself
+        torch.manual_seed(0)
+        bq = BlockQuantizer(layer, arch, CalibConfig(method="lsi", wbits=3, group_size=32, precision=precision))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            params = bq.effective()
+            out = block_forward(layer, x, kw, params)
+        out.float().pow(2).mean().backward()
+        weights = {params[f"{n}.weight"].dtype for n in LINEARS}
+        assert weights == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        results[precision] = (out.detach(), [p.grad for p in bq.parameters() if p.grad is not None])
+    assert torch.equal(results["fp32"][0], results["bf16"][0])
+    assert all(torch.equal(a, b) for a, b in zip(results["fp32"][1], results["bf16"][1], strict=True))
+
+
+def test_forward_batch_size_changes_only_the_micro_batches():
+    """The passes that do not train run forward_batch_size samples at a time (0: the training
+    batch per worker); the results agree to float rounding."""
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=6)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    arch = BlockArch.from_config(cfg)
+    assert CalibConfig(batch_size=4).forward_batch(1) == 4 and CalibConfig(batch_size=4).forward_batch(3) == 2
+    assert CalibConfig(batch_size=4, forward_batch_size=1).forward_batch(3) == 1
+    res = {fb: calibrate_block(layer, kw, x, y, arch, CalibConfig(method="lsi", wbits=3, group_size=32, epochs=1,
+                                                                   batch_size=3, forward_batch_size=fb, abits=8))
+           for fb in (0, 1)}
+    assert res[0].loss_before == pytest.approx(res[1].loss_before, rel=1e-5)
+    assert res[0].loss_after == pytest.approx(res[1].loss_after, rel=1e-4)
+    for name in LINEARS:  # LET's statistics (abits 8: smooth init) are maxima: the same whatever the batching
+        torch.testing.assert_close(res[0].linears[name].weight(), res[1].linears[name].weight(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="forward_batch_size must be >= 0"):
+        CalibConfig(forward_batch_size=-1)
+
+
+def test_the_last_loss_pass_holds_no_svd_factors(monkeypatch):
+    """The loss after calibration runs on the dequantized weights; the block's SVD factors (4.5 GiB
+    for a Llama-2-70B block) are let go before it, not held through it."""
+    import gc
+    import weakref
+
+    import lsiq.block
+
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=2)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    alive: weakref.WeakSet = weakref.WeakSet()
+    init, mean_loss = lsiq.block.BlockQuantizer.__init__, lsiq.block.mean_loss
+    held = []
+
+    def tracked_init(self, *a, **k):
+        init(self, *a, **k)
+        alive.add(self)
+
+    def tracked_loss(*a, **k):
+        gc.collect()
+        held.append(len(alive))
+        return mean_loss(*a, **k)
+
+    monkeypatch.setattr(lsiq.block.BlockQuantizer, "__init__", tracked_init)
+    monkeypatch.setattr(lsiq.block, "mean_loss", tracked_loss)
+    calibrate_block(layer, kw, x, y, BlockArch.from_config(cfg), CalibConfig(method="lsi", wbits=3, group_size=32,
+                                                                             epochs=1))
+    assert held == [0, 0]  # before the BlockQuantizer exists, and after it is gone
+
+
 def test_weight_activation_calibration_runs():
     cfg = tiny_llama_config()
     _, layer, x, kw = _block(cfg, n=4)

@@ -215,6 +215,11 @@ def test_cli_parsing_errors():
     cfg = parse_quantize_args(["--model", "m", "--output", "o", "--calib", "c", "--method", "gptq",
                                "--group-size", "0", "--abits", "8"])
     assert cfg.calib_cfg.method == "gptq" and cfg.calib_cfg.group_size == 0 and cfg.calib_cfg.abits == 8
+    cfg = parse_quantize_args(["--model", "m", "--output", "o", "--calib", "c", "--forward-batch-size", "2"])
+    assert cfg.calib_cfg.forward_batch_size == 2 and parse_quantize_args(
+        ["--model", "m", "--output", "o", "--calib", "c"]).calib_cfg.forward_batch_size == 0
+    with pytest.raises(SystemExit, match="forward_batch_size must be >= 0"):
+        parse_quantize_args(["--model", "m", "--output", "o", "--calib", "c", "--forward-batch-size", "-1"])
 
 
 def test_header_that_disagrees_with_file_size_is_refused(tiny_checkpoint, tmp_path):

@@ -157,6 +157,35 @@ def test_llama2_70b_on_eight_24gb_gpus(plan_cli):
     assert out["memory"]["block_weights"] == 4 * (855_638_016 + 2 * 8192)
 
 
+def test_forward_passes_are_planned(plan_cli, capsys):
+    """The passes that do not train hold the block's weights twice and a micro-batch's activations,
+    with the fp32 attention scores of GQA on a GPU; the plan picks the forward micro-batch that fits."""
+    cfg70 = str(MODELS / "llama-2-70b" / "config.json")
+    args = ("--model-config", cfg70, "--gpus", "8", "--method", "rtn", "--batch-size", "32")
+    rc, out, err = plan_cli(*args, "--gpu-mem", "80GB")
+    assert rc == 0, err
+    s, mem = out["settings"], out["memory"]
+    assert s["forward_batch_size"] == 4 and s["forward_batch_default"]  # a worker's share of the batch
+    arch = plan.load_arch(cfg70)
+    tokens = 4 * 2048
+    floats = 2 * 8192 + 3 * 28672 + plan.GPU_GQA_SCORES * 64 * 2048  # scores and softmax of 64 heads
+    assert mem["forward_activations"] == int(4 * tokens * floats)
+    lin = sum(m * n for m, n in arch.linear_shapes().values())
+    assert mem["phase_forward"] == mem["block_weights"] + 4 * lin + mem["forward_activations"] + 3 * 4 * tokens * 8192
+    assert out["per_worker_bytes"] == mem["phase_forward"]  # RTN: nothing else is as large
+    # on 17 GB the 4 samples do not fit: 2 do, and the flag says so
+    rc, out, err = plan_cli(*args, "--gpu-mem", "17GB")
+    assert rc == 0 and out["settings"]["forward_batch_size"] == 2 and not out["settings"]["forward_batch_default"]
+    plan.main([*args, "--gpu-mem", "17GB"])
+    flags = capsys.readouterr().out.split("pipeline.quantize flags: ")[-1]
+    assert "--forward-batch-size 2" in flags
+    rc, out, err = plan_cli(*args, "--gpu-mem", "17GB", "--forward-batch-size", "4")
+    assert rc == 1 and "lower --forward-batch-size" in err
+    # multi-head attention (no GQA) takes the memory-efficient kernel: no scores
+    mha = plan.BlockArch("llama", 1024, 2816, 16, 16, 64, 1)
+    assert plan.forward_floats_per_token(mha, 2048) == 2 * 1024 + 3 * 2816
+
+
 def test_llama3_8b_fits_without_recompute_and_more_gpus_are_faster(plan_cli):
     cfg = str(MODELS / "llama-3-8b")
     rc8, out8, _ = plan_cli("--model-config", cfg, "--gpus", "8", "--gpu-mem", "24GB")
@@ -325,8 +354,8 @@ def test_the_other_methods_are_planned(plan_cli):
 
 
 def test_solve_time_by_hand():
-    """GPTQ's solves are repeated on every worker; the low-rank corrections are shared out between
-    the two workers as the SVDs are (svd_owners), and the slower one sets the time."""
+    """GPTQ's solves (and its column loop) are repeated on every worker; the low-rank corrections
+    are shared out between the two workers as the SVDs are (svd_owners), and the slower one sets the time."""
     arch = BlockArch("llama", 256, 512, 4, 2, 64, 3)
     shapes = [(256, 256), (128, 256), (128, 256), (256, 256), (512, 256), (512, 256), (256, 512)]
     hw = plan.Hardware(tflops=1.0, fp64_tflops=0.25, svd_tflops=0.1)
@@ -350,8 +379,10 @@ def test_solve_time_by_hand():
             t = plan.time_plan(plan.PlanConfig(arch=arch, gpus=2, gpu_mem=10**12, calib=calib, nsamples=8, seqlen=32,
                                                hw=hw), recompute=False)
             mm_rate = 0.25e12 if dtype == "float64" else 1e12
-            # the slower worker in seconds (products and SVDs run at different rates)
-            want = max((accumulate + mm) / mm_rate + fact / 0.1e12 for mm, fact in per_worker)
+            # the slower worker in seconds (products and SVDs run at different rates), and GPTQ's
+            # column loop at gptq_column_us per input column
+            columns = sum(n for _, n in shapes) * hw.gptq_column_us * 1e-6 if kw["method"] == "gptq" else 0.0
+            want = max((accumulate + mm) / mm_rate + fact / 0.1e12 + columns for mm, fact in per_worker)
             assert t["solve_s"] == pytest.approx(want), (kw, dtype)
 
 
