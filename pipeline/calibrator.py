@@ -199,6 +199,7 @@ class BlockCalibrator:
         self.idle_since = time.perf_counter()
         stats = {
             "index": index,
+            "device": self.device.type,
             "loss_before": result.loss_before,
             "loss_after": result.loss_after,
             "losses": result.losses,

@@ -119,6 +119,14 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         want_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray_env.cluster_gpus() > 0)
         gpus = (cfg.gpus_per_worker if cfg.gpus_per_worker is not None else 1) if want_gpu else 0
         device = "cuda" if gpus else "cpu"
+        # a resumed run equals an uninterrupted one only on the device type its blocks were calibrated on
+        # (other kernels round differently, and --solve-dtype auto is float64 on a CPU, float32 on a GPU)
+        done_on = sorted({rec["stats"].get("device") for rec in state.records} - {None, device})
+        if done_on:
+            raise resume.ResumeMismatch(
+                f"output {cfg.output!r} holds blocks 0..{state.next_block - 1} calibrated on {done_on[0]}, and this "
+                f"run would calibrate on {device}: the result would not equal an uninterrupted run; rerun with "
+                f"--device {done_on[0]} to resume, or pass --restart")
         cpus = cfg.cpus_per_worker or max(1, (cfg.num_cpus or ray_env.node_cpus()) // workers)
         log(f"lsiq: {ckpt.config_dict.get('model_type')} {n} blocks, method={ccfg.method} "
             f"W{ccfg.wbits}A{ccfg.abits} g{ccfg.group_size}, format {cfg.format}, {cfg.nsamples}x{cfg.seqlen} tokens, "

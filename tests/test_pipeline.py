@@ -129,6 +129,17 @@ def test_resume_from_partial_output_is_byte_identical(tiny_checkpoint, texts_dir
     for name in (MANIFEST, "model.safetensors.index.json", "model-layers-00001.safetensors",
                  "model-layers-00002.safetensors", "checkpoints/block-00001.json", "checkpoints/block-00002.json"):
         (part / name).unlink()
+    # blocks calibrated on another device type are not resumed here: refused, nothing written
+    record = part / "checkpoints" / "block-00000.json"
+    original = record.read_text()
+    rec = json.loads(original)
+    assert rec["stats"]["device"] == "cpu"
+    rec["stats"]["device"] = "cuda"
+    record.write_text(json.dumps(rec))
+    with pytest.raises(ResumeMismatch, match="blocks 0..0 calibrated on cuda, and this run would calibrate on cpu"):
+        run(cfg(part))
+    assert not (part / MANIFEST).exists() and not (part / "model-layers-00001.safetensors").exists()
+    record.write_text(original)
     logs = []
     report = run(cfg(part), log=logs.append)
     assert report["resumed_blocks"] == 1 and report["lowrank_bytes"] > 0
