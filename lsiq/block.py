@@ -49,8 +49,8 @@ class CalibConfig:
     epochs: int = 5
     batch_size: int = 1
     # Samples per micro-batch of the passes that do not train (FP targets, losses, statistics,
-    # Hessians, the next block's inputs), per worker; 0: a worker's share of batch_size, what one
-    # training step runs on it. Their peak grows with it: on a GPU, fp32 attention with GQA runs
+    # Hessians, the next block's inputs), per worker; 0: a worker's share of batch_size (what one
+    # training step runs on it on average). Their peak grows with it: on a GPU, fp32 attention with GQA runs
     # PyTorch's math kernel, which holds [batch, heads, seqlen, seqlen] scores (BENCHMARKS.md).
     forward_batch_size: int = 0
     seed: int = 0

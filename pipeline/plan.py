@@ -57,6 +57,11 @@ FORWARD_PER_TOKEN = (2.0, 3.0)
 # this many x heads x seqlen floats per token. Measured on an H100 (torch 2.11, transformers 5.17:
 # scripts/bench_gpu.py --phases, a Llama-2-70B block at 4 x 2048 tokens; BENCHMARKS.md).
 GPU_GQA_SCORES = 2.0
+# OAC's loss gradient at the head (lsiq.oac.head_gradient) runs a forward micro-batch through the
+# final norm and lm_head: per token this many x vocab floats (the logits, their shifted copy for
+# the loss, its log-softmax kept for the backward, and the logits' gradient), counted from the
+# code, not measured; plus lm_head's weights.
+OAC_HEAD_LOGITS = 4.0
 # OAC's Hessian pass keeps more per token than a plain FP block: its hooks hold every linear's input
 # until that linear's backward (measured with the hooks, as above).
 OAC_PER_TOKEN = (7.0, 4.0)
@@ -261,6 +266,9 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     # dequantized), a micro-batch's activations, and its inputs, targets and outputs
     mem["forward_activations"] = fwd_act
     forward = block + mem["next_block_weights"] + F32 * lin + fwd_act + 3 * F32 * tokens_fwd * a.hidden
+    if cfg.method == "oac":  # the loss gradient at the head, once per run, at the same micro-batch
+        mem["oac_head"] = F32 * (a.vocab_size * a.hidden + tokens_fwd * (OAC_HEAD_LOGITS * a.vocab_size + 2 * a.hidden))
+        forward = max(forward, mem["oac_head"])
     mem.update(phase_setup=setup, phase_steady=steady, phase_forward=forward, phase_solve=solve_phase)
     mem["peak"] = max(steady, setup, forward, solve_phase)
     return mem

@@ -210,9 +210,24 @@ def test_forward_batch_size_changes_only_the_micro_batches():
     arch = BlockArch.from_config(cfg)
     assert CalibConfig(batch_size=4).forward_batch(1) == 4 and CalibConfig(batch_size=4).forward_batch(3) == 2
     assert CalibConfig(batch_size=4, forward_batch_size=1).forward_batch(3) == 1
-    res = {fb: calibrate_block(layer, kw, x, y, arch, CalibConfig(method="lsi", wbits=3, group_size=32, epochs=1,
-                                                                   batch_size=3, forward_batch_size=fb, abits=8))
-           for fb in (0, 1)}
+    import lsiq.block
+
+    sizes: dict[int, set[int]] = {}
+    forward = lsiq.block.block_forward
+
+    def counted(layer_, inputs, *a, **k):  # the micro-batches of the passes without gradients
+        if not torch.is_grad_enabled():
+            sizes.setdefault(fb, set()).add(inputs.shape[0])
+        return forward(layer_, inputs, *a, **k)
+
+    res = {}
+    for fb in (0, 1):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(lsiq.block, "block_forward", counted)
+            res[fb] = calibrate_block(layer, kw, x, y, arch, CalibConfig(method="lsi", wbits=3, group_size=32,
+                                                                         epochs=1, batch_size=3,
+                                                                         forward_batch_size=fb, abits=8))
+    assert sizes == {0: {3}, 1: {1}}  # 0: the batch (one worker)
     assert res[0].loss_before == pytest.approx(res[1].loss_before, rel=1e-5)
     assert res[0].loss_after == pytest.approx(res[1].loss_after, rel=1e-4)
     for name in LINEARS:  # LET's statistics (abits 8: smooth init) are maxima: the same whatever the batching

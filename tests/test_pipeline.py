@@ -129,7 +129,7 @@ def test_resume_from_partial_output_is_byte_identical(tiny_checkpoint, texts_dir
     for name in (MANIFEST, "model.safetensors.index.json", "model-layers-00001.safetensors",
                  "model-layers-00002.safetensors", "checkpoints/block-00001.json", "checkpoints/block-00002.json"):
         (part / name).unlink()
-    # blocks calibrated on another device type are not resumed here: refused, nothing written
+    # blocks calibrated on another device type are not resumed here: refused before any block is calibrated
     record = part / "checkpoints" / "block-00000.json"
     original = record.read_text()
     rec = json.loads(original)

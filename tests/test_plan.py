@@ -181,6 +181,13 @@ def test_forward_passes_are_planned(plan_cli, capsys):
     assert "--forward-batch-size 2" in flags
     rc, out, err = plan_cli(*args, "--gpu-mem", "17GB", "--forward-batch-size", "4")
     assert rc == 1 and "lower --forward-batch-size" in err
+    # OAC's loss gradient at the head: Llama-3-8B's 128k-word logits set the forward peak, and the
+    # plan lowers the forward batch below a worker's 16 samples to fit
+    rc, out, err = plan_cli("--model-config", str(MODELS / "llama-3-8b"), "--gpus", "8", "--gpu-mem", "24GB",
+                            "--method", "oac", "--batch-size", "128")
+    mem, fb = out["memory"], out["settings"]["forward_batch_size"]
+    assert rc == 0 and fb < 16 and mem["phase_forward"] == mem["oac_head"] == out["per_worker_bytes"]
+    assert mem["oac_head"] == 4 * (128256 * 4096 + fb * 2048 * (plan.OAC_HEAD_LOGITS * 128256 + 2 * 4096))
     # multi-head attention (no GQA) takes the memory-efficient kernel: no scores
     mha = plan.BlockArch("llama", 1024, 2816, 16, 16, 64, 1)
     assert plan.forward_floats_per_token(mha, 2048) == 2 * 1024 + 3 * 2816
