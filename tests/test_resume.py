@@ -23,7 +23,7 @@ def test_sigkill_then_rerun_resumes_byte_identical(smollm2_dir, texts_dir, tmp_p
         return [sys.executable, "-m", "pipeline.quantize", "--model", src, "--output", f"s3://lsiq/{out}",
                 "--storage-options", json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}}),
                 "--calib", str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "3", "--group-size", "32",
-                "--nsamples", "8", "--seqlen", "64", "--epochs", "4", "--num-cpus", "1"]
+                "--nsamples", "8", "--seqlen", "64", "--epochs", "2", "--num-cpus", "1"]
 
     def outputs(prefix):  # checkpoint records hold timings; everything else must match
         return {p.split("/", 2)[2]: fs.cat_file(p) for p in fs.find(f"lsiq/{prefix}") if "/checkpoints/" not in p}
