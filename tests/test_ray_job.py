@@ -61,7 +61,7 @@ def _kill_tree(root_pid: int, marker: str) -> None:
     for p in procs.values():
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)  # then SIGKILL: some Ray processes ignore SIGTERM
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
