@@ -152,17 +152,19 @@ class PhasePeaks:
     def __init__(self, device: torch.device) -> None:
         self.device, self.peaks, self.current = device, {}, "other"
 
-    def _close(self) -> None:
-        peak = torch.cuda.max_memory_allocated(self.device)
-        self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
+    def _close(self, phase: str | None = None) -> None:
+        """The peak since the last reset goes to ``phase`` (default: the current one)."""
+        phase = phase or self.current
+        self.peaks[phase] = max(self.peaks.get(phase, 0), torch.cuda.max_memory_allocated(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def wrap(self, owner, attr: str, phase: str) -> None:
         fn = getattr(owner, attr)
 
         def wrapped(*a, **k):
-            outer, self.current = self.current, phase
-            self._close_into(outer)
+            outer = self.current
+            self._close(outer)
+            self.current = phase
             try:
                 return fn(*a, **k)
             finally:
@@ -170,11 +172,6 @@ class PhasePeaks:
                 self.current = "training" if outer == "other" and phase in ("loss", "setup") else outer
 
         setattr(owner, attr, wrapped)
-
-    def _close_into(self, phase: str) -> None:
-        saved, self.current = self.current, phase
-        self._close()
-        self.current = saved
 
 
 def one(args: argparse.Namespace, variant: str) -> dict:
@@ -225,28 +222,21 @@ def one(args: argparse.Namespace, variant: str) -> dict:
     return row
 
 
-def planned(args: argparse.Namespace, variant: str, hw: dict, gpus: int = 1, nsamples: int | None = None,
-            seqlen: int | None = None, epochs: int | None = None, gpu_mem: int = 10**13) -> dict:
-    """pipeline.plan's memory and time for ``variant`` with the measured throughputs."""
+def planned(args: argparse.Namespace, variant: str, hw: dict) -> dict:
+    """pipeline.plan's memory and time for ``variant`` on one worker, with the measured throughputs."""
+    from transformers import AutoConfig
+
+    from lsiq.arch import BlockArch
     from pipeline import plan
 
-    arch = plan.load_arch(str(_config_file(args)))
+    arch = BlockArch.from_config(AutoConfig.for_model(**model_config(args)))
     cfg = calib_config(variant, args)
-    if epochs is not None:
-        cfg = CalibConfig(**{**cfg.__dict__, "epochs": epochs})
     fields = {k: hw[k] for k in ("tflops", "bf16_tflops", "mem_gbs", "svd_tflops", "fp64_tflops", "gptq_column_us")}
-    pc = plan.PlanConfig(arch=arch, gpus=gpus, gpu_mem=gpu_mem, calib=cfg, nsamples=nsamples or args.nsamples,
-                         seqlen=seqlen or args.seqlen, hw=plan.Hardware(**fields, link_gbps=args.link_gbps, svd_bytes=4,
-                                                       gqa_scores=args.device.startswith("cuda")),
+    pc = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**13, calib=cfg, nsamples=args.nsamples, seqlen=args.seqlen,
+                         hw=plan.Hardware(**fields, link_gbps=args.link_gbps, svd_bytes=4,
+                                          gqa_scores=args.device.startswith("cuda")),
                          recompute="on" if cfg.recompute_weights else "off")
     return plan.make_plan(pc)
-
-
-def _config_file(args: argparse.Namespace) -> Path:
-    """The (possibly overridden) config.json as a file the plan can load."""
-    path = Path(args.out) / "model_config.json"
-    path.write_text(json.dumps(model_config(args)))
-    return path
 
 
 # ----------------------------------------------------------------------------- data parallel

@@ -77,16 +77,13 @@ def measured_env() -> dict[str, str]:
 def measure_hardware(threads: int) -> dict[str, float]:
     """Sustained fp32 and float64 matmul TFLOP/s, memory GB/s and float64 SVD TFLOP/s (the plan's
     formula) here."""
-    torch.set_num_threads(threads)
+    from bench_gpu import gptq_column, timed  # median of repeats after a warm-up (this VM's clock bursts)
 
-    def best(fn, reps: int = 7) -> float:  # the median: this VM's clock bursts make the minimum optimistic
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+
+    def best(fn, reps: int = 7) -> float:
+        return timed(fn, cpu, reps)
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 2816)  # a 4 x 256-token micro-batch through an MLP linear
     tflops = 2 * 1024 * 1024 * 2816 / best(lambda: a @ b) / 1e12
@@ -98,9 +95,7 @@ def measure_hardware(threads: int) -> dict[str, float]:
     svd_tflops = (6 * m * r * r + 20 * r**3) / best(lambda: torch.linalg.svd(w, full_matrices=False), 2) / 1e12
     a64, b64 = a.double(), b.double()
     fp64_tflops = 2 * 1024 * 1024 * 2816 / best(lambda: a64 @ b64) / 1e12
-    from bench_gpu import gptq_column  # its column loop's cost beyond its FLOPs (float32 here, as on a GPU)
-
-    column = gptq_column(torch.device("cpu"), tflops, n=1024)["gptq_column_us"]
+    column = gptq_column(cpu, tflops, n=1024)["gptq_column_us"]  # beyond its FLOPs (float32, as on a GPU)
     return {"tflops": tflops, "mem_gbs": mem_gbs, "svd_tflops": svd_tflops, "fp64_tflops": fp64_tflops,
             "gptq_column_us": column}
 
