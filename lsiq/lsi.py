@@ -2,8 +2,9 @@
 diagonal (CQE+, paper 001).
 
 W = U diag(S) V^T (thin SVD, computed once per block: in float64 on CPU, in float32 on a GPU,
-where float64 runs at a small fraction of the float32 rate; the factors only set the directions
-of the increment, the base weight stays exact). The calibrated weight is
+where float64 runs at a small fraction of the float32 rate; by default through the Gram matrix's
+eigenproblem, :func:`gram_svd`; the factors only set the directions of the increment, the base
+weight stays exact). The calibrated weight is
 W' = U diag(S + dS) V^T (+ U_k B V_k^T with an optional learnable k x k block B on the top-left
 of the singular-value matrix), evaluated as W + U diag(dS) V^T (+ U_k B V_k^T) so that dS = 0
 reproduces W bit for bit. dS and B start at zero.
@@ -21,31 +22,81 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+SVD_METHODS = ("gram", "full")
 
-def svd_factors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD (U, S, V^T) of ``weight``, returned in its dtype."""
-    svd_dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
-    u, s, vh = torch.linalg.svd(weight.detach().to(svd_dtype), full_matrices=False)
+
+def svd_dtype(device: torch.device) -> torch.dtype:
+    """The SVD's working dtype by default: float64 on a CPU, float32 on a GPU (float64 runs at
+    1/64-1/2 of the float32 rate there)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def svd_factors(weight: torch.Tensor, method: str = "gram", dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U, S, V^T) of ``weight`` computed in ``dtype`` (default :func:`svd_dtype`),
+    returned in the weight's dtype, row-major. ``method``: "full" is LAPACK's/cuSOLVER's SVD;
+    "gram" (:func:`gram_svd`) reaches the same factors through the symmetric eigenproblem of the
+    smaller Gram matrix, a fraction of the SVD's slow (non-matmul) work."""
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd method must be one of {', '.join(SVD_METHODS)}, got {method!r}")
+    dtype = dtype or svd_dtype(weight.device)
+    if method == "gram":
+        u, s, vh = gram_svd(weight.detach().to(dtype))
+    else:
+        u, s, vh = torch.linalg.svd(weight.detach().to(dtype), full_matrices=False)
     # LAPACK hands U and V^T back column-major; make them row-major so that a collective that
     # sends raw memory (torch.distributed broadcast) sends the same matrix it is given
     return (u.to(weight.dtype).contiguous(), s.to(weight.dtype).contiguous(), vh.to(weight.dtype).contiguous())
 
 
-def svd_flops(out_features: int, in_features: int) -> int:
-    """FLOPs of a thin SVD with both factors (Golub & Van Loan's R-SVD count: 6 m n^2 + 20 n^3, m >= n)."""
+def gram_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``w`` [m, n] from the eigenvectors of the smaller Gram matrix.
+
+    With A the orientation of ``w`` whose rows are the shorter side (A = W, or W^T when m > n;
+    A is [k, N], k = min(m, n)): A A^T = U diag(S^2) U^T (symmetric eigensolver, descending), then
+    the rows of P = U^T A are S_i V_i^T, so S_i = ||P_i|| and V_i^T = P_i / S_i. Cost: two
+    [k, k] x [k, N] matmuls (4 k^2 N FLOPs, at matmul speed) and a k x k eigenproblem (~9 k^3,
+    Golub & Van Loan), against the R-SVD's 6 N k^2 + 20 k^3 at factorisation speed.
+    Precision: the Gram matrix squares the condition number, so the eigensolver resolves the
+    directions of small singular values to ~eps * S_max^2 / (S_i * gap). In float64 (a CPU's
+    default) that is far below float32's full SVD. In float32 (a GPU's default) V's rows lose
+    orthogonality in those directions: |V V^T - I| up to 0.33 on SmolLM2's q_proj and 0.06 on
+    o_proj (condition numbers 3e3-5e3), 3e-5 on the other linears, against 2e-6 for float32's full
+    SVD; S stays within 4e-5 S_max. LSI keeps the base weight exact (SVDIncrement): the factors
+    only set the increments' directions (perplexity with either: BENCHMARKS.md)."""
+    tall = w.shape[0] > w.shape[1]
+    a = w.T if tall else w
+    _, u = torch.linalg.eigh(a @ a.T)  # ascending eigenvalues
+    u = u.flip(-1)
+    p = u.T @ a
+    s = torch.linalg.vector_norm(p, dim=1)
+    p /= torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)  # a zero row (rank deficiency) stays zero
+    return (p.T, s, u.T) if tall else (u, s, p)
+
+
+def svd_flops(out_features: int, in_features: int, method: str = "full") -> int:
+    """FLOPs of a thin SVD's factorisation, the part that runs far below matmul speed: the R-SVD's
+    6 m n^2 + 20 n^3 (m >= n; Golub & Van Loan) for "full", the symmetric eigensolver's 9 n^3 for
+    "gram" (whose matmuls are :func:`svd_matmul_flops`)."""
     m, n = max(out_features, in_features), min(out_features, in_features)
-    return 6 * m * n * n + 20 * n**3
+    return 9 * n**3 if method == "gram" else 6 * m * n * n + 20 * n**3
 
 
-def svd_owners(shapes: dict[str, tuple[int, int]], world: int) -> dict[str, int]:
+def svd_matmul_flops(out_features: int, in_features: int, method: str = "full") -> int:
+    """FLOPs of the Gram SVD's two matmuls (A A^T and U^T A: 4 n^2 m, m >= n); 0 for "full"."""
+    m, n = max(out_features, in_features), min(out_features, in_features)
+    return 4 * n * n * m if method == "gram" else 0
+
+
+def svd_owners(shapes: dict[str, tuple[int, int]], world: int, method: str = "full") -> dict[str, int]:
     """Which data-parallel worker computes each linear's SVD: largest first, to the least loaded
     worker (ties to the lowest rank), so that the slowest worker's share is as small as it gets."""
     load = [0] * world
     owners = {}
-    for name in sorted(shapes, key=lambda k: (-svd_flops(*shapes[k]), k)):
+    for name in sorted(shapes, key=lambda k: (-svd_flops(*shapes[k], method), k)):
         rank = min(range(world), key=lambda r: (load[r], r))
         owners[name] = rank
-        load[rank] += svd_flops(*shapes[name])
+        load[rank] += svd_flops(*shapes[name], method)
     return owners
 
 

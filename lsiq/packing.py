@@ -14,14 +14,19 @@ def packed_words(in_features: int, bits: int) -> int:
     return (in_features * bits + 31) // 32
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes [out, in] into int32 [out, ceil(in * bits / 32)]."""
+def pack_codes(codes: torch.Tensor, bits: int, chunk_elems: int = 2**25) -> torch.Tensor:
+    """Pack uint8 codes [out, in] into int32 [out, ceil(in * bits / 32)], on the codes' device.
+    Works through the rows in chunks of about ``chunk_elems`` codes, so its int64 temporaries
+    stay small (unchunked, a 70B MLP linear's would be ~1.9 GB each)."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D, got shape {tuple(codes.shape)}")
     out_f, in_f = codes.shape
-    c = codes.to(torch.int64)
-    if int(c.max()) >= 2**bits or int(c.min()) < 0:
+    if codes.numel() and (int(codes.max()) >= 2**bits or int(codes.min()) < 0):
         raise ValueError(f"codes out of range for {bits} bits")
+    rows = max(1, chunk_elems // max(in_f, 1))
+    if out_f > rows:
+        return torch.cat([pack_codes(codes[r:r + rows], bits, chunk_elems) for r in range(0, out_f, rows)])
+    c = codes.to(torch.int64)
     pos = torch.arange(in_f, dtype=torch.int64, device=codes.device) * bits
     word, off = pos // 32, pos % 32
     words = torch.zeros(out_f, packed_words(in_f, bits) + 1, dtype=torch.int64, device=codes.device)

@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--solve-dtype", choices=["auto", "float64", "float32"], default="auto",
                    help="dtype of GPTQ's and OAC's Hessians, --lowrank's autocorrelations and their solves; auto = "
                    "float64 on CPU, float32 on GPU (half the memory of the [in, in] matrices; float64 is slow on GPUs)")
+    c.add_argument("--svd", choices=["gram", "full"], default="gram",
+                   help="how LSI/SDE take each linear's SVD: gram = from the eigenvectors of the smaller Gram matrix "
+                   "(2.9-4.5x less of the slow factorisation work on Llama shapes; in float32 the directions of small singular "
+                   "values lose some orthogonality), full = LAPACK's/cuSOLVER's SVD")
+    c.add_argument("--svd-dtype", choices=["auto", "float64", "float32"], default="auto",
+                   help="dtype of LSI's SVDs; auto = float64 on CPU, float32 on GPU")
     c.add_argument("--let-init", choices=["auto", "ones", "smooth"], default="auto",
                    help="LET scale init; auto = SmoothQuant-style for weight-activation runs, ones for weight-only")
     r = p.add_argument_group("ray")
@@ -203,7 +209,8 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
                             lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, lsi_relative=a.lsi_relative, let_init=a.let_init,
                             sde_band=a.sde_band, lr_sde=a.lr_sde, lowrank=a.lowrank, rank=a.rank,
                             cross_layer=a.cross_layer, cross_layer_weight=a.cross_layer_weight,
-                            recompute_weights=a.recompute_weights, precision=a.precision, solve_dtype=a.solve_dtype)
+                            recompute_weights=a.recompute_weights, precision=a.precision, solve_dtype=a.solve_dtype,
+                            svd=a.svd, svd_dtype=a.svd_dtype)
         return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
                               seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,
                               num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,

@@ -44,7 +44,7 @@ MARKER = ".weight_packed"
 
 
 def linear_tensors(q: QuantizedLinear) -> dict[str, torch.Tensor]:
-    out = {".weight_packed": pack_codes(q.codes.cpu(), q.spec.bits),
+    out = {".weight_packed": pack_codes(q.codes, q.spec.bits).cpu(),
            ".weight_scale": q.scale.detach().to(torch.float32).cpu().contiguous(),
            ".weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
     if not q.spec.sym:

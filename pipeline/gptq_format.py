@@ -59,7 +59,7 @@ def linear_tensors(q: QuantizedLinear) -> dict[str, torch.Tensor]:
     zero = q.zero.detach().cpu()
     if bool((zero < 1).any()):
         raise ValueError("a zero point of 0 cannot be stored in GPTQ v1 (it stores zero - 1); calibrate with zero_min=1")
-    return {".qweight": pack_codes(q.codes.cpu(), bits).t().contiguous(),
+    return {".qweight": pack_codes(q.codes, bits).cpu().t().contiguous(),
             ".qzeros": pack_codes((zero - 1).to(torch.uint8).t().contiguous(), bits),
             ".scales": q.scale.detach().cpu().t().to(torch.float16).contiguous(),
             ".g_idx": (torch.arange(in_f) // q.spec.group_len(in_f)).to(torch.int32)}

@@ -36,7 +36,7 @@ MARKER = ".qweight"  # the tensor whose name marks a stored linear
 
 def linear_tensors(q: QuantizedLinear) -> dict[str, torch.Tensor]:
     """One linear's stored tensors, by suffix."""
-    out = {".qweight": pack_codes(q.codes.cpu(), q.spec.bits),
+    out = {".qweight": pack_codes(q.codes, q.spec.bits).cpu(),
            ".scales": q.scale.detach().to(torch.float32).cpu().contiguous(),
            ".qzeros": q.zero.detach().cpu().to(torch.uint8).contiguous(),
            ".weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}

@@ -23,7 +23,7 @@ from typing import Any
 
 from lsiq.arch import BlockArch, UnsupportedArchitecture
 from lsiq.block import LOWRANK_KINDS, METHODS, CalibConfig
-from lsiq.lsi import svd_flops, svd_owners
+from lsiq.lsi import SVD_METHODS, svd_flops, svd_matmul_flops, svd_owners
 from pipeline.config import QuantizeConfig, parse_bytes
 
 DEFAULT_COLLECTIVE_TIMEOUT = QuantizeConfig.collective_timeout
@@ -92,13 +92,16 @@ class Hardware:
     svd_tflops: float = 0.5  # sustained TFLOP/s of a float32 SVD (LAPACK/cuSOLVER are far from matmul speed)
     fp64_tflops: float = 0.5  # sustained float64 TFLOP/s (A10G: 1/32 of its fp32 rate), for Hessians and solves
     link_gbps: float = 10.0  # all-reduce bandwidth between workers, Gbit/s (g5.xlarge: up to 10)
-    svd_bytes: int = 4  # bytes per value of the SVD: float32 on a GPU, float64 on a CPU (lsiq/lsi.py)
+    svd_bytes: int = 4  # bytes per value of the SVD by default: float32 on a GPU, float64 on a CPU (lsiq/lsi.py)
     # GPTQ's column loop (lsiq.gptq) launches a dozen small kernels per input column: seconds per
     # column beyond its FLOPs, 165-276 us on an H100 (scripts/bench_gpu.py), about launch latency
     gptq_column_us: float = 250.0
     # a float32 forward with grouped-query attention holds its scores (GPU_GQA_SCORES): true of
     # PyTorch's CUDA kernels, not of its CPU flash kernel (scripts/bench_plan.py on this CPU)
     gqa_scores: bool = True
+    # sustained TFLOP/s of the symmetric eigensolver of --svd gram (9 n^3 per n x n), an assumption
+    # on a GPU as svd_tflops is; on this CPU, in float64, about 1.1x LAPACK's SVD rate (BENCHMARKS.md)
+    eigh_tflops: float = 0.5
 
 
 @dataclass
@@ -252,9 +255,17 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     worst = max(solve, key=sum) if solve else (0, 0)
     mem["solve_hessians"] = worst[0]
     mem["solve_transient"] = worst[1] + lin if solve else 0
-    # setup: the SVD of the largest linear (its copy, U, V^T and a workspace of its size), before training
+    # setup: the SVD of the largest linear, before training: "full" holds its copy, U, V^T and a
+    # workspace of its size; "gram" its copy, P = U^T A, the Gram matrix and the eigensolver's
+    # vectors and workspace (~3 k^2): 0.6-0.8x of this measured on this CPU (float64, 2048 x 5632)
     m, n = max(shapes.values(), key=lambda s: s[0] * s[1])
-    svd = p.hw.svd_bytes * (2 * m * n + m * min(m, n) + min(m, n) * n) if cfg.uses_lsi else 0
+    k = min(m, n)
+    if not cfg.uses_lsi:
+        svd = 0
+    elif cfg.svd == "gram":
+        svd = svd_value_bytes(p) * (2 * m * n + 4 * k * k)
+    else:
+        svd = svd_value_bytes(p) * (2 * m * n + m * k + k * n)
     held = block + mem["next_block_weights"] + mem["svd_factors"] + mem["optimizer_state"]
     passes = mem["saved_weights"] + mem["saved_activations"] + mem["backward_transient"] + mem["batch_io"]
     # GPTQ and OAC accumulate their Hessians during their passes over the tokens; --lowrank after
@@ -285,6 +296,23 @@ def host_plan(p: PlanConfig) -> dict[str, int]:
             # pass's boundary activations are dropped as the gradients are made: never both at once)
             "oac_caches": p.arch.num_layers * cache if p.calib.method == "oac" else 0,
             "block_tensors": blocks * F32 * sum(m * n for m, n in p.arch.linear_shapes().values())}
+
+
+def svd_value_bytes(p: PlanConfig) -> int:
+    """Bytes per value of LSI's SVDs: CalibConfig.svd_dtype, "auto" being the hardware's (Hardware.svd_bytes)."""
+    return {"float64": F64, "float32": F32}.get(p.calib.svd_dtype, p.hw.svd_bytes)
+
+
+def svd_seconds(p: PlanConfig, out_features: int, in_features: int) -> float:
+    """Seconds of one linear's SVD for LSI (CalibConfig.svd): the factorisation at --svd-tflops
+    ("full") or --eigh-tflops ("gram"), in float64 no faster than --fp64-tflops; the Gram route's
+    two matmuls at the matmul rate of the SVD's dtype."""
+    f64 = svd_value_bytes(p) == F64
+    fact_rate = p.hw.eigh_tflops if p.calib.svd == "gram" else p.hw.svd_tflops
+    fact_rate = min(fact_rate, p.hw.fp64_tflops) if f64 else fact_rate
+    mm_rate = p.hw.fp64_tflops if f64 else p.hw.tflops
+    return (svd_flops(out_features, in_features, p.calib.svd) / (fact_rate * 1e12)
+            + svd_matmul_flops(out_features, in_features, p.calib.svd) / (mm_rate * 1e12))
 
 
 def solve_flops(p: PlanConfig) -> list[tuple[int, int]]:
@@ -365,11 +393,11 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     hess_comm_s = ring * hessian_rounds(cfg) * hessian_bytes(a, solve_bytes(cfg)) if p.gpus > 1 else 0.0
     svd_s = svd_wait = 0.0
     if cfg.uses_lsi:  # each worker computes its share of the SVDs, then receives the others' factors
-        owners = svd_owners(shapes, p.gpus)
-        load = [sum(svd_flops(*shapes[k]) for k in shapes if owners[k] == r) for r in range(p.gpus)]
+        owners = svd_owners(shapes, p.gpus, cfg.svd)
+        load = [sum(svd_seconds(p, *shapes[k]) for k in shapes if owners[k] == r) for r in range(p.gpus)]
         received = max(sum(factor_bytes(*shapes[k]) for k in shapes if owners[k] != r) for r in range(p.gpus))
-        svd_s = max(load) / (hw.svd_tflops * 1e12) + received * 8 / (hw.link_gbps * 1e9)
-        svd_wait = (max(load) - min(load)) / (hw.svd_tflops * 1e12)
+        svd_s = max(load) + received * 8 / (hw.link_gbps * 1e9)
+        svd_wait = max(load) - min(load)
     times = solve_times(p)
     solve_s = max(times)
     # the longest a worker sits in one collective while another computes alone (the first SVD
@@ -427,6 +455,7 @@ def make_plan(p: PlanConfig) -> dict[str, Any]:
                          "forward_batch_size": p.calib.forward_batch_size,
                          "forward_batch_default": p.calib.forward_batch_size == default_fb,
                          "precision": p.calib.precision, "solve_dtype": "float64" if solve_bytes(p.calib) == F64
+                         else "float32", "svd": p.calib.svd, "svd_dtype": "float64" if svd_value_bytes(p) == F64
                          else "float32"},
             "hardware": asdict(p.hw), "blocks": p.arch.num_layers}
     if p.target_hours is not None:
@@ -502,6 +531,9 @@ def render(plan: dict[str, Any]) -> str:
         flags += f" --lowrank {s['lowrank']} --rank {s['rank']}"
     if s["method"] in ("gptq", "oac") or s["lowrank"]:
         flags += f" --solve-dtype {s['solve_dtype']}"
+    if s["method"] in ("lsi", "sde"):
+        flags += f" --svd {s['svd']}" if s["svd"] != CalibConfig.svd else ""
+        flags += f" --svd-dtype {s['svd_dtype']}" if s["svd_dtype"] == "float64" else ""
     if t["collective_wait_s"] > DEFAULT_COLLECTIVE_TIMEOUT / 2:  # a factor 2 for the throughputs being estimates
         flags += f" --collective-timeout {math.ceil(2 * t['collective_wait_s'] / 60) * 60}"
         lines.append(f"note: a worker waits about {t['collective_wait_s']:.0f} s in one collective while another "
@@ -541,13 +573,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="as pipeline.quantize --precision")
     p.add_argument("--solve-dtype", choices=["float32", "float64"], default="float32",
                    help="as pipeline.quantize --solve-dtype (its auto is float32 on a GPU)")
+    p.add_argument("--svd", choices=list(SVD_METHODS), default=CalibConfig.svd, help="as pipeline.quantize --svd")
+    p.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32",
+                   help="as pipeline.quantize --svd-dtype (its auto is float32 on a GPU)")
     p.add_argument("--recompute-weights", choices=["auto", "on", "off"], default="auto",
                    help="auto: recompute the calibrated weights in backward only when the plan does not fit without")
     hw = p.add_argument_group("hardware (per worker)")
     hw.add_argument("--tflops", type=float, default=Hardware.tflops, help="sustained fp32 matmul TFLOP/s")
     hw.add_argument("--bf16-tflops", type=float, default=Hardware.bf16_tflops, help="sustained bf16 matmul TFLOP/s")
     hw.add_argument("--mem-gbs", type=float, default=Hardware.mem_gbs, help="sustained memory bandwidth, GB/s")
-    hw.add_argument("--svd-tflops", type=float, default=Hardware.svd_tflops, help="sustained SVD TFLOP/s")
+    hw.add_argument("--svd-tflops", type=float, default=Hardware.svd_tflops, help="sustained SVD TFLOP/s (--svd full)")
+    hw.add_argument("--eigh-tflops", type=float, default=Hardware.eigh_tflops,
+                    help="sustained TFLOP/s of the symmetric eigensolver (--svd gram)")
     hw.add_argument("--fp64-tflops", type=float, default=Hardware.fp64_tflops,
                     help="sustained float64 TFLOP/s (GPTQ/OAC Hessians and solves, --lowrank, with --solve-dtype float64)")
     hw.add_argument("--link-gbps", type=float, default=Hardware.link_gbps, help="all-reduce bandwidth, Gbit/s")
@@ -565,11 +602,12 @@ def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
                             epochs=a.epochs, batch_size=a.batch_size or a.gpus, lsi_block_k=a.lsi_block_k,
                             forward_batch_size=a.forward_batch_size,
                             precision=a.precision, cross_layer=a.cross_layer, lowrank=a.lowrank, rank=a.rank,
-                            solve_dtype=a.solve_dtype)
+                            solve_dtype=a.solve_dtype, svd=a.svd, svd_dtype=a.svd_dtype)
         return PlanConfig(arch=arch, gpus=a.gpus, gpu_mem=a.gpu_mem, calib=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, recompute=a.recompute_weights, target_hours=a.target_hours,
-                          hw=Hardware(a.tflops, a.bf16_tflops, a.mem_gbs, a.svd_tflops, a.fp64_tflops, a.link_gbps,
-                                      gptq_column_us=a.gptq_column_us))
+                          hw=Hardware(tflops=a.tflops, bf16_tflops=a.bf16_tflops, mem_gbs=a.mem_gbs,
+                                      svd_tflops=a.svd_tflops, fp64_tflops=a.fp64_tflops, link_gbps=a.link_gbps,
+                                      gptq_column_us=a.gptq_column_us, eigh_tflops=a.eigh_tflops))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -50,7 +50,7 @@ DEFAULT_VARIANTS = ["lsi", "lsi-bf16", "gptq", "lsi+qera16-bf16"]
 def calib_config(variant: str, args: argparse.Namespace) -> CalibConfig:
     method, extra = VARIANTS[variant]
     return CalibConfig(method=method, wbits=4, group_size=128, epochs=args.epochs, batch_size=args.batch_size,
-                       solve_dtype="float32", **extra)
+                       solve_dtype="float32", svd=args.svd, **extra)
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -85,8 +85,9 @@ def timed(fn, device: torch.device, reps: int = 5) -> float:
 
 def measure_hardware(device: torch.device, shapes: dict[str, tuple[int, int]]) -> dict:
     """The plan's Hardware fields measured here (its svd_tflops: the SVD of the block's largest
-    linear, by lsiq.lsi.svd_flops), and every linear shape's SVD rate."""
-    from lsiq.lsi import svd_flops
+    linear, by lsiq.lsi.svd_flops; its eigh_tflops: the eigensolver on that linear's Gram matrix),
+    and every linear shape's SVD rate, full and through the Gram matrix (--svd gram)."""
+    from lsiq.lsi import svd_factors, svd_flops
 
     n = 8192 if device.type == "cuda" else 1024
     out = {}
@@ -103,11 +104,18 @@ def measure_hardware(device: torch.device, shapes: dict[str, tuple[int, int]]) -
     for m, k in sorted(set(shapes.values())):
         w = torch.randn(m, k, device=device, dtype=torch.float32 if device.type == "cuda" else torch.float64)
         s = timed(lambda w=w: torch.linalg.svd(w, full_matrices=False), device, reps=1)
-        svd[f"{m}x{k}"] = {"seconds": s, "tflops": svd_flops(m, k) / s / 1e12}
+        g = timed(lambda w=w: svd_factors(w, "gram", w.dtype), device, reps=1)
+        svd[f"{m}x{k}"] = {"seconds": s, "tflops": svd_flops(m, k) / s / 1e12, "gram_seconds": g,
+                           "gram_speedup": s / g}
         del w
     out.update(gptq_column(device, out["tflops"]))
     largest = max(shapes.values(), key=lambda s: s[0] * s[1])
     out["svd_tflops"] = svd[f"{largest[0]}x{largest[1]}"]["tflops"]
+    k = min(largest)
+    a = torch.randn(k, k, device=device, dtype=torch.float32 if device.type == "cuda" else torch.float64)
+    g = a @ a.T
+    out["eigh_tflops"] = svd_flops(k, k, "gram") / timed(lambda g=g: torch.linalg.eigh(g), device, reps=1) / 1e12
+    del a, g
     out["svd_by_shape"] = svd
     return out
 
@@ -232,8 +240,10 @@ def planned(args: argparse.Namespace, variant: str, hw: dict) -> dict:
     arch = BlockArch.from_config(AutoConfig.for_model(**model_config(args)))
     cfg = calib_config(variant, args)
     fields = {k: hw[k] for k in ("tflops", "bf16_tflops", "mem_gbs", "svd_tflops", "fp64_tflops", "gptq_column_us")}
+    # results measured before --svd gram have no eigensolver rate: the SVD's stands in for it
+    fields["eigh_tflops"] = hw.get("eigh_tflops", hw["svd_tflops"])
     pc = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**13, calib=cfg, nsamples=args.nsamples, seqlen=args.seqlen,
-                         hw=plan.Hardware(**fields, link_gbps=args.link_gbps, svd_bytes=4,
+                         hw=plan.Hardware(**fields, link_gbps=args.link_gbps, svd_bytes=8 if args.device == "cpu" else 4,
                                           gqa_scores=args.device.startswith("cuda")),
                          recompute="on" if cfg.recompute_weights else "off")
     return plan.make_plan(pc)
@@ -319,6 +329,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=1, help="samples per optimizer step (8 workers x 1 = 8)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--svd", default="gram", choices=["gram", "full"], help="LSI's SVD route (pipeline.quantize --svd)")
     p.add_argument("--only", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS), metavar="VARIANT",
                    help=f"settings to run, of {', '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--setting-timeout", type=int, default=300, help="seconds allowed to one setting's process")
@@ -401,7 +412,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
     """The shape and size flags, for a setting's own process."""
     flags = ["--model-config", args.model_config, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--device", args.device,
-             "--out", args.out] + (["--phases"] if args.phases else [])
+             "--out", args.out, "--svd", args.svd] + (["--phases"] if args.phases else [])
     if args.hidden:
         flags += ["--hidden", str(args.hidden)]
     if args.intermediate:

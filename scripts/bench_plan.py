@@ -36,6 +36,7 @@ SETTINGS = [  # (variant, batch_size, recompute); a variant is a method or metho
     ("lsi", 1, False),
     ("lsi", 4, False),
     ("lsi", 4, True),
+    ("lsi-full", 4, False),  # LSI's SVDs through LAPACK's SVD instead of the Gram route (--svd full)
     ("lwc-let", 4, False),
     ("gptq", 4, False),
     ("oac", 4, False),
@@ -46,7 +47,8 @@ SETTINGS = [  # (variant, batch_size, recompute); a variant is a method or metho
     ("rtn+qera16", 4, False),  # no training: the peak is the correction's solves
     ("rtn+qera16-f32", 4, False),
 ]
-VARIANTS = {"lsi+cross": ("lsi", {"cross_layer": True}), "lsi+qera16": ("lsi", {"lowrank": "qera", "rank": 16}),
+VARIANTS = {"lsi-full": ("lsi", {"svd": "full"}),
+            "lsi+cross": ("lsi", {"cross_layer": True}), "lsi+qera16": ("lsi", {"lowrank": "qera", "rank": 16}),
             "gptq-f32": ("gptq", {"solve_dtype": "float32"}),
             "lsi+qera16-f32": ("lsi", {"lowrank": "qera", "rank": 16, "solve_dtype": "float32"}),
             "rtn+qera16": ("rtn", {"lowrank": "qera", "rank": 16}),
@@ -93,11 +95,13 @@ def measure_hardware(threads: int) -> dict[str, float]:
     w = torch.randn(2816, 1024, dtype=torch.float64)
     m, r = 2816, 1024
     svd_tflops = (6 * m * r * r + 20 * r**3) / best(lambda: torch.linalg.svd(w, full_matrices=False), 2) / 1e12
+    gram = w.T @ w
+    eigh_tflops = 9 * r**3 / best(lambda: torch.linalg.eigh(gram), 2) / 1e12  # --svd gram's eigensolver
     a64, b64 = a.double(), b.double()
     fp64_tflops = 2 * 1024 * 1024 * 2816 / best(lambda: a64 @ b64) / 1e12
     column = gptq_column(cpu, tflops, n=1024)["gptq_column_us"]  # beyond its FLOPs (float32, as on a GPU)
-    return {"tflops": tflops, "mem_gbs": mem_gbs, "svd_tflops": svd_tflops, "fp64_tflops": fp64_tflops,
-            "gptq_column_us": column}
+    return {"tflops": tflops, "mem_gbs": mem_gbs, "svd_tflops": svd_tflops, "eigh_tflops": eigh_tflops,
+            "fp64_tflops": fp64_tflops, "gptq_column_us": column}
 
 
 def one(args: argparse.Namespace, method: str, batch: int, recompute: bool) -> dict:
@@ -164,6 +168,7 @@ def main() -> int:
     hw = measure_hardware(args.threads)
     print(f"this machine: {hw['tflops']:.3f} TFLOP/s fp32 matmul, {hw['fp64_tflops']:.3f} float64, "
           f"{hw['mem_gbs']:.1f} GB/s copy, {hw['svd_tflops']:.4f} TFLOP/s float64 SVD, "
+          f"{hw['eigh_tflops']:.4f} eigensolver, "
           f"GPTQ {hw['gptq_column_us']:.0f} us per column", flush=True)
     arch = BlockArch("llama", args.hidden, args.intermediate, args.hidden // 64, args.hidden // 256, 64, 1)
     rows = []
@@ -182,7 +187,8 @@ def main() -> int:
         pc = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**12, calib=cfg, nsamples=args.nsamples,
                              seqlen=args.seqlen,
                              hw=plan.Hardware(tflops=hw["tflops"], bf16_tflops=hw["tflops"], mem_gbs=hw["mem_gbs"],
-                                              svd_tflops=hw["svd_tflops"], fp64_tflops=hw["fp64_tflops"],
+                                              svd_tflops=hw["svd_tflops"], eigh_tflops=hw["eigh_tflops"],
+                                              fp64_tflops=hw["fp64_tflops"],
                                               link_gbps=10.0, svd_bytes=8, gptq_column_us=hw["gptq_column_us"],
                                               gqa_scores=False))  # this CPU's SDPA holds no scores
         mem, t = plan.memory_plan(pc, rec), plan.time_plan(pc, rec)

@@ -3,6 +3,7 @@ one of two data-parallel workers)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import pytest
 import s3fs
 
 from tests.conftest import tiny_checkpoint_with_tokenizer, upload_dir
+from tests.procs import start_beside
 
 
 def _calibrator_processes(root_pid):
@@ -48,21 +50,27 @@ def test_calibrator_killed_mid_block_is_restarted_and_block_redone(smollm2_dir, 
                 "--cpus-per-worker", "1", "--num-cpus", "2"]
 
     full, killed = f"kill-full-{workers}", f"kill-killed-{workers}"
-    subprocess.run(cmd(full), check=True, capture_output=True, env=env)
-
-    proc = subprocess.Popen(cmd(killed), stderr=subprocess.PIPE, text=True, env=env)
-    lines, victims = [], []
-    for line in proc.stderr:
-        lines.append(line)
-        if line.startswith("block 2/4  loss") and not victims:
-            # block 3 is calibrating now (its input was prefetched): kill the actor's process under it
-            victims = _calibrator_processes(proc.pid)
-            victims[-1].kill()  # one worker; with two, the survivor's all-reduce fails and the group re-forms
-            break
-    tail = threading.Thread(target=lambda: lines.extend(proc.stderr))
-    tail.start()
-    proc.wait(timeout=600)
-    tail.join()
+    # the uninterrupted run goes side by side with the one whose worker is killed (both spend much
+    # of their time starting Ray and its actors); its calibrators are not in the killed run's tree
+    full_run = start_beside(cmd(full), tmp_path / "full.log", env)
+    try:
+        proc = subprocess.Popen(cmd(killed), stderr=subprocess.PIPE, text=True, env=env)
+        lines, victims = [], []
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("block 2/4  loss") and not victims:
+                # block 3 is calibrating now (its input was prefetched): kill the actor's process under it
+                victims = _calibrator_processes(proc.pid)
+                victims[-1].kill()  # one worker; with two, the survivor's all-reduce fails and the group re-forms
+                break
+        tail = threading.Thread(target=lambda: lines.extend(proc.stderr))
+        tail.start()
+        proc.wait(timeout=600)
+        tail.join()
+        assert full_run.wait(timeout=600) == 0, (tmp_path / "full.log").read_text()[-2000:]
+    finally:
+        if full_run.poll() is None:
+            os.killpg(full_run.pid, signal.SIGKILL)
     log = "".join(lines)
     assert len(victims) == workers, log
     assert proc.returncode == 0, log[-3000:]

@@ -9,7 +9,7 @@ from lsiq.block import BlockQuantizer, CalibConfig, block_forward, calibrate_blo
 from lsiq.capture import capture_first_layer_inputs
 from lsiq.gptq import HessianAccumulator, gptq_quantize
 from lsiq.let import LET
-from lsiq.lsi import SVDIncrement
+from lsiq.lsi import SVDIncrement, svd_factors
 from lsiq.lwc import LWC
 from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero, quantize_codes
 from tests.conftest import tiny_llama_config
@@ -24,6 +24,18 @@ def _block(cfg, n=6, seqlen=32, seed=0):
             norm.weight.data.uniform_(0.5, 1.5)
     x, kw = capture_first_layer_inputs(model, torch.randint(0, cfg.vocab_size, (n, seqlen)))
     return model, model.model.layers[0], x, kw
+
+
+def _lsi_by(field, values, n, **settings):
+    """LSI W3 g32 on one random tiny block, once per value of CalibConfig ``field``."""
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=n)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    arch = BlockArch.from_config(cfg)
+    return {v: calibrate_block(layer, kw, x, y, arch, CalibConfig(method="lsi", wbits=3, group_size=32,
+                                                                  **{field: v}, **settings))
+            for v in values}
 
 
 def _rel(a, b):
@@ -80,14 +92,15 @@ def test_lsi_relative_increment():
     assert torch.allclose(inc(), 1.5 * w, atol=1e-10)
 
 
-def test_lsi_recomposition_and_gradient():
+@pytest.mark.parametrize("method", ["gram", "full"])
+def test_lsi_recomposition_and_gradient(method):
     torch.manual_seed(0)
     w = torch.randn(40, 24, dtype=torch.float64)
-    inc = SVDIncrement(w, block_k=4)
+    inc = SVDIncrement(w, block_k=4, factors=svd_factors(w, method))
     with torch.no_grad():
         inc.delta.uniform_(-0.1, 0.1)
         inc.block.uniform_(-0.1, 0.1)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    u, s, vh = inc.u, inc.s, inc.vh
     m = torch.diag(s + inc.delta)
     m[:4, :4] += inc.block
     assert torch.allclose(inc(), u @ m @ vh, atol=1e-10)
@@ -95,6 +108,69 @@ def test_lsi_recomposition_and_gradient():
     (inc() * g).sum().backward()
     # d/d dS_i <G, U diag(dS) V^T> = u_i^T G v_i
     assert torch.allclose(inc.delta.grad, torch.einsum("mi,mn,in->i", u, g, vh), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32), (12, 48)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_svd_is_the_svd(shape, dtype):
+    """The Gram route gives an SVD: orthonormal factors, descending S equal to LAPACK's, the same
+    rank-one terms u_i v_i^T (the pair's sign cancels), W back; a rank-deficient W's null
+    directions get S ~ 0."""
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.float64)
+    if shape == (12, 48):
+        w[6:] = w[:6] * 2.0  # rank 6
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    u, s, vh = svd_factors(w.to(dtype), "gram")
+    u0, s0, vh0 = svd_factors(w.to(dtype), "full")
+    k = min(shape)
+    assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+    assert all(t.is_contiguous() and t.dtype == dtype for t in (u, s, vh))
+    r = int((s0 > 1e-6 * s0[0]).sum())
+    assert torch.all(s[:r - 1] >= s[1:r])  # descending where the eigensolver resolves them
+    assert torch.allclose(s, s0, atol=tol * s0[0])
+    eye = torch.eye(r, dtype=dtype)
+    assert torch.allclose(u.T @ u, torch.eye(k, dtype=dtype), atol=tol)
+    assert torch.allclose(vh[:r] @ vh[:r].T, eye, atol=tol)
+    assert torch.allclose((u * s) @ vh, w.to(dtype), atol=tol * s0[0])
+    # the rank-one terms agree with LAPACK's whatever the signs (distinct singular values here)
+    def terms(u, vh):
+        return u[:, :r].T[:, :, None] * vh[:r, None, :]  # [r, m, n]
+
+    assert torch.allclose(terms(u, vh), terms(u0, vh0), atol=100 * tol)
+    if r < k:
+        assert torch.all(s[r:] < 1e-6 * s[0])
+
+
+def test_the_block_takes_its_svds_in_the_configured_route_and_dtype():
+    from lsiq.block import _block_svds
+
+    torch.manual_seed(0)
+    weights = {"a": torch.randn(48, 24), "b": torch.randn(16, 40)}
+    for method in ("gram", "full"):
+        for dtype in ("float32", "float64"):
+            got = _block_svds(weights, CalibConfig(svd=method, svd_dtype=dtype), None)
+            for name, w in weights.items():
+                want = svd_factors(w, method, getattr(torch, dtype))
+                assert all(torch.equal(g, x) for g, x in zip(got[name], want, strict=True)), (method, dtype, name)
+    auto = _block_svds(weights, CalibConfig(), None)  # auto on a CPU: float64
+    assert all(torch.equal(g, x) for g, x in zip(auto["a"], svd_factors(weights["a"], "gram", torch.float64), strict=True))
+    assert not torch.equal(auto["a"][2], svd_factors(weights["a"], "gram", torch.float32)[2])
+    with pytest.raises(ValueError, match="svd_dtype must be one of"):
+        CalibConfig(svd_dtype="bfloat16")
+
+
+def test_gram_and_full_svds_calibrate_alike():
+    """LSI's increments are invariant to the factors' signs (u_i v_i^T) and Adam is sign-equivariant
+    per coordinate, so both routes to the SVD train the same block, up to rounding."""
+    res = _lsi_by("svd", ("gram", "full"), n=4, epochs=3, lsi_block_k=4)
+    assert res["gram"].losses == pytest.approx(res["full"].losses, rel=1e-6)
+    assert res["gram"].loss_after != res["gram"].loss_before  # it trained
+    for name in LINEARS:
+        same = (res["gram"].linears[name].codes == res["full"].linears[name].codes).float().mean().item()
+        assert same > 0.999, (name, same)
+    with pytest.raises(ValueError, match="svd must be one of"):
+        CalibConfig(svd="qr")
 
 
 def test_gptq_beats_rtn_on_layer_output():
@@ -163,14 +239,7 @@ def test_calibration_lowers_block_loss(method):
 
 def test_bf16_precision_calibrates_like_fp32():
     """--precision bf16 (autocast on the training steps): same steps, loss falls, close to fp32's."""
-    cfg = tiny_llama_config()
-    _, layer, x, kw = _block(cfg, n=8)
-    with torch.no_grad():
-        y = block_forward(layer, x, kw)
-    arch = BlockArch.from_config(cfg)
-    res = {p: calibrate_block(layer, kw, x, y, arch, CalibConfig(method="lsi", wbits=3, group_size=32, epochs=4,
-                                                                  batch_size=2, precision=p))
-           for p in ("fp32", "bf16")}
+    res = _lsi_by("precision", ("fp32", "bf16"), n=8, epochs=4, batch_size=2)
     assert res["bf16"].loss_after < res["bf16"].loss_before == res["fp32"].loss_before  # the RTN loss is fp32
     assert len(res["bf16"].losses) == len(res["fp32"].losses)
     assert res["bf16"].losses != res["fp32"].losses  # autocast was on

@@ -246,8 +246,8 @@ def test_sharded_svds_equal_local_ones():
     cfg = CalibConfig(method="lsi", wbits=3, group_size=32)
     local = BlockQuantizer(layer, arch, cfg)
     shapes = {n: tuple(layer.get_submodule(n.replace("__", ".")).weight.shape) for n in local.lsi.keys()}
-    owners = svd_owners(shapes, 3)
-    loads = [sum(svd_flops(*shapes[n]) for n in shapes if owners[n] == r) for r in range(3)]
+    owners = svd_owners(shapes, 3, cfg.svd)
+    loads = [sum(svd_flops(*shapes[n], cfg.svd) for n in shapes if owners[n] == r) for r in range(3)]
     assert sorted(set(owners.values())) == [0, 1, 2] and max(loads) < sum(loads) / 2
     world, coll, got, errors = 3, ThreadCollective(3), [None] * 3, []
     computed = [0] * 3
@@ -255,9 +255,9 @@ def test_sharded_svds_equal_local_ones():
 
     real = block_mod.svd_factors
 
-    def counting(w):  # which worker ran an SVD (threads share the module, so count by thread name)
+    def counting(w, *args):  # which worker ran an SVD (threads share the module, so count by thread name)
         computed[int(threading.current_thread().name)] += 1
-        return real(w)
+        return real(w, *args)
 
     def work(rank):
         try:
@@ -286,4 +286,5 @@ def test_sharded_svds_equal_local_ones():
     from lsiq.lsi import svd_factors
 
     for shape in [(96, 32), (32, 96)]:
-        assert all(t.is_contiguous() for t in svd_factors(torch.randn(*shape)))
+        for method in ("gram", "full"):
+            assert all(t.is_contiguous() for t in svd_factors(torch.randn(*shape), method))

@@ -231,6 +231,10 @@ def test_cli_parsing_errors():
         ["--model", "m", "--output", "o", "--calib", "c"]).calib_cfg.forward_batch_size == 0
     with pytest.raises(SystemExit, match="forward_batch_size must be >= 0"):
         parse_quantize_args(["--model", "m", "--output", "o", "--calib", "c", "--forward-batch-size", "-1"])
+    cfg = parse_quantize_args(["--model", "m", "--output", "o", "--calib", "c", "--svd", "full", "--svd-dtype", "float32"])
+    assert (cfg.calib_cfg.svd, cfg.calib_cfg.svd_dtype) == ("full", "float32")
+    default = parse_quantize_args(["--model", "m", "--output", "o", "--calib", "c"]).calib_cfg
+    assert (default.svd, default.svd_dtype) == ("gram", "auto")
 
 
 def test_header_that_disagrees_with_file_size_is_refused(tiny_checkpoint, tmp_path):

@@ -224,11 +224,12 @@ def test_bad_inputs_get_clear_errors(tmp_path, plan_cli):
     assert rc != 0 and "not a size" in err
 
 
-def test_time_formula_by_hand():
-    """The documented formula, evaluated by hand for one small case."""
+@pytest.mark.parametrize("svd", ["full", "gram"])
+def test_time_formula_by_hand(svd):
+    """The documented formula, evaluated by hand for one small case, with either SVD route."""
     arch = BlockArch("llama", 256, 512, 4, 2, 64, 3)
-    calib = CalibConfig(method="lsi", wbits=4, group_size=64, epochs=2, batch_size=2)
-    hw = plan.Hardware(tflops=1.0, bf16_tflops=3.0, mem_gbs=100.0, svd_tflops=0.1, link_gbps=1.0)
+    calib = CalibConfig(method="lsi", wbits=4, group_size=64, epochs=2, batch_size=2, svd=svd)
+    hw = plan.Hardware(tflops=1.0, bf16_tflops=3.0, mem_gbs=100.0, svd_tflops=0.1, link_gbps=1.0, eigh_tflops=0.2)
     p = plan.PlanConfig(arch=arch, gpus=2, gpu_mem=10**12, calib=calib, nsamples=8, seqlen=32, hw=hw)
     t = plan.time_plan(p, recompute=False)
     shapes = [(256, 256), (128, 256), (128, 256), (256, 256), (512, 256), (512, 256), (256, 512)]
@@ -237,22 +238,35 @@ def test_time_formula_by_hand():
     steps = 2 * 4
     weight = steps * (2 * sum(2 * m * n * min(m, n) for m, n in shapes) / 1e12 + 3 * 6.5 * 4 * lin / 100e9)
     comm = steps * (4 * plan.trainable_params(arch, calib) * 8 / 1e9)  # 2 (N-1)/N = 1 for N = 2
-    # SVDs over two workers, largest first to the least loaded (ties to rank 0): down -> 0, gate -> 1,
-    # up -> 0, o -> 1, q -> 1, k -> 0, v -> 0. Rank 1 computes the most (gate, o, q); rank 0 receives
-    # gate, o, q's factors, rank 1 receives down, up, k, v's (more): that is the broadcast term.
-    def flops(m, n):
-        return 6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3
 
     def factor_bytes(m, n):
         r = min(m, n)
         return 4 * (m * r + r + r * n)
 
-    rank1 = flops(512, 256) + 2 * flops(256, 256)
-    received = 2 * factor_bytes(512, 256) + 2 * factor_bytes(128, 256)
-    svd = rank1 / 0.1e12 + received * 8 / 1e9
+    if svd == "full":
+        # SVDs over two workers, largest first to the least loaded (ties to rank 0): down -> 0, gate -> 1,
+        # up -> 0, o -> 1, q -> 1, k -> 0, v -> 0. Rank 1 computes the most (gate, o, q); rank 0 receives
+        # gate, o, q's factors, rank 1 receives down, up, k, v's (more): that is the broadcast term.
+        def flops(m, n):
+            return 6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3
+
+        slowest = (flops(512, 256) + 2 * flops(256, 256)) / 0.1e12
+        received = 2 * factor_bytes(512, 256) + 2 * factor_bytes(128, 256)
+    else:
+        # the eigensolver's 9 k^3 ranks them: the five k = 256 tie (by name: down, gate, up, o, q),
+        # then k and v (k = 128): down -> 0, gate -> 1, up -> 0, o -> 1, q -> 0, k -> 1, v -> 1.
+        # Rank 0 (down, up, q) is the slowest: three 9 k^3 at 0.2 TFLOP/s plus the Gram route's
+        # matmuls, 4 k^2 max(m, n) each, at 1 TFLOP/s; rank 1 receives down, up, q's factors (more)
+        def seconds(m, n):
+            k = min(m, n)
+            return 9 * k**3 / 0.2e12 + 4 * k * k * max(m, n) / 1e12
+
+        slowest = seconds(256, 512) + seconds(256, 256) + seconds(512, 256)
+        received = 2 * factor_bytes(512, 256) + factor_bytes(256, 256)
+    svd_s = slowest + received * 8 / 1e9
     assert t["tokens_s"] == pytest.approx(tokens) and t["weight_s"] == pytest.approx(weight)
-    assert t["allreduce_s"] == pytest.approx(comm) and t["svd_s"] == pytest.approx(svd)
-    assert t["hours"] == pytest.approx(3 * (tokens + weight + comm + svd) / 3600)
+    assert t["allreduce_s"] == pytest.approx(comm) and t["svd_s"] == pytest.approx(svd_s)
+    assert t["hours"] == pytest.approx(3 * (tokens + weight + comm + svd_s) / 3600)
     assert math.isclose(t["steps_per_block"], steps)
 
 
@@ -399,11 +413,12 @@ def test_collective_timeout_advice(plan_cli, capsys):
     from pipeline.config import parse_quantize_args
 
     base = ("--model-config", str(MODELS / "llama-2-70b"), "--gpus", "8", "--gpu-mem", "24GB")
-    rc, fast, _ = plan_cli(*base)
-    assert rc == 0 and 0 < fast["time"]["collective_wait_s"] < 60
-    rc, slow, _ = plan_cli(*base, "--svd-tflops", "0.1")  # 5x slower SVDs: one MLP SVD alone takes ~225 s
+    rc, gram, _ = plan_cli(*base)
+    rc, fast, _ = plan_cli(*base, "--svd", "full")
+    assert rc == 0 and 0 < gram["time"]["collective_wait_s"] < fast["time"]["collective_wait_s"] < 60
+    rc, slow, _ = plan_cli(*base, "--svd", "full", "--svd-tflops", "0.1")  # 5x slower: one MLP SVD alone takes ~225 s
     assert rc == 0 and slow["time"]["collective_wait_s"] == pytest.approx(5 * fast["time"]["collective_wait_s"])
-    plan.main([*base, "--svd-tflops", "0.1"])
+    plan.main([*base, "--svd", "full", "--svd-tflops", "0.1"])
     out = capsys.readouterr().out
     flag = out.split("--collective-timeout ")[-1].split()[0]  # the flags line comes last
     assert "note: a worker waits" in out and float(flag) >= 2 * slow["time"]["collective_wait_s"]

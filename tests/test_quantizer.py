@@ -85,6 +85,12 @@ def test_pack_roundtrip(bits):
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.int32 and packed.shape == (3, (100 * bits + 31) // 32)
     assert torch.equal(unpack_codes(packed, bits, 100), codes)
+    # in row chunks (what keeps a 70B linear's int64 temporaries small): the same words
+    codes = torch.randint(0, 2**bits, (37, 100), dtype=torch.uint8)
+    assert torch.equal(pack_codes(codes, bits, chunk_elems=300), pack_codes(codes, bits, chunk_elems=10**6))
+    assert torch.equal(unpack_codes(pack_codes(codes, bits, chunk_elems=300), bits, 100, chunk_elems=300), codes)
+    with pytest.raises(ValueError, match="out of range"):
+        pack_codes(torch.full((2, 8), 2**bits, dtype=torch.int64), bits)
 
 
 def test_pack_layout_4bit():

@@ -10,6 +10,7 @@ import pytest
 import s3fs
 
 from tests.conftest import tiny_checkpoint_with_tokenizer, upload_dir
+from tests.procs import start_beside
 
 
 @pytest.mark.slow
@@ -28,22 +29,27 @@ def test_sigkill_then_rerun_resumes_byte_identical(smollm2_dir, texts_dir, tmp_p
     def outputs(prefix):  # checkpoint records hold timings; everything else must match
         return {p.split("/", 2)[2]: fs.cat_file(p) for p in fs.find(f"lsiq/{prefix}") if "/checkpoints/" not in p}
 
-    subprocess.run(cmd("full"), check=True, capture_output=True, env=env)
-
-    proc = subprocess.Popen(cmd("part"), stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
-    killed_after = None
-    for line in proc.stderr:
-        if line.startswith("block 3/8"):
-            os.killpg(proc.pid, signal.SIGKILL)  # the job and its embedded Ray die at once
-            killed_after = 3
-            break
-    proc.wait()
-    assert killed_after == 3 and proc.returncode == -signal.SIGKILL
-    assert not fs.exists("lsiq/part/lsiq_manifest.json")
-    fs.invalidate_cache()
-    done = sorted(fs.glob("lsiq/part/checkpoints/block-*.json"))
-    assert 3 <= len(done) < 8
-
+    # the uninterrupted run goes side by side with the one to be killed (both spend much of their
+    # time starting Ray and its actors); the resumed run must reproduce its bytes
+    full_run = start_beside(cmd("full"), tmp_path / "full.log", env)
+    try:
+        proc = subprocess.Popen(cmd("part"), stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+        killed_after = None
+        for line in proc.stderr:
+            if line.startswith("block 3/8"):
+                os.killpg(proc.pid, signal.SIGKILL)  # the job and its embedded Ray die at once
+                killed_after = 3
+                break
+        proc.wait()
+        assert killed_after == 3 and proc.returncode == -signal.SIGKILL
+        assert not fs.exists("lsiq/part/lsiq_manifest.json")
+        fs.invalidate_cache()
+        done = sorted(fs.glob("lsiq/part/checkpoints/block-*.json"))
+        assert 3 <= len(done) < 8
+        assert full_run.wait(timeout=600) == 0, (tmp_path / "full.log").read_text()[-2000:]
+    finally:
+        if full_run.poll() is None:
+            os.killpg(full_run.pid, signal.SIGKILL)
     r = subprocess.run(cmd("part"), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming: blocks 0..{len(done) - 1} are done" in r.stderr
