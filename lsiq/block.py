@@ -26,7 +26,7 @@ from lsiq.gptq import HessianAccumulator, gptq_quantize
 from lsiq.let import LET, smooth_scale
 from lsiq.lowrank import KINDS as LOWRANK_KINDS
 from lsiq.lowrank import lowrank_correction
-from lsiq.lsi import SVD_METHODS, SVDIncrement, svd_dtype, svd_factors, svd_owners
+from lsiq.lsi import SVD_METHODS, SVDIncrement, svd_factors, svd_owners
 from lsiq.lwc import LWC
 from lsiq.quantizer import ActQuantizer, QuantSpec, dequantize, fake_quant, minmax_scale_zero, quantize_codes
 
@@ -426,8 +426,8 @@ def _block_svds(weights: dict[str, torch.Tensor], cfg: CalibConfig, shard: Sampl
     each computes its share (svd_owners), then every factor is broadcast from its owner. All
     owners compute first and broadcast after, in one fixed order, so no SVD waits on another's."""
     def factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = svd_dtype(w.device) if cfg.svd_dtype == "auto" else getattr(torch, cfg.svd_dtype)
-        return svd_factors(w, cfg.svd, dtype)
+        # "auto": svd_factors' own default dtype for the weight's device (lsiq.lsi.svd_dtype)
+        return svd_factors(w, cfg.svd, None if cfg.svd_dtype == "auto" else getattr(torch, cfg.svd_dtype))
 
     if shard is None or shard.world == 1 or shard.broadcast is None:
         return {n: factors(w) for n, w in weights.items()}

@@ -25,7 +25,13 @@ def pack_codes(codes: torch.Tensor, bits: int, chunk_elems: int = 2**25) -> torc
         raise ValueError(f"codes out of range for {bits} bits")
     rows = max(1, chunk_elems // max(in_f, 1))
     if out_f > rows:
-        return torch.cat([pack_codes(codes[r:r + rows], bits, chunk_elems) for r in range(0, out_f, rows)])
+        return torch.cat([_pack_rows(codes[r:r + rows], bits) for r in range(0, out_f, rows)])
+    return _pack_rows(codes, bits)
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_codes` on rows already checked to be in range."""
+    out_f, in_f = codes.shape
     c = codes.to(torch.int64)
     pos = torch.arange(in_f, dtype=torch.int64, device=codes.device) * bits
     word, off = pos // 32, pos % 32

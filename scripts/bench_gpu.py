@@ -87,7 +87,7 @@ def measure_hardware(device: torch.device, shapes: dict[str, tuple[int, int]]) -
     """The plan's Hardware fields measured here (its svd_tflops: the SVD of the block's largest
     linear, by lsiq.lsi.svd_flops; its eigh_tflops: the eigensolver on that linear's Gram matrix),
     and every linear shape's SVD rate, full and through the Gram matrix (--svd gram)."""
-    from lsiq.lsi import svd_factors, svd_flops
+    from lsiq.lsi import svd_dtype, svd_factors, svd_flops
 
     n = 8192 if device.type == "cuda" else 1024
     out = {}
@@ -102,7 +102,7 @@ def measure_hardware(device: torch.device, shapes: dict[str, tuple[int, int]]) -
     del x, y
     svd = {}
     for m, k in sorted(set(shapes.values())):
-        w = torch.randn(m, k, device=device, dtype=torch.float32 if device.type == "cuda" else torch.float64)
+        w = torch.randn(m, k, device=device, dtype=svd_dtype(device))
         s = timed(lambda w=w: torch.linalg.svd(w, full_matrices=False), device, reps=1)
         g = timed(lambda w=w: svd_factors(w, "gram", w.dtype), device, reps=1)
         svd[f"{m}x{k}"] = {"seconds": s, "tflops": svd_flops(m, k) / s / 1e12, "gram_seconds": g,
@@ -112,7 +112,7 @@ def measure_hardware(device: torch.device, shapes: dict[str, tuple[int, int]]) -
     largest = max(shapes.values(), key=lambda s: s[0] * s[1])
     out["svd_tflops"] = svd[f"{largest[0]}x{largest[1]}"]["tflops"]
     k = min(largest)
-    a = torch.randn(k, k, device=device, dtype=torch.float32 if device.type == "cuda" else torch.float64)
+    a = torch.randn(k, k, device=device, dtype=svd_dtype(device))
     g = a @ a.T
     out["eigh_tflops"] = svd_flops(k, k, "gram") / timed(lambda g=g: torch.linalg.eigh(g), device, reps=1) / 1e12
     del a, g

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_gpu import timed  # noqa: E402  - median of repeats after a warm-up, synchronised on a GPU
 
-from lsiq.lsi import svd_factors  # noqa: E402
+from lsiq.lsi import svd_dtype, svd_factors  # noqa: E402
 
 
 def block_weights(fixtures: Path, layer: int) -> dict[str, torch.Tensor]:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float64 if device.type == "cpu" else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else svd_dtype(device)
 
     rows = []
     print(f"accuracy, SmolLM2-135M block {args.layer} (|U^T U - I|, |V V^T - I|, |S - S64| / S_max, relative |USV^T - W|)")
