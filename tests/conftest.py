@@ -86,6 +86,26 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, tiny_checkpoint, texts_dir, ray_local):
+    """``tiny_runs(method) -> (output dir, report)``: one pipeline run of ``tiny_checkpoint`` per method
+    at ``tests.test_pipeline._cfg``'s settings, made on first use and shared by the tests that need such
+    an output (each run costs ~10 s of actor start-up). Read-only: copy it before changing it."""
+    from pipeline.quantize import run
+    from tests.test_pipeline import _cfg
+
+    done: dict[str, tuple[Path, dict]] = {}
+
+    def get(method: str) -> tuple[Path, dict]:
+        if method not in done:
+            d = tmp_path_factory.mktemp(f"tiny-{method}")
+            cfg = _cfg(tiny_checkpoint, d / "out", texts_dir / "calib.txt", method=method, report=str(d / "r.json"))
+            done[method] = (d / "out", run(cfg, log=lambda m: None))
+        return done[method]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real S3 server (SeaweedFS) on 127.0.0.1 with a bucket ``lsiq``."""
     from tests.s3_server import start_s3_server

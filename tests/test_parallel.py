@@ -176,14 +176,13 @@ def test_uneven_shares_and_batches():
         assert abs(a - b) <= 1e-5 * abs(a)
 
 
-def test_pipeline_two_ray_workers_match_one(tiny_checkpoint, texts_dir, tmp_path, ray_local):
+def test_pipeline_two_ray_workers_match_one(tiny_checkpoint, texts_dir, tmp_path, tiny_runs):
     """Two calibrator actors (gloo all-reduce) against one, through the real pipeline."""
     from safetensors.torch import load_file
 
     from tests.test_pipeline import _cfg, _run
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    r1 = _run(_cfg(tiny_checkpoint, one, texts_dir / "calib.txt", workers=1))
+    (one, r1), two = tiny_runs("lsi"), tmp_path / "two"  # one worker: the default
     r2 = _run(_cfg(tiny_checkpoint, two, texts_dir / "calib.txt", workers=2, cpus_per_worker=1))
     assert r2["workers"] == 2
     for a, b in zip(r1["blocks"], r2["blocks"], strict=True):

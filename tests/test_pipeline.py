@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,15 +44,14 @@ def test_checkpoint_reads_one_block(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "lsi"])
-def test_quantize_and_load(tiny_checkpoint, texts_dir, tmp_path, ray_local, method):
-    out = tmp_path / "out"
-    report = _run(_cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method=method, report=str(tmp_path / "r.json")))
+def test_quantize_and_load(tiny_runs, method):
+    out, report = tiny_runs(method)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["status"] == "complete" and manifest["num_layers"] == 3
     assert len(report["blocks"]) == 3
     if method != "rtn":
         assert sum(b["loss_after"] for b in report["blocks"]) < sum(b["loss_before"] for b in report["blocks"])
-    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert (out.parent / "r.png").stat().st_size > 1000
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert "model.layers.2.self_attn.q_proj.qweight" in index["weight_map"]
     model, _ = load_quantized(str(out))
@@ -59,9 +59,8 @@ def test_quantize_and_load(tiny_checkpoint, texts_dir, tmp_path, ray_local, meth
     assert torch.isfinite(torch.tensor(perplexity(model, ids)))
 
 
-def test_same_seed_same_bytes_with_spilled_caches(tiny_checkpoint, texts_dir, tmp_path, ray_local):
-    a, b = tmp_path / "a", tmp_path / "b"
-    ra = _run(_cfg(tiny_checkpoint, a, texts_dir / "calib.txt"))
+def test_same_seed_same_bytes_with_spilled_caches(tiny_checkpoint, texts_dir, tmp_path, tiny_runs):
+    (a, ra), b = tiny_runs("lsi"), tmp_path / "b"
     # a 1-byte budget puts every activation cache in a memory-mapped file under spill/
     rb = _run(_cfg(tiny_checkpoint, b, texts_dir / "calib.txt", activation_budget=1, spill_dir=str(tmp_path / "spill")))
     assert not ra["activation_spilled"] and rb["activation_spilled"]
@@ -76,9 +75,8 @@ def test_same_seed_same_bytes_with_spilled_caches(tiny_checkpoint, texts_dir, tm
     assert set(rb["peak_rss"]) == {"driver", "reader", "calibrator", "writer"}
 
 
-def test_shard_size_cap_splits_blocks(tiny_checkpoint, texts_dir, tmp_path, ray_local):
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    _run(_cfg(tiny_checkpoint, whole, texts_dir / "calib.txt", method="rtn"))
+def test_shard_size_cap_splits_blocks(tiny_checkpoint, texts_dir, tmp_path, tiny_runs):
+    whole, split = tiny_runs("rtn")[0], tmp_path / "split"
     _run(_cfg(tiny_checkpoint, split, texts_dir / "calib.txt", method="rtn", max_shard_bytes=6_000))
     parts = sorted(p.name for p in split.glob("model-layers-00001-*.safetensors"))
     assert len(parts) > 1 and parts[0] == f"model-layers-00001-00001-of-{len(parts):05d}.safetensors"
@@ -93,9 +91,8 @@ def test_shard_size_cap_splits_blocks(tiny_checkpoint, texts_dir, tmp_path, ray_
         assert na == nb and torch.equal(ta, tb), na
 
 
-def test_output_with_other_run_is_refused(tiny_checkpoint, texts_dir, tmp_path, ray_local):
-    out = tmp_path / "out"
-    _run(_cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method="rtn"))
+def test_output_with_other_run_is_refused(tiny_checkpoint, texts_dir, tmp_path, tiny_runs):
+    out = Path(shutil.copytree(tiny_runs("rtn")[0], tmp_path / "out"))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     # the same command again: complete already, nothing rewritten
     assert _run(_cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method="rtn")) == {
@@ -151,9 +148,8 @@ def test_resume_from_partial_output_is_byte_identical(tiny_checkpoint, texts_dir
             assert (full / name).read_bytes() == (part / name).read_bytes(), name
 
 
-def test_corrupt_shard_is_redone(tiny_checkpoint, texts_dir, tmp_path, ray_local):
-    out = tmp_path / "out"
-    _run(_cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method="rtn"))
+def test_corrupt_shard_is_redone(tiny_checkpoint, texts_dir, tmp_path, tiny_runs):
+    out = Path(shutil.copytree(tiny_runs("rtn")[0], tmp_path / "out"))
     good = (out / "model-layers-00001.safetensors").read_bytes()
     (out / MANIFEST).unlink()
     (out / "model-layers-00001.safetensors").write_bytes(good[:100])  # half-written object

@@ -41,10 +41,9 @@ def _s3_cfg(url, out, texts_dir, opts, **kw):
     return _cfg(url, out, texts_dir / "calib.txt", storage_options=opts, **kw)
 
 
-def test_s3_to_s3_equals_local_run(s3, tiny_s3, tiny_checkpoint, texts_dir, tmp_path, ray_local):
+def test_s3_to_s3_equals_local_run(s3, tiny_s3, texts_dir, tiny_runs):
     opts = s3.storage_options()
-    local = tmp_path / "local"
-    run(_cfg(tiny_checkpoint, local, texts_dir / "calib.txt"), log=lambda m: None)
+    local = tiny_runs("lsi")[0]
     report = run(_s3_cfg(tiny_s3, "s3://lsiq/out/tiny-q", texts_dir, opts), log=lambda m: None)
     assert report["bytes_read"] > 0 and report["bytes_written"] > 0
     assert _remote_files(opts, "s3://lsiq/out/tiny-q") == _local_files(local)

@@ -3,6 +3,7 @@ takeover, two scheduler processes side by side, half-uploaded checkpoints, RUN.y
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -127,7 +128,7 @@ def _summary(proc: subprocess.Popen) -> dict:
 
 
 @pytest.mark.slow
-def test_two_schedulers_quantize_a_checkpoint_exactly_once(s3, tiny_checkpoint, texts_dir, tmp_path):
+def test_two_schedulers_quantize_once_and_a_dead_lease_is_taken_over(s3, tiny_checkpoint, texts_dir, tmp_path):
     fs = _fs(s3)
     upload_dir(s3, tiny_checkpoint, "sched/src/run-a/step-100")
     # run-b: config, index and the first shard are there, the second shard is still uploading
@@ -157,7 +158,7 @@ def test_two_schedulers_quantize_a_checkpoint_exactly_once(s3, tiny_checkpoint, 
     fs.pipe_file(f"lsiq/sched/src/run-b/{shards[1]}", (tiny_checkpoint / shards[1]).read_bytes())
     again = _summary(_scheduler(s3, cfg, src, out, "sched-2"))
     assert again["quantized"] == ["run-b"] and again["done"] == ["run-a/step-100"], again
-    # with other settings neither counts as done any more (the dead-lease test below requantizes one)
+    # with other settings neither counts as done any more (the last pass below requantizes one)
     from pipeline.checkpoint import Checkpoint
     from pipeline.schedule import ScheduleConfig, Scheduler, source_fingerprint
 
@@ -178,28 +179,22 @@ def test_two_schedulers_quantize_a_checkpoint_exactly_once(s3, tiny_checkpoint, 
     assert source_fingerprint(Checkpoint(f"{src}/run-b", opts)) != before
     assert not done(run, "run-b") and done(run, "run-a/step-100")
 
+    # A live scheduler holds run-b's lease; run-a's last owner died holding its lease (its last lease
+    # object expired an hour ago). With new settings the next pass leaves run-b to its holder, takes
+    # the dead lease over and quantizes run-a again, over its old output (--restart).
+    def lease_dir(rel: str) -> str:
+        return f"lsiq/sched/out/.lsiq-leases/{hashlib.sha256(rel.encode()).hexdigest()[:16]}"
 
-@pytest.mark.slow
-def test_a_dead_schedulers_lease_is_taken_over(s3, tiny_checkpoint, texts_dir, tmp_path):
-    import hashlib
-
-    fs = _fs(s3)
-    upload_dir(s3, tiny_checkpoint, "sched2/src/m")
-    cfg = _run_yaml(tmp_path, texts_dir)
-    lease_dir = f"lsiq/sched2/out/.lsiq-leases/{hashlib.sha256(b'm').hexdigest()[:16]}"
-    live = leases.try_acquire(fs, lease_dir, "someone-alive", ttl=3600)
+    live = leases.try_acquire(fs, lease_dir("run-b"), "someone-alive", ttl=3600)
     assert live is not None
-    held = _summary(_scheduler(s3, cfg, "s3://lsiq/sched2/src", "s3://lsiq/sched2/out", "b"))
-    assert held["leased"] == ["m"] and not held["quantized"]
-    # the holder dies: its last lease object says it expired an hour ago
-    fs.pipe_file(f"{lease_dir}/{live.generation + 1:010d}.json",
+    gen, _ = leases.latest(fs, lease_dir("run-a/step-100"))
+    fs.pipe_file(f"{lease_dir('run-a/step-100')}/{gen + 1:010d}.json",
                  json.dumps({"owner": "someone-dead", "token": "t", "expires_at": time.time() - 3600,
                              "released": False}).encode())
-    took = _summary(_scheduler(s3, cfg, "s3://lsiq/sched2/src", "s3://lsiq/sched2/out", "c"))
-    assert took["quantized"] == ["m"], took
-    # new settings: quantized again, over the old output (--restart)
     cfg.write_text(cfg.read_text().replace("wbits: 4", "wbits: 3"))
-    again = _summary(_scheduler(s3, cfg, "s3://lsiq/sched2/src", "s3://lsiq/sched2/out", "d"))
-    assert again["quantized"] == ["m"], again
-    manifest = json.loads(fs.cat_file("lsiq/sched2/out/m/lsiq_manifest.json"))
+    took = _summary(_scheduler(s3, cfg, src, out, "sched-3"))
+    assert took["quantized"] == ["run-a/step-100"] and took["leased"] == ["run-b"], took
+    manifest = json.loads(fs.cat_file("lsiq/sched/out/run-a/step-100/lsiq_manifest.json"))
     assert manifest["status"] == "complete" and manifest["quantization"]["wbits"] == 3
+    assert json.loads(fs.cat_file("lsiq/sched/out/run-a/step-100/schedule.json"))["owner"] == "sched-3"
+    assert leases.latest(fs, lease_dir("run-b"))[1]["owner"] == "someone-alive"
