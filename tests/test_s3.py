@@ -67,9 +67,9 @@ def test_transient_faults_are_retried_with_same_output(s3, tiny_s3, texts_dir, t
     assert _remote_files(opts, "s3://lsiq/out/faulty") == _remote_files(opts, "s3://lsiq/out/clean")
 
 
-def _cli(args, env=None):
-    return subprocess.run([sys.executable, "-m", "pipeline.quantize", *args], capture_output=True, text=True,
-                          env=(os.environ | (env or {})), timeout=300)
+def _cli_start(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.quantize", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=(os.environ | (env or {})))
 
 
 def test_bad_urls_and_credentials_fail_clearly(s3, tiny_s3, texts_dir):
@@ -77,28 +77,30 @@ def test_bad_urls_and_credentials_fail_clearly(s3, tiny_s3, texts_dir):
              "--group-size", "32"]
     endpoint = json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}})
     creds = s3.credentials_env()
-    # wrong secret: refused, and the secret is not printed
-    r = _cli(["--model", tiny_s3, "--output", "s3://lsiq/out/bad1", "--storage-options", endpoint, *calib],
-             env=creds | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"})
-    assert r.returncode == 2 and "refused" in r.stderr and "not-the-secret" not in r.stderr, r.stderr[-2000:]
-    # a bucket that does not exist
-    r = _cli(["--model", "s3://no-such-bucket/model", "--output", "s3://lsiq/out/bad2", "--storage-options", endpoint,
-              *calib], env=creds)
-    assert r.returncode == 2 and "no config.json in 's3://no-such-bucket/model'" in r.stderr, r.stderr[-2000:]
-    # nothing listening at the endpoint
-    dead = json.dumps({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
-                       "config_kwargs": {"retries": {"max_attempts": 1}}})
-    r = _cli(["--model", tiny_s3, "--output", "s3://lsiq/out/bad3", "--storage-options", dead, *calib],
-             env=creds | {"LSIQ_STORAGE_RETRIES": "1"})
-    assert r.returncode == 2 and "cannot reach model location" in r.stderr, r.stderr[-2000:]
-    # a missing shard in the bucket
     fs = _fs(s3.storage_options())
-    broken = "lsiq/broken"
+    broken = "lsiq/broken"  # a missing shard in the bucket
     fs.copy(tiny_s3.removeprefix("s3://"), broken, recursive=True)
     victim = sorted(p for p in fs.find(broken) if p.endswith(".safetensors"))[0]
     fs.rm(victim)
-    r = _cli(["--model", f"s3://{broken}", "--output", "s3://lsiq/out/bad4", "--storage-options", endpoint, *calib], env=creds)
-    assert r.returncode == 2 and f"missing shard {victim.rsplit('/', 1)[1]}" in r.stderr, r.stderr[-2000:]
+    dead = json.dumps({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                       "config_kwargs": {"retries": {"max_attempts": 1}}})
+    cases = [  # (args, environment, what stderr must say); the four CLI runs go side by side
+        # wrong secret: refused, and the secret is not printed
+        (["--model", tiny_s3, "--storage-options", endpoint], creds | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+         "refused"),
+        # a bucket that does not exist
+        (["--model", "s3://no-such-bucket/model", "--storage-options", endpoint], creds,
+         "no config.json in 's3://no-such-bucket/model'"),
+        # nothing listening at the endpoint
+        (["--model", tiny_s3, "--storage-options", dead], creds | {"LSIQ_STORAGE_RETRIES": "1"},
+         "cannot reach model location"),
+        (["--model", f"s3://{broken}", "--storage-options", endpoint], creds, f"missing shard {victim.rsplit('/', 1)[1]}"),
+    ]
+    procs = [_cli_start([*args, "--output", f"s3://lsiq/out/bad{i}", *calib], env)
+             for i, (args, env, _) in enumerate(cases, 1)]
+    for proc, (_, _, expected) in zip(procs, cases, strict=True):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and expected in err and "not-the-secret" not in err, err[-2000:]
     for i in range(1, 5):
         assert not fs.exists(f"lsiq/out/bad{i}/lsiq_manifest.json")
 
