@@ -141,6 +141,11 @@ def find_checkpoints(fs: Any, root: str) -> list[str]:
     return found
 
 
+def lease_dir(out_root: str, rel: str) -> str:
+    """Where the leases on checkpoint ``rel`` live: one folder per checkpoint under the output root."""
+    return storage.join(out_root, LEASES, hashlib.sha256(rel.encode()).hexdigest()[:16])
+
+
 def _url(prefix: str, rel: str) -> str:
     return prefix.rstrip("/") + ("/" + rel if rel else "")
 
@@ -191,8 +196,7 @@ class Scheduler:
             return "incomplete", str(e)
         if self._complete(rel, source_fp, self._record(rel)):
             return "done", None
-        lease_dir = storage.join(self.out_root, LEASES, hashlib.sha256(rel.encode()).hexdigest()[:16])
-        held = leases.try_acquire(self.out_fs, lease_dir, self.cfg.owner, self.cfg.lease_s)
+        held = leases.try_acquire(self.out_fs, lease_dir(self.out_root, rel), self.cfg.owner, self.cfg.lease_s)
         if held is None:
             self.log(f"{rel or '.'}: another scheduler holds its lease; skipped")
             return "leased", None

@@ -3,7 +3,6 @@ takeover, two scheduler processes side by side, half-uploaded checkpoints, RUN.y
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import s3fs
 import yaml
 
 from pipeline import lease as leases
+from pipeline import schedule
 from pipeline.schedule import quantize_args
 from tests.conftest import upload_dir
 
@@ -183,7 +183,7 @@ def test_two_schedulers_quantize_once_and_a_dead_lease_is_taken_over(s3, tiny_ch
     # object expired an hour ago). With new settings the next pass leaves run-b to its holder, takes
     # the dead lease over and quantizes run-a again, over its old output (--restart).
     def lease_dir(rel: str) -> str:
-        return f"lsiq/sched/out/.lsiq-leases/{hashlib.sha256(rel.encode()).hexdigest()[:16]}"
+        return schedule.lease_dir("lsiq/sched/out", rel)  # the s3fs path of the output root
 
     live = leases.try_acquire(fs, lease_dir("run-b"), "someone-alive", ttl=3600)
     assert live is not None
