@@ -49,7 +49,10 @@ def linear_tensors(q: QuantizedLinear) -> dict[str, torch.Tensor]:
 def unpack_weight(packed: torch.Tensor, weight_shape: torch.Tensor, bits: int, name: str) -> torch.Tensor:
     """Codes [out, in] of a weight packed along its input dim, checked against ``weight_shape``."""
     out_f, in_f = (int(v) for v in weight_shape)
-    codes = unpack_codes(packed, bits, in_f)
+    try:
+        codes = unpack_codes(packed, bits, in_f)
+    except ValueError as e:  # words that do not match weight_shape's width
+        raise ValueError(f"{name}: {e} (weight_shape says {out_f} x {in_f})") from None
     if codes.shape[0] != out_f:
         raise ValueError(f"{name}: {codes.shape[0]} rows, weight_shape says {out_f}")
     return codes

@@ -91,6 +91,36 @@ def test_pack_roundtrip(bits):
     assert torch.equal(unpack_codes(pack_codes(codes, bits, chunk_elems=300), bits, 100, chunk_elems=300), codes)
     with pytest.raises(ValueError, match="out of range"):
         pack_codes(torch.full((2, 8), 2**bits, dtype=torch.int64), bits)
+    with pytest.raises(ValueError, match="1 to 8 are supported"):
+        pack_codes(codes, 9)
+
+
+def _reference_words(row: list[int], bits: int) -> list[int]:
+    """The layout, bit by bit: code j's bit i is bit j*b + i of the row's stream, bit k of the stream
+    is bit k % 32 of word k // 32 (words read back as signed int32)."""
+    words = [0] * ((len(row) * bits + 31) // 32)
+    for j, code in enumerate(row):
+        for i in range(bits):
+            if code >> i & 1:
+                k = j * bits + i
+                words[k // 32] |= 1 << (k % 32)
+    return [w - 2**32 if w >= 2**31 else w for w in words]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_layout_bit_by_bit(bits):
+    """Every width, ragged rows (not a multiple of 32 codes), codes straddling words, the sign bit."""
+    g = torch.Generator().manual_seed(bits)
+    for in_f in (1, 31, 33, 64, 75):
+        codes = torch.randint(0, 2**bits, (3, in_f), dtype=torch.uint8, generator=g)
+        codes[0, :] = 2**bits - 1  # all ones: every word's top bit set where the row reaches it
+        packed = pack_codes(codes, bits, chunk_elems=in_f)  # one row per chunk
+        assert packed.dtype == torch.int32 and packed.is_contiguous()
+        assert packed.tolist() == [_reference_words(r, bits) for r in codes.tolist()]
+        unpacked = unpack_codes(packed, bits, in_f, chunk_elems=in_f)
+        assert unpacked.dtype == torch.uint8 and unpacked.is_contiguous() and torch.equal(unpacked, codes)
+    with pytest.raises(ValueError, match="do not hold 75 codes"):
+        unpack_codes(packed[:, :-1], bits, 75)
 
 
 def test_pack_layout_4bit():
