@@ -38,6 +38,15 @@ F64 = 8  # CalibConfig.solve_dtype float64 (auto on a CPU); auto on a GPU is flo
 SAVED_WEIGHTS = {"fp32": {"lwc": 4.1, "lwc-let": 5.0, "lsi": 6.5, "sde": 6.5},
                  "bf16": {"lwc": 3.6, "lwc-let": 4.6, "lsi": 5.75, "sde": 5.75}}
 SAVED_WEIGHTS_RECOMPUTE = {"fp32": 1.0, "bf16": 0.5}  # --recompute-weights: only the fake-quantized weights stay
+# Memory traffic of one optimizer step's weight side (LSI's recomposition, LET, LWC, the fake
+# quantizer, their backward, bf16's casts), in float32 weights of the block's linears: the bytes
+# read and written by every op that is not a view or a matmul, summed over the step (eager
+# PyTorch runs each as its own kernel; on a GPU they are bound by memory bandwidth). Measured with
+# a dispatch mode on random Llama blocks of two shapes (within 2 %); checked by tests/test_plan.py.
+# By precision, method and --recompute-weights (which runs the weight side's forward twice); SDE
+# at its default band of 1.
+WEIGHT_TRAFFIC = {"fp32": {"lwc": (47.2, 65.9), "lwc-let": (63.5, 84.0), "lsi": (76.2, 101.3), "sde": (100.7, 140.7)},
+                  "bf16": {"lwc": (50.2, 68.9), "lwc-let": (66.5, 87.0), "lsi": (83.6, 110.3), "sde": (108.0, 149.7)}}
 # ... and per token of the micro-batch, in float32 values: a x hidden + b x intermediate (norms,
 # attention projections and SDPA outputs, the gated MLP's intermediate tensors; bf16 halves some).
 SAVED_PER_TOKEN = {"fp32": (7.5, 4.0), "bf16": (7.0, 2.0)}
@@ -383,8 +392,8 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     recompose = sum(2 * m * n * min(m, n) for m, n in shapes.values()) if cfg.uses_lsi else 0
     # LSI: U diag(dS) V^T forward, its gradient backward, once more when recomputing
     weight_flops = recompose * (3 if recompute else 2)
-    coef = SAVED_WEIGHTS[cfg.precision].get(cfg.method, 0.0)
-    weight_bytes = 3 * coef * F32 * lin * (1.5 if recompute else 1.0)  # saved tensors written, read, their grads
+    traffic = WEIGHT_TRAFFIC[cfg.precision].get(cfg.method, (0.0, 0.0))[int(recompute)]
+    weight_bytes = traffic * F32 * lin
     step_weight_s = weight_flops / (train_tflops * 1e12) + weight_bytes / (hw.mem_gbs * 1e9)
     allreduce_bytes = F32 * trainable_params(a, cfg) if p.gpus > 1 else 0
     ring = 2 * (p.gpus - 1) / p.gpus * 8 / (hw.link_gbps * 1e9)  # seconds per byte all-reduced (ring)

@@ -23,6 +23,7 @@ Writes ``gpu_check.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -152,19 +153,27 @@ def layer_inputs(config, n: int, seqlen: int) -> tuple[torch.Tensor, dict]:
 
 
 class PhasePeaks:
-    """Peak GPU allocation by phase of a block's calibration: wraps the calibrator's steps (FP
-    targets and next inputs: forward_all; the losses before and after: mean_loss; the SVDs and
-    LET set-up: BlockQuantizer; the low-rank solves: add_lowrank); what lies between them is the
-    training loop's."""
+    """Peak GPU allocation and seconds by phase of a block's calibration: wraps the calibrator's
+    steps (FP targets and next inputs: forward_all; the losses before and after: mean_loss; the
+    SVDs and LET set-up: BlockQuantizer; the low-rank solves: add_lowrank; building the layer on the
+    device: _layer; packing the block for storage: block_tensors; unpacking it for the next inputs:
+    _params); what lies between them is the training loop's. Seconds are taken between device
+    synchronisations, so they hold on a GPU too; memory is read on a GPU only."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.peaks, self.current = device, {}, "other"
+        self.device, self.peaks, self.seconds, self.current = device, {}, {}, "other"
+        self.since = time.perf_counter()
 
     def _close(self, phase: str | None = None) -> None:
-        """The peak since the last reset goes to ``phase`` (default: the current one)."""
+        """The peak and the seconds since the last reset go to ``phase`` (default: the current one)."""
         phase = phase or self.current
-        self.peaks[phase] = max(self.peaks.get(phase, 0), torch.cuda.max_memory_allocated(self.device))
-        torch.cuda.reset_peak_memory_stats(self.device)
+        sync(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.since
+        self.since = now
+        if self.device.type == "cuda":
+            self.peaks[phase] = max(self.peaks.get(phase, 0), torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def wrap(self, owner, attr: str, phase: str) -> None:
         fn = getattr(owner, attr)
@@ -180,6 +189,13 @@ class PhasePeaks:
                 self.current = "training" if outer == "other" and phase in ("loss", "setup") else outer
 
         setattr(owner, attr, wrapped)
+
+
+def top_ops(prof: torch.profiler.profile, device: torch.device, n: int) -> list[dict]:
+    """The ``n`` ops with the most own time (on the GPU where there is one), in seconds."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:n]
+    return [{"op": e.key, "calls": e.count, "self_s": getattr(e, key) / 1e6} for e in events]
 
 
 def one(args: argparse.Namespace, variant: str) -> dict:
@@ -200,31 +216,48 @@ def one(args: argparse.Namespace, variant: str) -> dict:
     del hidden
     meta = {"fingerprint": "", "bytes_read": 0, "read_seconds": 0.0, "peak_rss_reader": 0}
     phases = None
-    if args.phases and device.type == "cuda":
+    if args.phases:
         import lsiq.block
         import pipeline.calibrator
+        import pipeline.formats
 
         phases = PhasePeaks(device)
         phases.wrap(pipeline.calibrator, "forward_all", "forward_all")
         phases.wrap(lsiq.block, "mean_loss", "loss")
         phases.wrap(lsiq.block.BlockQuantizer, "__init__", "setup")
         phases.wrap(lsiq.block, "add_lowrank", "lowrank")
+        phases.wrap(BlockCalibrator, "_layer", "layer")
+        phases.wrap(pipeline.formats, "block_tensors", "pack")
+        phases.wrap(BlockCalibrator, "_params", "unpack")
     sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+    profiler = contextlib.nullcontext()
+    if args.profile:  # the ops' own time, on the device where there is one (the wall seconds include its overhead)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities)
     t0 = time.perf_counter()
-    out = cal.calibrate(0, tensors, meta)
-    sync(device)
+    if phases is not None:
+        phases.since = t0
+    with profiler:
+        out = cal.calibrate(0, tensors, meta)
+        sync(device)
     seconds = time.perf_counter() - t0
     row = {"variant": variant, "seconds": seconds, "calib_seconds": out["stats"]["calib_seconds"],
            "loss_before": out["stats"]["loss_before"], "loss_after": out["stats"]["loss_after"]}
+    if phases is not None:
+        phases._close()
+        row["phase_seconds"] = phases.seconds
+    if args.profile:
+        row["profile"] = top_ops(profiler, device, args.profile)
     if device.type == "cuda":
         row["measured_bytes"] = torch.cuda.max_memory_allocated(device) - before
         row["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         if phases is not None:
-            phases._close()
             row["measured_bytes"] = max(phases.peaks.values()) - before
             row["phase_bytes"] = {k: v - before for k, v in phases.peaks.items()}
     return row
@@ -333,7 +366,10 @@ def main() -> int:
     p.add_argument("--only", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS), metavar="VARIANT",
                    help=f"settings to run, of {', '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--setting-timeout", type=int, default=300, help="seconds allowed to one setting's process")
-    p.add_argument("--phases", action="store_true", help="also the peak allocation of each phase of the block")
+    p.add_argument("--phases", action="store_true",
+                   help="also the seconds (and on a GPU the peak allocation) of each phase of the block")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also the N ops with the most own time in the block's calibration (torch.profiler)")
     p.add_argument("--skip-hardware", action="store_true", help="reuse gpu_check.json's throughputs under --out")
     p.add_argument("--dp", action="store_true", help="also the two-worker data-parallel check")
     p.add_argument("--dp-backend", default="gloo", choices=["gloo", "nccl"])
@@ -397,6 +433,13 @@ def main() -> int:
         rows.append(row)
         if "phase_bytes" in got:
             print("  peak by phase: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in got["phase_bytes"].items()))
+        if "profile" in got:
+            print("  most own time: " + ", ".join(f"{e['op']} {e['self_s']:.2f} s ({e['calls']})" for e in got["profile"][:12]))
+        if "phase_seconds" in got:
+            t = plan_["time"]
+            print("  seconds by phase: " + ", ".join(f"{k} {v:.2f}" for k, v in got["phase_seconds"].items())
+                  + f"  (planned: SVD {t['svd_s']:.2f}, tokens {t['tokens_s']:.2f}, weight side {t['weight_s']:.2f},"
+                    f" solves {t['solve_s']:.2f})")
         print(f"{variant:16s} {mem}time {got['seconds']:7.1f} s vs {plan_['time']['block_s']:7.1f} s planned "
               f"({row['time_ratio']:.2f}); loss {got['loss_before']:.3g} -> {got['loss_after']:.3g}", flush=True)
         report_path.write_text(json.dumps(report, indent=2))
@@ -412,7 +455,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
     """The shape and size flags, for a setting's own process."""
     flags = ["--model-config", args.model_config, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--device", args.device,
-             "--out", args.out, "--svd", args.svd] + (["--phases"] if args.phases else [])
+             "--out", args.out, "--svd", args.svd, "--profile", str(args.profile)] + (["--phases"] if args.phases else [])
     if args.hidden:
         flags += ["--hidden", str(args.hidden)]
     if args.intermediate:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -82,6 +85,64 @@ def test_saved_tensor_coefficients_match_the_code(method, recompute, precision):
         assert weight_coef == pytest.approx(expected_coef, rel=0.1), (hidden, inter, weight_coef)
         # LET's scaled norms add a little per token; LWC alone saves slightly less
         assert per_token == pytest.approx(expected_tok, rel=0.05 if method != "lwc" else 0.2), (hidden, inter, per_token)
+
+
+class _Traffic(TorchDispatchMode):
+    """Bytes read and written by every op that runs a kernel other than a matmul: the sizes of its
+    tensor arguments and results (views move no data; matmuls and attention are counted in FLOPs)."""
+
+    COMPUTE = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten._scaled_dot_product")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not str(func).startswith(self.COMPUTE):
+            self.bytes += sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs, out))[0]
+                              if isinstance(t, torch.Tensor))
+        return out
+
+
+def _step_traffic(layer, arch, cfg, calib: CalibConfig, batch: int, seqlen: int) -> int:
+    """Bytes moved by one training step (weights, block forward, loss, backward) outside matmuls."""
+    bq = BlockQuantizer(layer, arch, calib)
+    x, target = torch.randn(batch, seqlen, arch.hidden), torch.randn(batch, seqlen, arch.hidden)
+    pos = torch.arange(seqlen)[None]
+    kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, pos), "position_ids": pos}
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if calib.precision == "bf16" else contextlib.nullcontext()
+    traffic = _Traffic()
+    with traffic:
+        with amp:
+            out = block_forward(layer, x, kwargs, bq.effective())
+        torch.nn.functional.mse_loss(out.float(), target, reduction="sum").backward()
+    return traffic.bytes
+
+
+TRAFFIC_SHAPES = [(256, 704), (512, 1792)]  # hidden, intermediate: Llama-2-70B's MLP ratio, GQA as below
+
+
+def weight_traffic(method: str, recompute: bool, precision: str, hidden: int, inter: int) -> float:
+    """One training step's weight-side traffic in float32 weights of the block's linears: the step's
+    traffic less the part that grows with the tokens (from micro-batches of 1 and 3 samples)."""
+    layer, arch, cfg = _block(hidden, inter)
+    calib = CalibConfig(method=method, wbits=4, group_size=64, recompute_weights=recompute, precision=precision)
+    small, large = (_step_traffic(layer, arch, cfg, calib, b, seqlen=64) for b in (1, 3))
+    lin = sum(m * n for m, n in arch.linear_shapes().values())
+    return (small - (large - small) / 2) / (4 * lin)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["lwc", "lwc-let", "lsi", "sde"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_weight_traffic_coefficients_match_the_code(method, recompute, precision):
+    """The plan's weight-side memory traffic per step, in float32 weights of the linears: measured as
+    the part of a training step's traffic that does not grow with the tokens (two micro-batch
+    sizes), on two block shapes."""
+    for hidden, inter in TRAFFIC_SHAPES:
+        expected = plan.WEIGHT_TRAFFIC[precision][method][int(recompute)]
+        assert weight_traffic(method, recompute, precision, hidden, inter) == pytest.approx(expected, rel=0.03)
 
 
 def test_persistent_parts_equal_what_the_block_quantizer_holds():
@@ -236,7 +297,9 @@ def test_time_formula_by_hand(svd):
     lin = sum(m * n for m, n in shapes)
     tokens = (4 + 3 * 2) * 4 * 32 * (2 * lin + 2 * 32 * 256) / 1e12
     steps = 2 * 4
-    weight = steps * (2 * sum(2 * m * n * min(m, n) for m, n in shapes) / 1e12 + 3 * 6.5 * 4 * lin / 100e9)
+    # LSI's recomposition and its gradient at 1 TFLOP/s; the weight side's traffic, 76.2 fp32 weights
+    # of the linears per step (plan.WEIGHT_TRAFFIC), at 100 GB/s
+    weight = steps * (2 * sum(2 * m * n * min(m, n) for m, n in shapes) / 1e12 + 76.2 * 4 * lin / 100e9)
     comm = steps * (4 * plan.trainable_params(arch, calib) * 8 / 1e9)  # 2 (N-1)/N = 1 for N = 2
 
     def factor_bytes(m, n):
@@ -426,3 +489,10 @@ def test_collective_timeout_advice(plan_cli, capsys):
     assert parse_quantize_args([*one, "--collective-timeout", flag]).collective_timeout == float(flag)
     with pytest.raises(SystemExit, match="collective-timeout must be > 0"):
         parse_quantize_args([*one, "--collective-timeout", "0"])
+
+
+if __name__ == "__main__":  # python -m tests.test_plan: the measured WEIGHT_TRAFFIC coefficients
+    for prec in ("fp32", "bf16"):
+        for meth in ("lwc", "lwc-let", "lsi", "sde"):
+            got = [[round(weight_traffic(meth, rec, prec, h, i), 1) for h, i in TRAFFIC_SHAPES] for rec in (False, True)]
+            print(f"{prec} {meth:8s} without / with --recompute-weights, by shape {TRAFFIC_SHAPES}: {got[0]} / {got[1]}")
