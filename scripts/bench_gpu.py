@@ -14,6 +14,8 @@
 
     python scripts/bench_gpu.py --out bench_out/gpu                       # all settings, 70B block
     python scripts/bench_gpu.py --only lsi lsi-bf16 --epochs 1 --nsamples 8
+    python scripts/bench_gpu.py --only lsi-bf16-recompute --epochs 5 --batch-size 4 --phases --profile 25
+        # seconds (and peak memory) by phase, and the ops with the most own GPU time
     python scripts/bench_gpu.py --device cpu --model-config clusters/models/llama-3-8b/config.json \
         --hidden 256 --intermediate 512 --nsamples 4 --seqlen 64 --dp     # a smoke run without a GPU
 
@@ -193,9 +195,14 @@ class PhasePeaks:
 
 def top_ops(prof: torch.profiler.profile, device: torch.device, n: int) -> list[dict]:
     """The ``n`` ops with the most own time (on the GPU where there is one), in seconds."""
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:n]
-    return [{"op": e.key, "calls": e.count, "self_s": getattr(e, key) / 1e6} for e in events]
+    # torch < 2.4 names the GPU's own time self_cuda_time_total
+    keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ("self_cpu_time_total",)
+
+    def own_us(e) -> float:
+        return next(getattr(e, k) for k in keys if hasattr(e, k))
+
+    events = sorted(prof.key_averages(), key=own_us, reverse=True)[:n]
+    return [{"op": e.key, "calls": e.count, "self_s": own_us(e) / 1e6} for e in events]
 
 
 def one(args: argparse.Namespace, variant: str) -> dict:
