@@ -10,7 +10,10 @@ the fingerprints of the source and of the configuration), and quantizes the rest
 relative folder under ``--output``: as a Ray job through the Jobs SDK with ``--address``, else in
 a local ``python -m pipeline.quantize`` process. A lease in the output store makes sure that of
 several schedulers only one works on a checkpoint at a time; a dead scheduler's lease expires and
-is taken over. The last stdout line of each pass is a JSON summary.
+is taken over. A run that fails is tried again on a later pass, after a back-off that doubles with
+each failure of the same checkpoint and configuration (``--retry-backoff``), so a checkpoint that
+cannot be quantized does not start a doomed job on every pass. The last stdout line of each pass is
+a JSON summary.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class ScheduleConfig:
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     runtime_env: dict[str, Any] | None = None  # for Ray jobs (RUN.yaml's runtime_env)
     poll_s: float = 2.0
+    retry_backoff_s: float = 600.0  # wait after a failed run before the next try; doubles per failure
+    retry_backoff_max_s: float = 86400.0
 
     @property
     def out_options(self) -> dict[str, Any]:
@@ -165,7 +170,7 @@ class Scheduler:
     def pass_once(self) -> dict[str, Any]:
         """One pass over the source prefix; returns what happened to each checkpoint."""
         summary: dict[str, Any] = {"owner": self.cfg.owner, "quantized": [], "done": [], "incomplete": [],
-                                   "leased": [], "failed": []}
+                                   "leased": [], "failed": [], "waiting": []}
         for rel in find_checkpoints(self.src_fs, self.src_root):
             if self.stopping:
                 break
@@ -194,8 +199,12 @@ class Scheduler:
         except (CheckpointError, FileNotFoundError, EOFError, ValueError) as e:
             self.log(f"{rel or '.'}: not ready ({e}); skipped")
             return "incomplete", str(e)
-        if self._complete(rel, source_fp, self._record(rel)):
+        rec = self._record(rel)
+        if self._complete(rel, source_fp, rec):
             return "done", None
+        if (waiting := self._backing_off(rec, source_fp)) is not None:
+            self.log(f"{rel or '.'}: {waiting}; skipped")
+            return "waiting", waiting
         held = leases.try_acquire(self.out_fs, lease_dir(self.out_root, rel), self.cfg.owner, self.cfg.lease_s)
         if held is None:
             self.log(f"{rel or '.'}: another scheduler holds its lease; skipped")
@@ -208,12 +217,35 @@ class Scheduler:
         finally:
             leases.release(held)
 
+    def _same_run(self, rec: dict[str, Any] | None, source_fp: str) -> bool:
+        """Whether ``rec`` is about this source and this configuration."""
+        return rec is not None and rec.get("source_fingerprint") == source_fp \
+            and rec.get("config_fingerprint") == self.config_fp
+
+    def _backing_off(self, rec: dict[str, Any] | None, source_fp: str) -> str | None:
+        """Why this checkpoint waits (its last run with these settings failed, and its back-off has
+        not run out), or None."""
+        if not self._same_run(rec, source_fp) or rec.get("status") != "failed":
+            return None
+        if time.time() >= rec.get("retry_after", 0.0):
+            return None
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec["retry_after"]))
+        return f"failed {rec.get('failures', 1)} time(s), next try after {when}; last error: {rec.get('error', '?')}"
+
+    def _failed(self, rel: str, record: dict[str, Any], prev: dict[str, Any] | None, detail: str) -> None:
+        """Record a failed run, and when this checkpoint and configuration may be tried again."""
+        failures = 1 + (prev.get("failures", 1) if prev and prev.get("status") == "failed"
+                        and self._same_run(prev, record["source_fingerprint"]) else 0)
+        wait = min(self.cfg.retry_backoff_s * 2 ** (failures - 1), self.cfg.retry_backoff_max_s)
+        now = time.time()
+        self._write_record(rel, record | {"status": "failed", "failures": failures, "error": detail[-2000:],
+                                          "failed_at": now, "retry_after": now + wait})
+
     def _quantize(self, rel: str, src: str, source_fp: str, held: leases.Lease,
                   prev: dict[str, Any] | None) -> tuple[str, str | None]:
         out = _url(self.cfg.output, rel)
         # Same source and settings as an unfinished earlier attempt: resume it; otherwise start over.
-        same = prev is not None and prev.get("source_fingerprint") == source_fp \
-            and prev.get("config_fingerprint") == self.config_fp
+        same = self._same_run(prev, source_fp)
         argv = ["--model", src, "--output", out, *self.argv]
         if self.cfg.storage_options:
             argv += ["--storage-options", json.dumps(self.cfg.storage_options)]
@@ -227,9 +259,10 @@ class Scheduler:
         self.log(f"{rel or '.'}: quantizing into {out}" + (" (as a Ray job)" if self.cfg.address else ""))
         try:
             ok, detail = (self._run_job if self.cfg.address else self._run_local)(argv, held, source_fp)
-        except leases.LeaseLost as e:
+        except leases.LeaseLost as e:  # another scheduler has the checkpoint now: its record, not ours
             return "failed", str(e)
         if not ok:
+            self._failed(rel, record, prev, detail)
             self.log(f"{rel or '.'}: failed: {detail}")
             return "failed", detail
         record |= {"status": "complete", "finished_at": time.time(), "run": detail}
@@ -342,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease", type=parse_duration, default="10m",
                    help="lease time; a live scheduler renews it at half time, a dead one's expires")
     p.add_argument("--owner", default=None, help="name recorded in leases (default: host-pid-random)")
+    p.add_argument("--retry-backoff", type=parse_duration, default="10m",
+                   help="after a failed run, wait this long before trying the same checkpoint and configuration "
+                   "again, twice as long after each further failure (at most a day); 0: try again on every pass")
     return p
 
 
@@ -380,7 +416,8 @@ def parse_schedule_args(argv: list[str] | None = None) -> ScheduleConfig:
     runtime_env = run.pop("runtime_env", None)
     cfg = ScheduleConfig(source=a.source, output=a.output, run=run, once=a.once, every_s=a.every or 0.0,
                          address=a.address, storage_options=a.storage_options,
-                         output_storage_options=a.output_storage_options, lease_s=a.lease, runtime_env=runtime_env)
+                         output_storage_options=a.output_storage_options, lease_s=a.lease, runtime_env=runtime_env,
+                         retry_backoff_s=a.retry_backoff)
     if a.owner:
         cfg.owner = a.owner
     return cfg

@@ -198,3 +198,46 @@ def test_two_schedulers_quantize_once_and_a_dead_lease_is_taken_over(s3, tiny_ch
     assert manifest["status"] == "complete" and manifest["quantization"]["wbits"] == 3
     assert json.loads(fs.cat_file("lsiq/sched/out/run-a/step-100/schedule.json"))["owner"] == "sched-3"
     assert leases.latest(fs, lease_dir("run-b"))[1]["owner"] == "someone-alive"
+
+
+def test_a_failed_checkpoint_waits_a_doubling_back_off(tiny_checkpoint, texts_dir, tmp_path):
+    """A run that fails (here: a group size that does not divide the tiny model's 64-wide linears,
+    which quantize refuses) is recorded as failed with its error; later passes leave the checkpoint
+    alone until its back-off runs out, which doubles with each failure of the same checkpoint and
+    settings; new settings are tried at once."""
+    import shutil
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(tiny_checkpoint, src / "m")
+    run = {"method": "rtn", "wbits": 4, "nsamples": 2, "seqlen": 16, "calib": [str(texts_dir / "calib.txt")]}
+    logs: list[str] = []
+
+    def scheduler(group_size: int) -> schedule.Scheduler:
+        cfg = schedule.ScheduleConfig(source=str(src), output=str(out), run={**run, "group_size": group_size},
+                                      retry_backoff_s=3.0, poll_s=0.2)
+        return schedule.Scheduler(cfg, log=logs.append)
+
+    def record() -> dict:
+        return json.loads((out / "m" / schedule.RECORD).read_text())
+
+    first = scheduler(48)
+    summary = first.pass_once()
+    assert [f["checkpoint"] for f in summary["failed"]] == ["m"] and "group size 48" in summary["failed"][0]["reason"]
+    rec = record()
+    assert rec["status"] == "failed" and rec["failures"] == 1 and "group size 48" in rec["error"]
+    assert rec["retry_after"] - rec["failed_at"] == pytest.approx(3.0)
+    started = sum("quantizing" in line for line in logs)
+    # within the back-off: not run again, by this scheduler or another one
+    for s in (first, scheduler(48)):
+        summary = s.pass_once()
+        assert summary["failed"] == [] and summary["waiting"][0]["checkpoint"] == "m"
+        assert "failed 1 time(s)" in summary["waiting"][0]["reason"] and "group size 48" in summary["waiting"][0]["reason"]
+    assert sum("quantizing" in line for line in logs) == started and record() == rec
+    time.sleep(max(0.0, rec["retry_after"] - time.time()) + 0.1)
+    summary = first.pass_once()  # the back-off ran out: tried again, and it doubles
+    assert [f["checkpoint"] for f in summary["failed"]] == ["m"]
+    rec = record()
+    assert rec["failures"] == 2 and rec["retry_after"] - rec["failed_at"] == pytest.approx(6.0)
+    summary = scheduler(40).pass_once()  # other settings: a new configuration, tried at once, counted afresh
+    assert [f["checkpoint"] for f in summary["failed"]] == ["m"] and "group size 40" in summary["failed"][0]["reason"]
+    assert record()["failures"] == 1
