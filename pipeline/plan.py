@@ -44,7 +44,9 @@ SAVED_WEIGHTS_RECOMPUTE = {"fp32": 1.0, "bf16": 0.5}  # --recompute-weights: onl
 # PyTorch runs each as its own kernel; on a GPU they are bound by memory bandwidth). Measured with
 # a dispatch mode on random Llama blocks of two shapes (within 2 %); checked by tests/test_plan.py.
 # By precision, method and --recompute-weights (which runs the weight side's forward twice); SDE
-# at its default band of 1.
+# at its default band of 1, LSI without --lsi-block-k. Not in it: AdamW's step (under 1 %), bf16
+# --cross-layer's casts of block i+1's weights (about 3 %). At group size 128 and 8:1 grouped-query
+# attention (Llama-2-70B) the same measurement gives 1-2 % less.
 WEIGHT_TRAFFIC = {"fp32": {"lwc": (47.2, 65.9), "lwc-let": (63.5, 84.0), "lsi": (76.2, 101.3), "sde": (100.7, 140.7)},
                   "bf16": {"lwc": (50.2, 68.9), "lwc-let": (66.5, 87.0), "lsi": (83.6, 110.3), "sde": (108.0, 149.7)}}
 # ... and per token of the micro-batch, in float32 values: a x hidden + b x intermediate (norms,

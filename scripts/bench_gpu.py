@@ -14,8 +14,8 @@
 
     python scripts/bench_gpu.py --out bench_out/gpu                       # all settings, 70B block
     python scripts/bench_gpu.py --only lsi lsi-bf16 --epochs 1 --nsamples 8
-    python scripts/bench_gpu.py --only lsi-bf16-recompute --epochs 5 --batch-size 4 --phases --profile 25
-        # seconds (and peak memory) by phase, and the ops with the most own GPU time
+    python scripts/bench_gpu.py --only lsi-bf16-recompute --epochs 5 --batch-size 4 --phases   # by phase
+    python scripts/bench_gpu.py --skip-hardware --only lsi-bf16-recompute --epochs 5 --batch-size 4 --profile 25
     python scripts/bench_gpu.py --device cpu --model-config clusters/models/llama-3-8b/config.json \
         --hidden 256 --intermediate 512 --nsamples 4 --seqlen 64 --dp     # a smoke run without a GPU
 
@@ -159,11 +159,14 @@ class PhasePeaks:
     steps (FP targets and next inputs: forward_all; the losses before and after: mean_loss; the
     SVDs and LET set-up: BlockQuantizer; the low-rank solves: add_lowrank; building the layer on the
     device: _layer; packing the block for storage: block_tensors; unpacking it for the next inputs:
-    _params); what lies between them is the training loop's. Seconds are taken between device
-    synchronisations, so they hold on a GPU too; memory is read on a GPU only."""
+    _params; GPTQ's Hessians and solves: _gptq; the trained weights' quantization: finalize); what
+    lies between them after the first loss is the training loop's. Seconds are taken between device
+    synchronisations, so they hold on a GPU too (run without --profile for them: it slows every op);
+    memory is read on a GPU only."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peaks, self.seconds, self.current = device, {}, {}, "other"
+        self.reserved = 0
         self.since = time.perf_counter()
 
     def _close(self, phase: str | None = None) -> None:
@@ -175,6 +178,7 @@ class PhasePeaks:
         self.since = now
         if self.device.type == "cuda":
             self.peaks[phase] = max(self.peaks.get(phase, 0), torch.cuda.max_memory_allocated(self.device))
+            self.reserved = max(self.reserved, torch.cuda.max_memory_reserved(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def wrap(self, owner, attr: str, phase: str) -> None:
@@ -236,6 +240,8 @@ def one(args: argparse.Namespace, variant: str) -> dict:
         phases.wrap(BlockCalibrator, "_layer", "layer")
         phases.wrap(pipeline.formats, "block_tensors", "pack")
         phases.wrap(BlockCalibrator, "_params", "unpack")
+        phases.wrap(lsiq.block, "_gptq", "gptq")  # GPTQ's and OAC's Hessian pass and solves
+        phases.wrap(lsiq.block.BlockQuantizer, "finalize", "finalize")
     sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -253,18 +259,20 @@ def one(args: argparse.Namespace, variant: str) -> dict:
     with profiler:
         out = cal.calibrate(0, tensors, meta)
         sync(device)
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0  # before the profiler stops (its flush is not the block's time)
+        if phases is not None:
+            phases._close()
     row = {"variant": variant, "seconds": seconds, "calib_seconds": out["stats"]["calib_seconds"],
            "loss_before": out["stats"]["loss_before"], "loss_after": out["stats"]["loss_after"]}
     if phases is not None:
-        phases._close()
         row["phase_seconds"] = phases.seconds
     if args.profile:
         row["profile"] = top_ops(profiler, device, args.profile)
     if device.type == "cuda":
         row["measured_bytes"] = torch.cuda.max_memory_allocated(device) - before
         row["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-        if phases is not None:
+        if phases is not None:  # it reset the peaks at every phase: its own maxima hold the run's
+            row["reserved_bytes"] = phases.reserved
             row["measured_bytes"] = max(phases.peaks.values()) - before
             row["phase_bytes"] = {k: v - before for k, v in phases.peaks.items()}
     return row
