@@ -61,9 +61,23 @@ def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return w.reshape(out_f, spec.groups(in_f), spec.group_len(in_f))
 
 
+class _RoundSTE(torch.autograd.Function):
+    """round(x) forward, the identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through gradient (identity in the backward pass)."""
-    return (x.round() - x).detach() + x
+    """Round with a straight-through gradient (identity in the backward pass). One kernel over the
+    tensor where the usual (x.round() - x).detach() + x runs three; the same values bit for bit
+    (round(x) - x is exact in floating point, so adding x back gives round(x))."""
+    return _RoundSTE.apply(x)
 
 
 def scale_zero_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec,

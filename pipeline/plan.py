@@ -47,8 +47,8 @@ SAVED_WEIGHTS_RECOMPUTE = {"fp32": 1.0, "bf16": 0.5}  # --recompute-weights: onl
 # at its default band of 1, LSI without --lsi-block-k. Not in it: AdamW's step (under 1 %), bf16
 # --cross-layer's casts of block i+1's weights (about 3 %). At group size 128 and 8:1 grouped-query
 # attention (Llama-2-70B) the same measurement gives 1-2 % less.
-WEIGHT_TRAFFIC = {"fp32": {"lwc": (47.2, 65.9), "lwc-let": (63.5, 84.0), "lsi": (76.2, 101.3), "sde": (100.7, 140.7)},
-                  "bf16": {"lwc": (50.2, 68.9), "lwc-let": (66.5, 87.0), "lsi": (83.6, 110.3), "sde": (108.0, 149.7)}}
+WEIGHT_TRAFFIC = {"fp32": {"lwc": (41.2, 53.7), "lwc-let": (57.4, 71.8), "lsi": (70.1, 89.1), "sde": (94.6, 128.5)},
+                  "bf16": {"lwc": (44.2, 56.7), "lwc-let": (60.4, 74.8), "lsi": (77.5, 98.1), "sde": (101.9, 137.6)}}
 # ... and per token of the micro-batch, in float32 values: a x hidden + b x intermediate (norms,
 # attention projections and SDPA outputs, the gated MLP's intermediate tensors; bf16 halves some).
 SAVED_PER_TOKEN = {"fp32": (7.5, 4.0), "bf16": (7.0, 2.0)}

@@ -128,3 +128,20 @@ def test_pack_layout_4bit():
     codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]], dtype=torch.uint8)
     word = pack_codes(codes, 4)[0, 0].item() & 0xFFFFFFFF
     assert word == 0xF7654321
+
+
+def test_round_ste_is_the_detach_form_bit_for_bit():
+    """round_ste's one kernel gives what (x.round() - x).detach() + x gives, values and gradients,
+    halves (ties to even), tiny and huge values included."""
+    from lsiq.quantizer import round_ste
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(10_000, generator=g) * s for s in (0.3, 3.0, 300.0, 3e7)]
+                  + [torch.arange(-20, 20) + 0.5, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.0**24 + 2])])
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = round_ste(a), (b.round() - b).detach() + b
+    assert torch.equal(ya, yb) and torch.equal(ya, x.round())
+    w = torch.randn(x.shape, generator=g)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, w)
