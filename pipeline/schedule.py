@@ -184,9 +184,7 @@ class Scheduler:
 
     def _complete(self, rel: str, source_fp: str, rec: dict[str, Any] | None) -> bool:
         """Whether ``rec`` (the output's schedule.json) says this source and configuration are done."""
-        if not rec or rec.get("status") != "complete":
-            return False
-        if rec.get("source_fingerprint") != source_fp or rec.get("config_fingerprint") != self.config_fp:
+        if not self._same_run(rec, source_fp) or rec.get("status") != "complete":
             return False
         manifest = storage.join(self.out_root, rel, MANIFEST)
         return storage.exists(self.out_fs, manifest) and storage.read_json(self.out_fs, manifest).get("status") == "complete"

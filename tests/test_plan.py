@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import subprocess
@@ -18,7 +17,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from lsiq.arch import LINEARS, BlockArch
-from lsiq.block import BlockQuantizer, CalibConfig, block_forward
+from lsiq.block import BlockQuantizer, CalibConfig, _autocast, block_forward
 from pipeline import plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,12 +35,17 @@ def _block(hidden: int, inter: int) -> tuple[torch.nn.Module, BlockArch, LlamaCo
     return layer, BlockArch.from_config(cfg), cfg
 
 
+def _step_inputs(arch, cfg, batch: int, seqlen: int) -> tuple[torch.Tensor, dict]:
+    """A random micro-batch of block inputs and the layer's keyword arguments for it."""
+    x = torch.randn(batch, seqlen, arch.hidden)
+    pos = torch.arange(seqlen)[None]
+    return x, {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, pos), "position_ids": pos}
+
+
 def _saved_bytes(layer, arch, cfg, calib: CalibConfig, batch: int, seqlen: int) -> tuple[int, int]:
     """Bytes autograd keeps for backward in one training step: (weight side, whole step)."""
     bq = BlockQuantizer(layer, arch, calib)
-    x = torch.randn(batch, seqlen, arch.hidden)
-    pos = torch.arange(seqlen)[None]
-    kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, pos), "position_ids": pos}
+    x, kwargs = _step_inputs(arch, cfg, batch, seqlen)
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -66,14 +70,11 @@ def test_saved_tensor_coefficients_match_the_code(method, recompute, precision):
     """The plan's per-step memory = a x (linear weights) + tokens x (a_h hidden + a_i inter) floats:
     measured here by solving for both terms from two micro-batch sizes, on two block shapes (bf16:
     under CPU autocast, which keeps the same tensors as CUDA's)."""
-    import contextlib
-
     for hidden, inter in [(256, 704), (256, 2048)]:
         layer, arch, cfg = _block(hidden, inter)
         calib = CalibConfig(method=method, wbits=4, group_size=64, recompute_weights=recompute)
         seqlen = 64
-        amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with amp:
+        with _autocast(torch.device("cpu"), precision):
             _, small = _saved_bytes(layer, arch, cfg, calib, 1, seqlen)
             _, large = _saved_bytes(layer, arch, cfg, calib, 3, seqlen)
         per_token = (large - small) / (2 * seqlen) / 4
@@ -109,13 +110,11 @@ class _Traffic(TorchDispatchMode):
 def _step_traffic(layer, arch, cfg, calib: CalibConfig, batch: int, seqlen: int) -> int:
     """Bytes moved by one training step (weights, block forward, loss, backward) outside matmuls."""
     bq = BlockQuantizer(layer, arch, calib)
-    x, target = torch.randn(batch, seqlen, arch.hidden), torch.randn(batch, seqlen, arch.hidden)
-    pos = torch.arange(seqlen)[None]
-    kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, pos), "position_ids": pos}
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if calib.precision == "bf16" else contextlib.nullcontext()
+    x, kwargs = _step_inputs(arch, cfg, batch, seqlen)
+    target = torch.randn(batch, seqlen, arch.hidden)
     traffic = _Traffic()
     with traffic:
-        with amp:
+        with _autocast(torch.device("cpu"), calib.precision):
             out = block_forward(layer, x, kwargs, bq.effective())
         torch.nn.functional.mse_loss(out.float(), target, reduction="sum").backward()
     return traffic.bytes
@@ -353,19 +352,16 @@ def test_bf16_runs_the_training_passes_at_the_bf16_rate():
 def test_fp_block_coefficients_match_the_code(precision):
     """Block i+1 under --cross-layer (and OAC's recomputed backward): a frozen FP block run for its
     input gradient keeps FP_BLOCK_PER_TOKEN floats per token, and its weights only as bf16 copies."""
-    import contextlib
-
     for hidden, inter in [(256, 704), (256, 2048)]:
         layer, arch, cfg = _block(hidden, inter)
         params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
         seqlen, got = 64, []
         for batch in (1, 3):
-            x = torch.randn(batch, seqlen, hidden, requires_grad=True)
-            pos = torch.arange(seqlen)[None]
-            kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, pos), "position_ids": pos}
+            x, kwargs = _step_inputs(arch, cfg, batch, seqlen)
+            x.requires_grad_()
             saved: list[torch.Tensor] = []
-            amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-            with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t) or t, lambda t: t), amp:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t) or t, lambda t: t), \
+                    _autocast(torch.device("cpu"), precision):
                 block_forward(layer, x * 1.0, kwargs)
             storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
             got.append(sum(v for k, v in storages.items() if k not in params))
