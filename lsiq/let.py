@@ -7,7 +7,9 @@ output unchanged: ``Y = (X / s) (s * W)^T``.
 - out: v output rows / s, o input columns * s, where s lives on the KV heads' channels and is
   repeated for every query head sharing that KV head (GQA: query head h reads KV head h // groups);
 - qk: q output rows / s, k output rows * s, with s shared by each rotary pair (d, d + head_dim/2)
-  so the scaling commutes with RoPE, and repeated over the query heads of a KV group.
+  so the scaling commutes with RoPE, and repeated over the query heads of a KV group;
+- down (optional, AWQ's up -> down pair): up output rows / s, down input columns * s, exact
+  because the gated MLP's product act(gate(x)) * up(x) is linear in up's output.
 The shift of the paper's ``(X - d) / s`` is not used: RMSNorm has no bias to absorb it (the
 reference code also disables it for Llama and for weight-only runs).
 """
@@ -30,7 +32,7 @@ def smooth_scale(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float)
 class LET(nn.Module):
     """The learnable scales of one block."""
 
-    def __init__(self, arch: BlockArch, init: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, arch: BlockArch, init: dict[str, torch.Tensor] | None = None, down: bool = False) -> None:
         super().__init__()
         self.arch = arch
         shapes = {
@@ -39,6 +41,8 @@ class LET(nn.Module):
             "out": (arch.n_kv_heads * arch.head_dim,),
             "qk": (arch.n_kv_heads, arch.head_dim // 2),
         }
+        if down:
+            shapes["down"] = (arch.intermediate,)
         init = init or {}
         for name, shape in shapes.items():
             value = init.get(name, torch.ones(shape))
@@ -69,6 +73,10 @@ class LET(nn.Module):
         s_kv = torch.cat([s, s], dim=-1)  # rotary pairs (d, d + head_dim/2) share a scale
         _scale_rows(t, "self_attn.k_proj", s_kv.reshape(-1))
         _scale_rows(t, "self_attn.q_proj", 1 / self._expand_heads(s_kv))
+        if hasattr(self, "down"):
+            s = self.down.clamp(min=SCALE_MIN)
+            _scale_rows(t, "mlp.up_proj", 1 / s)
+            _scale(t, "mlp.down_proj.weight", s)
         return t
 
 

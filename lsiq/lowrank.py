@@ -11,7 +11,19 @@ split evenly between them, so neither factor's range blows up in 16 bits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
+from torch import nn
+
+from lsiq.forward import device_of
+from lsiq.lsi import svd_owners
+from lsiq.parallel import SampleShard, broadcast_from_owners
+from lsiq.results import BlockResult
+from lsiq.stats import input_autocorrelations, solve_dtype
+
+if TYPE_CHECKING:
+    from lsiq.config import CalibConfig
 
 KINDS = ("qera", "lqer", "svd")
 
@@ -48,7 +60,7 @@ def lowrank_correction(err: torch.Tensor, rank: int, kind: str = "qera", autocor
                        damp: float = 1e-6, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """A [out, r], B [r, in] with A B the ``kind`` rank-``rank`` approximation of ``err`` [out, in];
     ``autocorr`` [in, in] is E[x x^T] of the linear's inputs (any positive scale: it cancels).
-    Computed in ``dtype`` (float64, or float32 on a GPU: lsiq.block.solve_dtype). A caller that
+    Computed in ``dtype`` (float64, or float32 on a GPU: lsiq.stats.solve_dtype). A caller that
     passes ``err`` and ``autocorr`` without keeping them lets both be freed along the way."""
     if kind not in KINDS:
         raise ValueError(f"unknown low-rank method {kind!r}; choose one of {', '.join(KINDS)}")
@@ -94,3 +106,56 @@ def output_error(err: torch.Tensor, autocorr: torch.Tensor, a: torch.Tensor | No
     if a is not None:
         d = d - a.to(torch.float64) @ b.to(torch.float64)
     return float(torch.einsum("oi,ij,oj->", d, autocorr.to(torch.float64), d))
+
+
+@torch.no_grad()
+def add_lowrank(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
+                result: BlockResult, targets: dict[str, torch.Tensor], shard: SampleShard | None = None) -> None:
+    """Give every linear of ``result`` its rank-``cfg.rank`` correction of (target - quantized weight).
+
+    ``targets``: each linear's full-precision weight in the calibrated block's coordinates (LET
+    applied, so with the block's folded norms it computes the FP block); each is dropped from the
+    dict once used. The inputs' autocorrelation comes from the quantized block (uncorrected) on the
+    quantized stream. A and B are rounded to float16, the precision they are stored in, before
+    anything uses them. With data-parallel workers each solves its share of the linears (as the
+    SVDs are shared out: svd_owners) and the factors are broadcast from their owners."""
+    autocorr = (input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard, params=result.dequantized_params())
+                if cfg.lowrank != "svd" else {})  # svd ignores the inputs
+    dtype = solve_dtype(cfg, device_of(layer))
+    shared = shard is not None and shard.world > 1 and shard.broadcast is not None
+    shapes = {name: tuple(q.codes.shape) for name, q in result.linears.items()}
+    owners = svd_owners(shapes, shard.world) if shared else dict.fromkeys(shapes, 0)  # cost ~ an SVD each
+    me = shard.rank if shared else 0
+    failed: Exception | None = None
+    try:
+        for name, q in result.linears.items():
+            if owners[name] != me:  # another worker's: dropped here
+                del targets[name]
+                autocorr.pop(name, None)
+                continue
+            # E and R passed on without a reference kept here, so the solve frees them as it goes
+            a, b = lowrank_correction(targets.pop(name).to(dtype) - q.dequantize().to(dtype), cfg.rank, cfg.lowrank,
+                                      autocorr.pop(name, None), cfg.lowrank_damp, dtype)
+            a16, b16 = a.to(torch.float16), b.to(torch.float16)
+            if not (torch.isfinite(a16).all() and torch.isfinite(b16).all()):
+                raise FloatingPointError(f"{name}: the low-rank correction overflows float16")
+            # row-major: LAPACK's factors come column-major, and a broadcast sends raw memory
+            q.lowrank_a, q.lowrank_b = a16.to(q.scale.dtype).contiguous(), b16.to(q.scale.dtype).contiguous()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every worker, not only this one
+        failed = e
+    if shared:  # a failed solve stops every worker before the broadcasts, none waits on it
+        flag = torch.tensor([float(failed is not None)], dtype=torch.float64)
+        shard.all_reduce(flag, "sum")
+        if flag.item() and failed is None:
+            raise FloatingPointError("another data-parallel worker's low-rank correction failed")
+    if failed is not None:
+        raise failed
+    if shared:
+        def empty(name: str) -> tuple[torch.Tensor, ...]:
+            (m, n), scale = shapes[name], result.linears[name].scale
+            k = min(cfg.rank, m, n)
+            return scale.new_empty(m, k), scale.new_empty(k, n)
+
+        mine = {n: (q.lowrank_a, q.lowrank_b) for n, q in result.linears.items() if owners[n] == me}
+        for name, (a, b) in broadcast_from_owners(mine, list(shapes), owners, shard, empty).items():
+            result.linears[name].lowrank_a, result.linears[name].lowrank_b = a, b

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lsiq.arch import LINEARS
-from lsiq.block import _batches, block_forward
+from lsiq.forward import batches, block_forward
 
 
 def head_loss(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
@@ -43,7 +43,7 @@ def head_gradient(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, ids
     grad = torch.empty_like(hidden) if out is None else out
     total = 0.0
     device = next(lm_head.parameters()).device
-    for idx in _batches(hidden.shape[0], batch_size):
+    for idx in batches(hidden.shape[0], batch_size):
         h = hidden[idx].to(device).detach().requires_grad_(True)
         loss = head_loss(norm, lm_head, h, ids[idx].to(device), predicted_total)
         (g,) = torch.autograd.grad(loss, h)
@@ -58,7 +58,7 @@ def block_backward(layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tenso
     With ``keep=False`` the gradients are computed (for hooks on the block) but not stored."""
     device = next(layer.parameters()).device
     grad_in = (torch.empty_like(inputs) if out is None else out) if keep else None
-    for idx in _batches(inputs.shape[0], batch_size):
+    for idx in batches(inputs.shape[0], batch_size):
         x = inputs[idx].to(device).detach().requires_grad_(True)
         y = block_forward(layer, x, layer_kwargs)
         # only d/dx: the block's weights need no gradient (nor memory for one)

@@ -104,18 +104,26 @@ def minmax_scale_zero(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
     return scale_zero_from_range(g.amin(-1), g.amax(-1), spec)
 
 
-def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize ``w`` on the grid given by (scale, zero), straight-through for rounding."""
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``w`` on the grid given by (scale, zero), straight-through for rounding.
+    ``offset`` ([out, in], in grid steps) is added before rounding: learned rounding (lsiq.rounding)."""
     g = grouped(w, spec)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    q = (round_ste(g / s) + z).clamp(0, spec.qmax)
+    x = g / s if offset is None else g / s + grouped(offset, spec)
+    q = (round_ste(x) + z).clamp(0, spec.qmax)
     return ((q - z) * s).reshape(w.shape)
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (uint8, [out, in]) of ``w`` on the grid given by (scale, zero)."""
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+                   offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes (uint8, [out, in]) of ``w`` on the grid given by (scale, zero), ``offset``
+    added before rounding as in :func:`fake_quant`."""
     g = grouped(w.detach(), spec)
-    q = (torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, spec.qmax)
+    x = g / scale.unsqueeze(-1)
+    if offset is not None:
+        x = x + grouped(offset.detach(), spec)
+    q = (torch.round(x) + zero.unsqueeze(-1)).clamp(0, spec.qmax)
     return q.reshape(w.shape).to(torch.uint8)
 
 

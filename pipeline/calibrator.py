@@ -17,8 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoConfig
 
+from lsiq import methods
 from lsiq.arch import BlockArch
-from lsiq.block import CalibConfig, SampleShard, calibrate_block, forward_all, shard_range
+from lsiq.block import calibrate_block
+from lsiq.config import CalibConfig
+from lsiq.forward import forward_all
+from lsiq.parallel import SampleShard, shard_range
 from pipeline import formats
 from pipeline.actors import peak_rss_bytes
 from pipeline.checkpoint import layer_prefix
@@ -182,7 +186,7 @@ class BlockCalibrator:
         next_layer = self._layer(index + 1, next_tensors) if next_tensors is not None else None
         self.oac_h.clear()  # the OAC pass's boundary activations are no longer needed
         grads = self.oac_g.pop(index, None)
-        if self.cfg.method == "oac" and grads is None:
+        if methods.get(self.cfg.method).needs_output_grads and grads is None:
             raise RuntimeError(f"no OAC gradients for block {index}: the OAC pass must run first")
         result = calibrate_block(layer, self.kwargs, self.q_in, targets, self.arch, self.cfg, index,
                                  fp_inputs=self.fp_in, shard=self._shard(), next_layer=next_layer, output_grads=grads)

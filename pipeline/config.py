@@ -9,8 +9,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lsiq.block import METHODS, CalibConfig
+from lsiq.config import CalibConfig
+from lsiq.methods import names as method_names
 from pipeline import formats
+from pipeline.cli import add_config_args, config_from_args
 
 
 @dataclass
@@ -23,6 +25,7 @@ class QuantizeConfig:
     calib_cfg: CalibConfig = field(default_factory=CalibConfig)
     nsamples: int = 16
     seqlen: int = 256
+    data_seed: int | None = None  # the calibration windows' draw; None: calib_cfg.seed
     report: str | None = None
     address: str | None = None
     device: str = "auto"  # auto: the actor asks for a GPU when the cluster has one
@@ -85,13 +88,27 @@ def parse_json_object(text: str) -> dict[str, Any]:
     return obj
 
 
+def _methods_epilog() -> str:
+    from lsiq import methods
+
+    lines = ["methods (--method):"]
+    for name in methods.names():
+        lines.append(f"  {name:14s} {methods.get(name).summary}")
+    defaults = ", ".join(f"W{b}: {methods.default_method(b)}" for b in (2, 3, 4))
+    lines.append(f"default method: {defaults}; weight-activation runs: {methods.default_method(4, 8)}")
+    lines.append("")
+    lines.append("example:\n  python -m pipeline.quantize --model fixtures/smollm2 --output runs/w3 "
+                 "--calib fixtures/texts/calib.txt --wbits 3 --report runs/w3/report.json")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.quantize",
         description="Quantize a sharded safetensors decoder checkpoint block by block inside a Ray actor. "
         "Each block is calibrated on the inputs the already-quantized blocks produce, against the FP block's "
         "outputs; the model is never loaded whole.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_methods_epilog(),
     )
     io = p.add_argument_group("input and output")
     io.add_argument("--model", required=True,
@@ -118,63 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="discard what the output holds (a finished run or the checkpoints of an unfinished one) and "
                     "start over; without it, rerunning the same command resumes after the last finished block")
     io.add_argument("--overwrite", dest="restart", action="store_true", help=argparse.SUPPRESS)  # old name
-    q = p.add_argument_group("quantization")
-    q.add_argument("--method", choices=METHODS, default="lsi",
-                   help="rtn: round to nearest; gptq; lwc: OmniQuant weight clipping; lwc-let: + equivalent "
-                   "transformation; lsi: + learnable singular-value increments; sde: lsi + learnable bands beside the "
-                   "singular values' diagonal (--sde-band)")
-    q.add_argument("--wbits", type=int, default=3, help="weight bits (2-8)")
-    q.add_argument("--abits", type=int, default=16, choices=[4, 6, 8, 16],
-                   help="activation bits, dynamic per token; 16 = weight-only")
-    q.add_argument("--group-size", type=int, default=64, help="weight group size along the input dim; 0 = per channel")
-    q.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric)")
-    c = p.add_argument_group("calibration")
-    c.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
-    c.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
-    c.add_argument("--epochs", type=int, default=5, help="passes over the calibration set per block")
-    c.add_argument("--batch-size", type=int, default=CalibConfig.batch_size, help="sequences per optimizer step (micro-batch)")
-    c.add_argument("--forward-batch-size", type=int, default=CalibConfig.forward_batch_size,
-                   help="sequences per micro-batch of the passes that do not train (targets, losses, statistics, "
-                        "next inputs), per worker; 0 = a worker's share of --batch-size. Lower it when those passes "
-                        "set the memory peak (python -m pipeline.plan says when)")
-    c.add_argument("--seed", type=int, default=0, help="seed for sampling and training")
-    c.add_argument("--lr-lwc", type=float, default=CalibConfig.lr_lwc, help="learning rate of LWC bounds")
-    c.add_argument("--lr-let", type=float, default=CalibConfig.lr_let, help="learning rate of LET scales")
-    c.add_argument("--lr-lsi", type=float, default=CalibConfig.lr_lsi, help="learning rate of singular-value increments")
-    c.add_argument("--lsi-block-k", type=int, default=0, help="learnable k x k top-left block of the singular values")
-    c.add_argument("--sde-band", type=int, default=CalibConfig.sde_band,
-                   help="SDE: learnable diagonals on each side of the singular-value diagonal (0 = LSI)")
-    c.add_argument("--lr-sde", type=float, default=CalibConfig.lr_sde, help="learning rate of SDE's bands")
-    c.add_argument("--lowrank", choices=["qera", "lqer", "svd"], default=None,
-                   help="after a block's weights are quantized, give each linear a rank --rank correction A B in "
-                   "float16, in closed form from the block's inputs: qera uses their autocorrelation (minimises the "
-                   "output error), lqer its diagonal, svd ignores the inputs; stored in --format native only")
-    c.add_argument("--rank", type=int, default=CalibConfig.rank, help="rank of --lowrank corrections")
-    c.add_argument("--cross-layer", action="store_true",
-                   help="cross-layer learning: block i's loss adds the error of block i+1 (full precision) fed with "
-                   "block i's quantized output; each calibrator holds two blocks' FP tensors at a time")
-    c.add_argument("--cross-layer-weight", type=float, default=CalibConfig.cross_layer_weight,
-                   help="weight of the block i+1 term in --cross-layer")
-    c.add_argument("--lsi-relative", action="store_true",
-                   help="learn the increment relative to each singular value (dS = S * r): a scale-free learning rate")
-    c.add_argument("--recompute-weights", action="store_true",
-                   help="rebuild each linear's calibrated weight in the backward pass instead of keeping its "
-                   "intermediates: ~5.5 block-weight sizes less memory per step with LSI for ~50%% more weight-side "
-                   "compute (python -m pipeline.plan says when a model needs it)")
-    c.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the training steps run under bfloat16 autocast (GPU tensor cores; several times the "
-                   "fp32 matmul rate); targets, statistics and the propagated activations stay fp32")
-    c.add_argument("--solve-dtype", choices=["auto", "float64", "float32"], default="auto",
-                   help="dtype of GPTQ's and OAC's Hessians, --lowrank's autocorrelations and their solves; auto = "
-                   "float64 on CPU, float32 on GPU (half the memory of the [in, in] matrices; float64 is slow on GPUs)")
-    c.add_argument("--svd", choices=["gram", "full"], default="gram",
-                   help="how LSI/SDE take each linear's SVD: gram = from the eigenvectors of the smaller Gram matrix "
-                   "(2.9-4.5x less of the slow factorisation work on Llama shapes; in float32 the directions of small singular "
-                   "values lose some orthogonality), full = LAPACK's/cuSOLVER's SVD")
-    c.add_argument("--svd-dtype", choices=["auto", "float64", "float32"], default="auto",
-                   help="dtype of LSI's SVDs; auto = float64 on CPU, float32 on GPU")
-    c.add_argument("--let-init", choices=["auto", "ones", "smooth"], default="auto",
-                   help="LET scale init; auto = SmoothQuant-style for weight-activation runs, ones for weight-only")
+    groups = add_config_args(p, choices={"method": method_names()},
+                             titles={"method": "how the trained methods learn", "low-rank": "low-rank corrections"})
+    c = groups["calibration"]
+    c.add_argument("--nsamples", type=int, default=QuantizeConfig.nsamples, help="calibration sequences (default: %(default)s)")
+    c.add_argument("--seqlen", type=int, default=QuantizeConfig.seqlen,
+                   help="tokens per calibration sequence (default: %(default)s)")
+    c.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the calibration windows' draw when it should differ from --seed (default: --seed)")
     r = p.add_argument_group("ray")
     r.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray on 127.0.0.1)")
@@ -203,17 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
     a = build_parser().parse_args(argv)
     try:
-        calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size, sym=a.sym,
-                            epochs=a.epochs, batch_size=a.batch_size, forward_batch_size=a.forward_batch_size, seed=a.seed,
-                            lr_lwc=a.lr_lwc, lr_let=a.lr_let,
-                            lr_lsi=a.lr_lsi, lsi_block_k=a.lsi_block_k, lsi_relative=a.lsi_relative, let_init=a.let_init,
-                            sde_band=a.sde_band, lr_sde=a.lr_sde, lowrank=a.lowrank, rank=a.rank,
-                            cross_layer=a.cross_layer, cross_layer_weight=a.cross_layer_weight,
-                            recompute_weights=a.recompute_weights, precision=a.precision, solve_dtype=a.solve_dtype,
-                            svd=a.svd, svd_dtype=a.svd_dtype)
+        calib = config_from_args(a, CalibConfig)
         return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
-                              seqlen=a.seqlen, report=a.report, address=a.address, device=a.device,
-                              num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,
+                              seqlen=a.seqlen, data_seed=a.data_seed, report=a.report, address=a.address,
+                              device=a.device, num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,
                               output_storage_options=a.output_storage_options, max_shard_bytes=a.max_shard_size,
                               activation_budget=a.activation_budget, spill_dir=a.spill_dir, max_restarts=a.max_restarts,
                               workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from lsiq.arch import BlockArch
-from lsiq.block import QuantizedLinear
 from lsiq.packing import pack_codes, unpack_codes
 from lsiq.quantizer import QuantSpec
+from lsiq.results import QuantizedLinear
 from pipeline.native_format import unpack_weight
 
 NAME = "compressed-tensors"

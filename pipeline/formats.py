@@ -13,8 +13,8 @@ import types
 import torch
 
 from lsiq.arch import BlockArch
-from lsiq.block import BlockResult, QuantizedLinear
 from lsiq.quantizer import QuantSpec
+from lsiq.results import BlockResult, QuantizedLinear
 from pipeline import ct_format, gptq_format, native_format
 
 MODULES: dict[str, types.ModuleType] = {m.NAME: m for m in (ct_format, gptq_format, native_format)}

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from lsiq.arch import BlockArch
-from lsiq.block import QuantizedLinear
 from lsiq.packing import pack_codes, unpack_codes
 from lsiq.quantizer import QuantSpec
+from lsiq.results import QuantizedLinear
 
 NAME = "gptq"
 FORMAT = "gptq-v1"

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from lsiq.block import act_quant_hooks
 from lsiq.capture import decoder_layers
+from lsiq.forward import act_quant_hooks
 from lsiq.quantizer import QuantSpec
 from pipeline import formats, storage
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from lsiq.arch import BlockArch
-from lsiq.block import QuantizedLinear
 from lsiq.packing import pack_codes, unpack_codes
 from lsiq.quantizer import QuantSpec
+from lsiq.results import QuantizedLinear
 
 NAME = "native"
 FORMAT = "lsiq-native-v1"
@@ -40,7 +40,7 @@ def linear_tensors(q: QuantizedLinear) -> dict[str, torch.Tensor]:
            ".scales": q.scale.detach().to(torch.float32).cpu().contiguous(),
            ".qzeros": q.zero.detach().cpu().to(torch.uint8).contiguous(),
            ".weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
-    if q.lowrank_a is not None:  # the values are float16 already (lsiq.block.add_lowrank)
+    if q.lowrank_a is not None:  # the values are float16 already (lsiq.lowrank.add_lowrank)
         out[".lowrank_a"] = q.lowrank_a.detach().cpu().to(torch.float16).contiguous()
         out[".lowrank_b"] = q.lowrank_b.detach().cpu().to(torch.float16).contiguous()
     return out

@@ -21,22 +21,27 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lsiq import methods
 from lsiq.arch import BlockArch, UnsupportedArchitecture
-from lsiq.block import LOWRANK_KINDS, METHODS, CalibConfig
-from lsiq.lsi import SVD_METHODS, svd_flops, svd_matmul_flops, svd_owners
+from lsiq.config import CalibConfig
+from lsiq.lsi import svd_flops, svd_matmul_flops, svd_owners
+from lsiq.trainable import state_floats, trainable_count
+from pipeline.cli import add_config_args, config_from_args
 from pipeline.config import QuantizeConfig, parse_bytes
 
 DEFAULT_COLLECTIVE_TIMEOUT = QuantizeConfig.collective_timeout
 F32 = 4  # the calibrator works in float32 whatever the checkpoint's dtype
 F64 = 8  # CalibConfig.solve_dtype float64 (auto on a CPU); auto on a GPU is float32, F32
 
-# Bytes that one optimizer step keeps for the backward pass, in float32 weights of the block's
-# linears, by precision (measured with torch.autograd.graph.saved_tensors_hooks on random Llama
-# blocks; checked by tests/test_plan.py). The linears' own saved weights count as 1.0 in fp32 and
-# 0.5 in bf16 (autocast keeps the bfloat16 copy).
-# SDE keeps what LSI keeps: its bands' products save views of U, and their sum replaces U diag(dS)
-SAVED_WEIGHTS = {"fp32": {"lwc": 4.1, "lwc-let": 5.0, "lsi": 6.5, "sde": 6.5},
-                 "bf16": {"lwc": 3.6, "lwc-let": 4.6, "lsi": 5.75, "sde": 5.75}}
+# What one optimizer step keeps for the backward pass (saved_weights) and the memory traffic of
+# its weight side (weight_traffic), in float32 weights of the block's linears, by precision, are
+# each trained method's own figures (lsiq.methods: measured from the code with autograd's
+# saved-tensor hooks and a dispatch mode on random Llama blocks; tests/test_plan.py checks them).
+# The linears' own saved weights count as 1.0 in fp32 and 0.5 in bf16 (autocast keeps the bfloat16
+# copy). The traffic is every op that is not a view or a matmul (eager PyTorch runs each as its own
+# kernel; on a GPU they are bound by memory bandwidth), without AdamW's step (under 1 %) and bf16
+# --cross-layer's casts of block i+1's weights (about 3 %); at group size 128 and 8:1 grouped-query
+# attention (Llama-2-70B) the same measurement gives 1-2 % less.
 SAVED_WEIGHTS_RECOMPUTE = {"fp32": 1.0, "bf16": 0.5}  # --recompute-weights: only the fake-quantized weights stay
 # Memory traffic of one optimizer step's weight side (LSI's recomposition, LET, LWC, the fake
 # quantizer, their backward, bf16's casts), in float32 weights of the block's linears: the bytes
@@ -47,8 +52,6 @@ SAVED_WEIGHTS_RECOMPUTE = {"fp32": 1.0, "bf16": 0.5}  # --recompute-weights: onl
 # at its default band of 1, LSI without --lsi-block-k. Not in it: AdamW's step (under 1 %), bf16
 # --cross-layer's casts of block i+1's weights (about 3 %). At group size 128 and 8:1 grouped-query
 # attention (Llama-2-70B) the same measurement gives 1-2 % less.
-WEIGHT_TRAFFIC = {"fp32": {"lwc": (41.2, 53.7), "lwc-let": (57.4, 71.8), "lsi": (70.1, 89.1), "sde": (94.6, 128.5)},
-                  "bf16": {"lwc": (44.2, 56.7), "lwc-let": (60.4, 74.8), "lsi": (77.5, 98.1), "sde": (101.9, 137.6)}}
 # ... and per token of the micro-batch, in float32 values: a x hidden + b x intermediate (norms,
 # attention projections and SDPA outputs, the gated MLP's intermediate tensors; bf16 halves some).
 SAVED_PER_TOKEN = {"fp32": (7.5, 4.0), "bf16": (7.0, 2.0)}
@@ -143,23 +146,18 @@ def factor_bytes(out_features: int, in_features: int) -> int:
 
 
 def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
-    """Learnable parameters per block: LWC bounds, LET scales, LSI increments (as lsiq builds them)."""
-    n = 0
-    for out_f, in_f in arch.linear_shapes().values():
-        if cfg.uses_lwc:
-            n += 2 * out_f * cfg.spec.groups(in_f)
-        if cfg.uses_lsi:
-            k, r = min(cfg.lsi_block_k, out_f, in_f), min(out_f, in_f)
-            n += r + k * k + 2 * min(cfg.band, r - 1) * r  # SDE's bands: one row of r per offset
-    if cfg.uses_let:
-        n += 2 * arch.hidden + arch.n_kv_heads * arch.head_dim + arch.n_kv_heads * arch.head_dim // 2
-    return n
+    """Learnable parameters per block, as lsiq builds them (lsiq.trainable.trainable_count)."""
+    return trainable_count(arch, cfg)
 
 
 def hessian_rounds(cfg: CalibConfig) -> int:
     """How many times a block builds one [in, in] matrix per linear: once for GPTQ's or OAC's
     Hessians, once for --lowrank qera/lqer's input autocorrelations."""
-    return int(cfg.method in ("gptq", "oac")) + int(cfg.lowrank in ("qera", "lqer"))
+    return int(_method(cfg).needs_hessians(cfg)) + int(cfg.lowrank in ("qera", "lqer"))
+
+
+def _method(cfg: CalibConfig) -> methods.Method:
+    return methods.get(cfg.method)
 
 
 def solve_bytes(cfg: CalibConfig) -> int:
@@ -177,7 +175,7 @@ def _solve_peak(coef: tuple[float, float, float], shapes: dict[str, tuple[int, i
                 target_bytes: int = 0) -> tuple[int, int]:
     """(Hessian bytes held, the rest) at the worst of the solves run linear by linear in LINEARS
     order, each Hessian (``nbytes`` per value) and FP target (``target_bytes`` per weight: the LET
-    coordinates' weights of --lowrank) freed once its linear is solved (lsiq.block._gptq, add_lowrank)."""
+    coordinates' weights of --lowrank) freed once its linear is solved (lsiq.methods.gptq, add_lowrank)."""
     order = list(shapes)
     worst = (0, 0)
     for i, name in enumerate(order):
@@ -213,15 +211,19 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     block = F32 * (lin + 2 * a.hidden)
     mem = {"block_weights": block, "next_block_weights": block if cross else 0}
     mem["svd_factors"] = sum(factor_bytes(m, n) for m, n in shapes.values()) if cfg.uses_lsi else 0
-    mem["optimizer_state"] = 4 * F32 * trainable_params(a, cfg) if cfg.trains else 0  # param, grad, Adam m and v
+    # parameters, gradients, AdamW's moments and keep-best's copy (lsiq.trainable.state_floats)
+    mem["optimizer_state"] = F32 * state_floats(a, cfg) if cfg.trains else 0
     b_local = math.ceil(cfg.batch_size / p.gpus)  # samples of the global batch one worker computes per step
     tokens = b_local * p.seqlen
     # the passes that do not train: a micro-batch of forward_batch samples of the worker's share
     tokens_fwd = min(cfg.forward_batch(p.gpus), math.ceil(p.nsamples / p.gpus)) * p.seqlen
     fwd_act = int(F32 * tokens_fwd * forward_floats_per_token(a, p.seqlen, p.hw.gqa_scores))
     prec = cfg.precision
+    m_ = _method(cfg)
+    hess = m_.needs_hessians(cfg)  # GPTQ's (or OAC's) Hessians and solves
+    oac = m_.needs_output_grads
     if cfg.trains:
-        coef = SAVED_WEIGHTS_RECOMPUTE[prec] if recompute else SAVED_WEIGHTS[prec][cfg.method]
+        coef = SAVED_WEIGHTS_RECOMPUTE[prec] if recompute else m_.saved_weights[prec]
         mem["saved_weights"] = int(F32 * coef * lin)
         per_h, per_i = SAVED_PER_TOKEN[prec]
         mem["saved_activations"] = int(F32 * tokens * (per_h * a.hidden + per_i * a.intermediate))
@@ -230,9 +232,9 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
             mem["saved_weights"] += int(F32 * FP_BLOCK_SAVED_WEIGHTS[prec] * lin)
             mem["saved_activations"] += int(F32 * tokens * (fp_h * a.hidden + fp_i * a.intermediate))
         # the largest linear's weight gradient, plus (recomputing) its rebuilt intermediates
-        extra = (SAVED_WEIGHTS[prec][cfg.method] - SAVED_WEIGHTS_RECOMPUTE[prec]) if recompute else 0.0
+        extra = (m_.saved_weights[prec] - SAVED_WEIGHTS_RECOMPUTE[prec]) if recompute else 0.0
         mem["backward_transient"] = int(F32 * largest * (1.0 + extra))
-    elif cfg.method == "oac":  # the Hessian pass: the FP block's forward recomputed and backpropagated
+    elif oac:  # the Hessian pass: the FP block's forward recomputed and backpropagated
         oac_h, oac_i = OAC_PER_TOKEN
         mem["saved_weights"] = 0
         scores = fwd_act - int(F32 * tokens_fwd * (FORWARD_PER_TOKEN[0] * a.hidden + FORWARD_PER_TOKEN[1] * a.intermediate))
@@ -244,16 +246,19 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
         mem["saved_activations"] = fwd_act
         # GPTQ's Hessian update: the inputs in the solve dtype, scaled, and the product x^T x before it is added
         mem["backward_transient"] = (2 * sb * tokens_fwd * max(n for _, n in shapes.values())
-                                     + sb * max(n * n for _, n in shapes.values())) if cfg.method == "gptq" else 0
+                                     + sb * max(n * n for _, n in shapes.values())) if hess else 0
     # inputs and targets of the micro-batch (cross-layer: and block i+1's target; OAC: the gradients)
-    mem["batch_io"] = (2 + int(cross) + 2 * int(cfg.method == "oac")) * F32 * (tokens if cfg.trains else tokens_fwd) * a.hidden
+    mem["batch_io"] = (2 + int(cross) + 2 * int(oac)) * F32 * (tokens if cfg.trains else tokens_fwd) * a.hidden
     mem["hessians"] = hessian_bytes(a, sb) if hessian_rounds(cfg) else 0  # all of them, once built
     # The solves, linear by linear, each Hessian freed once used: the worst moment's Hessians
     # (``solve_hessians``) and the rest (``solve_transient``: its linear algebra, the block's uint8
     # codes, and with --lowrank and LET the FP targets in LET's coordinates not yet used).
     solve = []  # (Hessians held, the rest)
-    if cfg.method in ("gptq", "oac"):
+    if hess:
         solve.append(_solve_peak(SOLVE_TRANSIENT[sb], shapes, sb))
+        if cfg.trains:  # a trained method's GPTQ start: its Hessians' pass comes before training
+            widest = max(n for _, n in shapes.values())
+            solve.append((mem["hessians"], fwd_act + 2 * sb * tokens_fwd * widest + sb * widest * widest))
     if cfg.lowrank is not None:
         # (svd builds no autocorrelation: nothing held)
         target = F32 if cfg.uses_let else 0
@@ -281,14 +286,14 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     passes = mem["saved_weights"] + mem["saved_activations"] + mem["backward_transient"] + mem["batch_io"]
     # GPTQ and OAC accumulate their Hessians during their passes over the tokens; --lowrank after
     # training, once the SVD factors and Adam's state are freed (lsiq.block.calibrate_block)
-    steady = held + passes + (mem["hessians"] if cfg.method in ("gptq", "oac") else 0)
+    steady = held + passes + (mem["hessians"] if hess and not cfg.trains else 0)
     solve_phase = block + mem["next_block_weights"] + mem["solve_hessians"] + mem["solve_transient"] if solve else 0
     setup = block + mem["next_block_weights"] + mem["svd_factors"] + svd
     # the passes that do not train: the block, the weights it runs on (RTN's, the calibrated ones
     # dequantized), a micro-batch's activations, and its inputs, targets and outputs
     mem["forward_activations"] = fwd_act
     forward = block + mem["next_block_weights"] + F32 * lin + fwd_act + 3 * F32 * tokens_fwd * a.hidden
-    if cfg.method == "oac":  # the loss gradient at the head, once per run, at the same micro-batch
+    if oac:  # the loss gradient at the head, once per run, at the same micro-batch
         mem["oac_head"] = F32 * (a.vocab_size * a.hidden + tokens_fwd * (OAC_HEAD_LOGITS * a.vocab_size + 2 * a.hidden))
         forward = max(forward, mem["oac_head"])
     mem.update(phase_setup=setup, phase_steady=steady, phase_forward=forward, phase_solve=solve_phase)
@@ -305,7 +310,7 @@ def host_plan(p: PlanConfig) -> dict[str, int]:
     return {"activation_caches": 3 * cache,
             # OAC: dL/d(output) of every block, from the FP pass until the block is calibrated (the
             # pass's boundary activations are dropped as the gradients are made: never both at once)
-            "oac_caches": p.arch.num_layers * cache if p.calib.method == "oac" else 0,
+            "oac_caches": p.arch.num_layers * cache if _method(p.calib).needs_output_grads else 0,
             "block_tensors": blocks * F32 * sum(m * n for m, n in p.arch.linear_shapes().values())}
 
 
@@ -338,7 +343,7 @@ def solve_flops(p: PlanConfig) -> list[tuple[int, int]]:
     local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
     accumulate = sum(2 * local_tokens * n * n for _, n in shapes.values())
     mm = 0
-    if cfg.method in ("gptq", "oac"):
+    if _method(cfg).needs_hessians(cfg):
         mm += accumulate + sum(m * n * n + 2 * n**3 for m, n in shapes.values())
     if cfg.lowrank is None:
         return [(mm, 0)] * p.gpus
@@ -360,7 +365,7 @@ def solve_times(p: PlanConfig) -> list[float]:
         mm_rate, fact_rate = p.hw.fp64_tflops, min(p.hw.fp64_tflops, p.hw.svd_tflops)
     else:
         mm_rate, fact_rate = p.hw.tflops, p.hw.svd_tflops
-    columns = sum(n for _, n in p.arch.linear_shapes().values()) if p.calib.method in ("gptq", "oac") else 0
+    columns = sum(n for _, n in p.arch.linear_shapes().values()) if _method(p.calib).needs_hessians(p.calib) else 0
     return [mm / (mm_rate * 1e12) + fact / (fact_rate * 1e12) + columns * p.hw.gptq_column_us * 1e-6
             for mm, fact in solve_flops(p)]
 
@@ -377,24 +382,26 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     fwd_passes = 4  # FP targets, loss before, loss after, the next block's inputs
     if cfg.uses_let and cfg.abits < 16:
         fwd_passes += 1  # SmoothQuant-style LET init statistics
-    if cfg.method == "gptq":
-        fwd_passes += 1  # the Hessians' pass
+    m_ = _method(cfg)
+    if m_.needs_hessians(cfg) and not m_.needs_output_grads:
+        fwd_passes += 1  # the Hessians' pass (GPTQ, or a trained method's GPTQ start)
     # (a backward for the input gradient only is one matmul per linear: a forward's FLOPs)
-    if cfg.method == "oac":
+    if m_.needs_output_grads:
         fwd_passes += 2  # the Hessian pass: the FP forward recomputed, and its backward
     if cfg.lowrank in ("qera", "lqer"):
         fwd_passes += 1  # the autocorrelation pass of the quantized block
-    train_passes = 3 * cfg.epochs if cfg.trains else 0  # forward + backward (input and weight gradients)
+    steps = cfg.steps_for(p.nsamples) if cfg.trains else 0
+    sample_passes = steps * cfg.batch_size / p.nsamples  # training passes over the calibration set
+    train_passes = 3 * sample_passes  # forward + backward (input and weight gradients)
     if cfg.cross_layer:
-        train_passes += 3 * cfg.epochs  # block i+1: its target, its forward, its backward
+        train_passes += 3 * sample_passes  # block i+1: its target, its forward, its backward
     local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
     train_tflops = hw.bf16_tflops if cfg.precision == "bf16" else hw.tflops
     tokens_s = local_tokens * flops_per_token * (fwd_passes / (hw.tflops * 1e12) + train_passes / (train_tflops * 1e12))
-    steps = cfg.epochs * math.ceil(p.nsamples / cfg.batch_size) if cfg.trains else 0
     recompose = sum(2 * m * n * min(m, n) for m, n in shapes.values()) if cfg.uses_lsi else 0
     # LSI: U diag(dS) V^T forward, its gradient backward, once more when recomputing
     weight_flops = recompose * (3 if recompute else 2)
-    traffic = WEIGHT_TRAFFIC[cfg.precision].get(cfg.method, (0.0, 0.0))[int(recompute)]
+    traffic = m_.weight_traffic.get(cfg.precision, (0.0, 0.0))[int(recompute)] if cfg.trains else 0.0
     weight_bytes = traffic * F32 * lin
     step_weight_s = weight_flops / (train_tflops * 1e12) + weight_bytes / (hw.mem_gbs * 1e9)
     allreduce_bytes = F32 * trainable_params(a, cfg) if p.gpus > 1 else 0
@@ -415,7 +422,7 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     # broadcast; the low-rank solves' failure flag): pipeline.quantize --collective-timeout must exceed it
     wait_s = max(svd_wait, max(times) - min(times)) if p.gpus > 1 else 0.0
     oac_s = 0.0
-    if cfg.method == "oac":  # the run's FP pass before the blocks, per block: forward, then recomputed
+    if m_.needs_output_grads:  # the run's FP pass before the blocks, per block: forward, then recomputed
         # forward and backward in reverse; and the head's logits and their gradient, shared out
         head = 2 * 2 * a.hidden * a.vocab_size * local_tokens / a.num_layers  # logits, input gradient
         oac_s = (3 * local_tokens * flops_per_token + head) / (hw.tflops * 1e12)
@@ -462,13 +469,13 @@ def make_plan(p: PlanConfig) -> dict[str, Any]:
             "settings": {"method": p.calib.method, "wbits": p.calib.wbits, "abits": p.calib.abits,
                          "cross_layer": p.calib.cross_layer, "lowrank": p.calib.lowrank, "rank": p.calib.rank,
                          "group_size": p.calib.group_size, "nsamples": p.nsamples, "seqlen": p.seqlen,
-                         "epochs": p.calib.epochs, "batch_size": p.calib.batch_size,
+                         "epochs": p.calib.epochs, "steps": p.calib.steps, "batch_size": p.calib.batch_size,
                          "forward_batch_size": p.calib.forward_batch_size,
                          "forward_batch_default": p.calib.forward_batch_size == default_fb,
                          "precision": p.calib.precision, "solve_dtype": "float64" if solve_bytes(p.calib) == F64
                          else "float32", "svd": p.calib.svd, "svd_dtype": "float64" if svd_value_bytes(p) == F64
                          else "float32"},
-            "hardware": asdict(p.hw), "blocks": p.arch.num_layers}
+            "hardware": asdict(p.hw), "blocks": p.arch.num_layers, "hessian_rounds": hessian_rounds(p.calib)}
     if p.target_hours is not None:
         plan["target_hours"] = p.target_hours
         plan["meets_target"] = plan["fits"] and t["hours"] <= p.target_hours
@@ -507,11 +514,15 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _budget(s: dict[str, Any]) -> str:
+    return f"{s['steps']} steps" if s["steps"] else f"{s['epochs']} epochs"
+
+
 def render(plan: dict[str, Any]) -> str:
     """The human-readable plan (the JSON line follows it)."""
     s, mem, t = plan["settings"], plan["memory"], plan["time"]
     lines = [f"plan: {plan['blocks']} blocks, {s['method']} W{s['wbits']}A{s['abits']} g{s['group_size']}, "
-             f"{s['nsamples']} x {s['seqlen']} tokens, {s['epochs']} epochs, global batch {s['batch_size']}, "
+             f"{s['nsamples']} x {s['seqlen']} tokens, {_budget(s)}, global batch {s['batch_size']}, "
              f"{plan['gpus']} workers x {_gib(plan['gpu_mem_bytes'])}",
              f"per-worker device memory (recompute weights: {'on' if plan['recompute_weights'] else 'off'}):"]
     for k, v in mem.items():
@@ -533,16 +544,17 @@ def render(plan: dict[str, Any]) -> str:
     lines.append(f"estimate: {plan['hours']:.2f} h for the model")
     flags = (f"--workers {plan['gpus']} --gpus-per-worker 1 --device cuda --method {s['method']} --wbits {s['wbits']} "
              f"--abits {s['abits']} --group-size {s['group_size']} --nsamples {s['nsamples']} --seqlen {s['seqlen']} "
-             f"--epochs {s['epochs']} --batch-size {s['batch_size']} --precision {s['precision']}")
+             f"{'--steps ' + str(s['steps']) if s['steps'] else '--epochs ' + str(s['epochs'])} "
+             f"--batch-size {s['batch_size']} --precision {s['precision']}")
     if not s["forward_batch_default"]:
         flags += f" --forward-batch-size {s['forward_batch_size']}"
     if s["cross_layer"]:
         flags += " --cross-layer"
     if s["lowrank"]:
         flags += f" --lowrank {s['lowrank']} --rank {s['rank']}"
-    if s["method"] in ("gptq", "oac") or s["lowrank"]:
+    if plan["hessian_rounds"]:
         flags += f" --solve-dtype {s['solve_dtype']}"
-    if s["method"] in ("lsi", "sde"):
+    if "lsi" in methods.get(s["method"]).components:
         flags += f" --svd {s['svd']}" if s["svd"] != CalibConfig.svd else ""
         flags += f" --svd-dtype {s['svd_dtype']}" if s["svd_dtype"] == "float64" else ""
     if t["collective_wait_s"] > DEFAULT_COLLECTIVE_TIMEOUT / 2:  # a factor 2 for the throughputs being estimates
@@ -562,31 +574,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-worker memory plan and time estimate for quantizing a model with pipeline.quantize "
         "on N GPU workers, from its config.json alone. Refuses (exit 1) a plan that does not fit. "
         "The last stdout line is a JSON object with fits, hours and per_worker_bytes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="defaults that differ from pipeline.quantize's (a 70B-class plan): --wbits 4 --group-size 128 "
+               "--nsamples 128 --seqlen 2048, float32 solves and SVDs (a GPU's auto), a global batch of one sample "
+               "per GPU.\n\nexample:\n  python -m pipeline.plan --model-config clusters/models/llama-2-70b/config.json "
+               "--gpus 8 --gpu-mem 24GB --precision bf16")
     p.add_argument("--model-config", required=True, help="config.json of the model (file, folder or fsspec URL)")
     p.add_argument("--gpus", type=int, required=True, help="data-parallel workers, one GPU each (--workers)")
     p.add_argument("--gpu-mem", type=parse_bytes, required=True, help="memory of one GPU, e.g. 24GB")
-    p.add_argument("--method", choices=METHODS, default="lsi", help="as pipeline.quantize --method")
-    p.add_argument("--cross-layer", action="store_true", help="as pipeline.quantize --cross-layer (block i+1 too)")
-    p.add_argument("--lowrank", choices=LOWRANK_KINDS, default=None, help="as pipeline.quantize --lowrank")
-    p.add_argument("--rank", type=int, default=CalibConfig.rank, help="as pipeline.quantize --rank")
-    p.add_argument("--wbits", type=int, default=4)
-    p.add_argument("--abits", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--epochs", type=int, default=CalibConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step (default: --gpus)")
-    p.add_argument("--forward-batch-size", type=int, default=0,
-                   help="as pipeline.quantize --forward-batch-size; 0: the largest that fits, from a worker's share "
-                        "of --batch-size down to 1")
-    p.add_argument("--lsi-block-k", type=int, default=0)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="as pipeline.quantize --precision")
-    p.add_argument("--solve-dtype", choices=["float32", "float64"], default="float32",
-                   help="as pipeline.quantize --solve-dtype (its auto is float32 on a GPU)")
-    p.add_argument("--svd", choices=list(SVD_METHODS), default=CalibConfig.svd, help="as pipeline.quantize --svd")
-    p.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32",
-                   help="as pipeline.quantize --svd-dtype (its auto is float32 on a GPU)")
+    add_config_args(p, choices={"method": methods.names(), "solve_dtype": ["float32", "float64"],
+                                "svd_dtype": ["float32", "float64"]},
+                    skip=("recompute_weights", "seed"), titles={"method": "how the trained methods learn"})
+    p.set_defaults(wbits=4, group_size=128, solve_dtype="float32", svd_dtype="float32")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default: %(default)s)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default: %(default)s)")
     p.add_argument("--recompute-weights", choices=["auto", "on", "off"], default="auto",
                    help="auto: recompute the calibrated weights in backward only when the plan does not fit without")
     hw = p.add_argument_group("hardware (per worker)")
@@ -609,11 +610,9 @@ def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
     a = build_parser().parse_args(argv)
     arch = load_arch(a.model_config)
     try:
-        calib = CalibConfig(method=a.method, wbits=a.wbits, abits=a.abits, group_size=a.group_size,
-                            epochs=a.epochs, batch_size=a.batch_size or a.gpus, lsi_block_k=a.lsi_block_k,
-                            forward_batch_size=a.forward_batch_size,
-                            precision=a.precision, cross_layer=a.cross_layer, lowrank=a.lowrank, rank=a.rank,
-                            solve_dtype=a.solve_dtype, svd=a.svd, svd_dtype=a.svd_dtype)
+        if a.batch_size is None:  # a global batch of one sample per worker
+            a.batch_size = a.gpus
+        calib = config_from_args(a, CalibConfig)
         return PlanConfig(arch=arch, gpus=a.gpus, gpu_mem=a.gpu_mem, calib=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, recompute=a.recompute_weights, target_hours=a.target_hours,
                           hw=Hardware(tflops=a.tflops, bf16_tflops=a.bf16_tflops, mem_gbs=a.mem_gbs,

@@ -20,9 +20,11 @@ import ray
 from safetensors.torch import save as safetensors_save
 from transformers import AutoTokenizer
 
+from lsiq import methods
 from lsiq.arch import UnsupportedArchitecture
-from lsiq.block import shard_range
 from lsiq.capture import capture_first_layer_inputs
+from lsiq.config import CalibConfig
+from lsiq.parallel import shard_range
 from pipeline import formats, ray_env, resume, storage
 from pipeline.actors import peak_rss_bytes, remote_reader, remote_writer
 from pipeline.calibrator import form_group, remote_calibrators
@@ -45,6 +47,13 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _budget(ccfg: CalibConfig, nsamples: int) -> str:
+    """How much a block trains, in words (nothing for the closed-form methods)."""
+    if not ccfg.trains:
+        return "no training"
+    return f"{ccfg.steps_for(nsamples)} steps of {ccfg.batch_size} sample(s) per block"
+
+
 def run_settings(cfg: QuantizeConfig, ckpt: Checkpoint) -> dict[str, Any]:
     """Everything that determines the output bytes, by content (not by path)."""
     calib_hashes = []
@@ -53,6 +62,7 @@ def run_settings(cfg: QuantizeConfig, ckpt: Checkpoint) -> dict[str, Any]:
             calib_hashes.append(sha256(fh.read())[:16])
     return dataclasses.asdict(cfg.calib_cfg) | {
         "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "calib_sha256": calib_hashes,
+        "data_seed": cfg.calib_cfg.seed if cfg.data_seed is None else cfg.data_seed,
         "source_config_sha256": sha256(json.dumps(ckpt.config_dict, sort_keys=True).encode())[:16],
         "format": formats.get(cfg.format).FORMAT,
     }
@@ -74,6 +84,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     t_start = time.perf_counter()
     phases: dict[str, float] = {}
     ccfg = cfg.calib_cfg
+    needs_grads = methods.get(ccfg.method).needs_output_grads  # OAC: the FP loss gradient at every block
     ckpt = Checkpoint(cfg.model, cfg.storage_options)
     arch = ckpt.arch
     n = arch.num_layers
@@ -99,14 +110,15 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
 
     with local_copy(ckpt.url, ckpt.storage_options, names=COPIED_FILES) as tok_dir:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    ids = calibration_ids(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, ccfg.seed)
+    ids = calibration_ids(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen,
+                          ccfg.seed if cfg.data_seed is None else cfg.data_seed)
     other = ckpt.read(ckpt.other_names())
     model = with_tensors(skeleton(ckpt.config), other)
     hidden, layer_kwargs = capture_first_layer_inputs(model, ids)
     del model
     extra_map = {k: EXTRA_SHARD for k in other}
     extra_bytes = safetensors_save(other, metadata=SHARD_METADATA)
-    head = other if ccfg.method == "oac" else None  # OAC's loss needs the final norm and lm_head
+    head = other if needs_grads else None  # OAC's loss needs the final norm and lm_head
     del other  # only the serialized copy while it uploads
     extra = out.write_bytes(EXTRA_SHARD, extra_bytes)
     del extra_bytes
@@ -130,11 +142,11 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
         cpus = cfg.cpus_per_worker or max(1, (cfg.num_cpus or ray_env.node_cpus()) // workers)
         log(f"lsiq: {ckpt.config_dict.get('model_type')} {n} blocks, method={ccfg.method} "
             f"W{ccfg.wbits}A{ccfg.abits} g{ccfg.group_size}, format {cfg.format}, {cfg.nsamples}x{cfg.seqlen} tokens, "
-            f"{ccfg.epochs} epochs, {workers} calibrator worker(s) on {device} ({cpus} CPUs, {gpus} GPUs each)")
+            f"{_budget(ccfg, cfg.nsamples)}, {workers} calibrator worker(s) on {device} ({cpus} CPUs, {gpus} GPUs each)")
         # each worker's share of the samples goes to it once and stays there for the whole run
         input_refs = [ray.put((hidden[shard_range(cfg.nsamples, workers, r)], layer_kwargs)) for r in range(workers)]
         del hidden
-        if ccfg.method == "oac":  # the head's tensors and each worker's token ids, for the loss gradient
+        if needs_grads:  # the head's tensors and each worker's token ids, for the loss gradient
             head_ref = ray.put(head)
             del head
             ids_refs = [ray.put(ids[shard_range(cfg.nsamples, workers, r)]) for r in range(workers)]
@@ -157,7 +169,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 form_group(calibrators, cfg.collective_timeout)
                 cache = ray.get([c.set_inputs.remote(ref) for c, ref in zip(calibrators, input_refs, strict=True)])[0]
-                if ccfg.method == "oac" and state.next_block < n:
+                if needs_grads and state.next_block < n:
                     t_oac = time.perf_counter()
                     oac_loss, oac_caches = dag.oac_pass(n, state.next_block, head_ref, ids_refs,
                                                         cfg.nsamples * (cfg.seqlen - 1))

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from lsiq.block import CalibConfig  # noqa: E402
+from lsiq.config import CalibConfig  # noqa: E402
 
 # variant: (method, CalibConfig fields); solves in float32, what auto is on a GPU and what the plan plans
 VARIANTS = {"lsi": ("lsi", {}), "lsi-bf16": ("lsi", {"precision": "bf16"}),
@@ -229,19 +229,24 @@ def one(args: argparse.Namespace, variant: str) -> dict:
     phases = None
     if args.phases:
         import lsiq.block
+        import lsiq.methods.gptq
+        import lsiq.methods.oac
+        import lsiq.trainable
         import pipeline.calibrator
         import pipeline.formats
 
         phases = PhasePeaks(device)
         phases.wrap(pipeline.calibrator, "forward_all", "forward_all")
         phases.wrap(lsiq.block, "mean_loss", "loss")
-        phases.wrap(lsiq.block.BlockQuantizer, "__init__", "setup")
+        phases.wrap(lsiq.trainable.BlockQuantizer, "__init__", "setup")
         phases.wrap(lsiq.block, "add_lowrank", "lowrank")
         phases.wrap(BlockCalibrator, "_layer", "layer")
         phases.wrap(pipeline.formats, "block_tensors", "pack")
         phases.wrap(BlockCalibrator, "_params", "unpack")
-        phases.wrap(lsiq.block, "_gptq", "gptq")  # GPTQ's and OAC's Hessian pass and solves
-        phases.wrap(lsiq.block.BlockQuantizer, "finalize", "finalize")
+        phases.wrap(lsiq.methods.gptq, "input_autocorrelations", "gptq")  # GPTQ's Hessian pass
+        phases.wrap(lsiq.methods.gptq, "gptq_linears", "gptq")  # GPTQ's and OAC's solves
+        phases.wrap(lsiq.methods.oac, "gptq_linears", "gptq")
+        phases.wrap(lsiq.trainable.BlockQuantizer, "finalize", "finalize")
     sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -303,7 +308,7 @@ def planned(args: argparse.Namespace, variant: str, hw: dict) -> dict:
 def _dp_worker(rank: int, world: int, args: argparse.Namespace, port: int, result_dir: str) -> None:
     from transformers import AutoConfig
 
-    from lsiq.block import shard_range
+    from lsiq.parallel import shard_range
     from pipeline.calibrator import BlockCalibrator
 
     torch.manual_seed(0)

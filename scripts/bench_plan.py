@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from lsiq.block import CalibConfig  # noqa: E402
+from lsiq.config import CalibConfig  # noqa: E402
 
 SETTINGS = [  # (variant, batch_size, recompute); a variant is a method or method+option
     ("lsi", 1, False),

@@ -25,8 +25,9 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from lsiq.block import CalibConfig, shard_range  # noqa: E402
 from lsiq.capture import capture_first_layer_inputs  # noqa: E402
+from lsiq.config import CalibConfig  # noqa: E402
+from lsiq.parallel import shard_range  # noqa: E402
 from pipeline import ray_env  # noqa: E402
 from pipeline.calibrator import form_group, remote_calibrators  # noqa: E402
 from pipeline.checkpoint import Checkpoint  # noqa: E402

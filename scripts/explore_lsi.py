@@ -19,8 +19,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from lsiq.block import CalibConfig, calibrate_block, forward_all, mean_loss
+from lsiq.block import calibrate_block
 from lsiq.capture import capture_first_layer_inputs
+from lsiq.config import CalibConfig
+from lsiq.forward import forward_all, mean_loss
 from pipeline.checkpoint import Checkpoint
 from pipeline.data import calibration_ids, eval_windows
 from pipeline.model_io import decoder_layer, decoder_layer_class, skeleton, with_tensors

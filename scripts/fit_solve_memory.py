@@ -1,7 +1,7 @@
 """Measure the transient memory of the closed-form solves and fit the planner's coefficients.
 
-For GPTQ (``gptq_quantize`` and the codes, as ``lsiq.block._gptq`` runs it) and each low-rank
-correction (the error E and ``lowrank_correction``, as ``lsiq.block.add_lowrank`` runs them), in
+For GPTQ (``gptq_quantize`` and the codes, as ``lsiq.methods.gptq`` runs it) and each low-rank
+correction (the error E and ``lowrank_correction``, as ``lsiq.lowrank.add_lowrank`` runs them), in
 float64 and float32, each shape [m, n] runs in a fresh process: the weight, its quantized copy and
 the [n, n] Hessian / autocorrelation are allocated first (the plan counts them as held), the
 process's peak RSS is reset, and the solve's peak above that is its transient. glibc's mmap

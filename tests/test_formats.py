@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from lsiq.arch import LINEARS, BlockArch
-from lsiq.block import BlockResult, CalibConfig, QuantizedLinear
+from lsiq.config import CalibConfig
+from lsiq.evaluation import perplexity
 from lsiq.quantizer import QuantSpec, minmax_scale_zero, quantize_codes
+from lsiq.results import BlockResult, QuantizedLinear
 from pipeline import ct_format, formats, gptq_format
 from pipeline.config import QuantizeConfig, parse_quantize_args
-from pipeline.evaluate import perplexity
 from pipeline.model_io import MANIFEST, load_quantized, skeleton
 from pipeline.quantize import run
 from tests.conftest import tiny_llama_config

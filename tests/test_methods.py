@@ -4,14 +4,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from lsiq import methods
 from lsiq.arch import LINEARS, BlockArch, UnsupportedArchitecture
-from lsiq.block import BlockQuantizer, CalibConfig, block_forward, calibrate_block
+from lsiq.block import calibrate_block
 from lsiq.capture import capture_first_layer_inputs
+from lsiq.config import CalibConfig
+from lsiq.forward import block_forward
 from lsiq.gptq import HessianAccumulator, gptq_quantize
 from lsiq.let import LET
 from lsiq.lsi import SVDIncrement, svd_factors
 from lsiq.lwc import LWC
 from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero, quantize_codes
+from lsiq.trainable import BlockQuantizer
 from tests.conftest import tiny_llama_config
 
 
@@ -55,13 +59,15 @@ def test_let_preserves_fp_output(cfg):
     torch.manual_seed(1)
     init = {"qkv": torch.rand(arch.hidden) * 2 + 0.25, "fc1": torch.rand(arch.hidden) * 2 + 0.25,
             "out": torch.rand(arch.n_kv_heads * arch.head_dim) * 2 + 0.25,
-            "qk": torch.rand(arch.n_kv_heads, arch.head_dim // 2) * 2 + 0.25}
-    let = LET(arch, init)
+            "qk": torch.rand(arch.n_kv_heads, arch.head_dim // 2) * 2 + 0.25,
+            "down": torch.rand(arch.intermediate) * 2 + 0.25}
+    let = LET(arch, init, down=True)
     params = let.transform(dict(layer.state_dict()))
     with torch.no_grad():
         ref = block_forward(layer, x, kw)
         out = block_forward(layer, x, kw, params)
-    assert not torch.equal(params["self_attn.q_proj.weight"], layer.self_attn.q_proj.weight)
+    for name in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):  # every pair is applied
+        assert not torch.equal(params[f"{name}.weight"], layer.get_submodule(name).weight)
     assert _rel(out, ref) < 1e-5
 
 
@@ -143,7 +149,7 @@ def test_gram_svd_is_the_svd(shape, dtype):
 
 
 def test_the_block_takes_its_svds_in_the_configured_route_and_dtype():
-    from lsiq.block import _block_svds
+    from lsiq.trainable import _block_svds
 
     torch.manual_seed(0)
     weights = {"a": torch.randn(48, 24), "b": torch.randn(16, 40)}
@@ -212,7 +218,7 @@ def test_gptq_in_float32_matches_float64():
 
 
 def test_solve_dtype_setting():
-    from lsiq.block import solve_dtype
+    from lsiq.stats import solve_dtype
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert solve_dtype(CalibConfig(), cpu) == torch.float64 and solve_dtype(CalibConfig(), gpu) == torch.float32
@@ -222,7 +228,7 @@ def test_solve_dtype_setting():
         CalibConfig(solve_dtype="float16")
 
 
-@pytest.mark.parametrize("method", ["lwc", "lwc-let", "lsi", "sde"])
+@pytest.mark.parametrize("method", [m for m in methods.names() if methods.get(m).trains])
 def test_calibration_lowers_block_loss(method):
     cfg = tiny_llama_config()
     _, layer, x, kw = _block(cfg, n=8)
@@ -279,10 +285,11 @@ def test_forward_batch_size_changes_only_the_micro_batches():
     arch = BlockArch.from_config(cfg)
     assert CalibConfig(batch_size=4).forward_batch(1) == 4 and CalibConfig(batch_size=4).forward_batch(3) == 2
     assert CalibConfig(batch_size=4, forward_batch_size=1).forward_batch(3) == 1
-    import lsiq.block
+    import lsiq.forward
+    import lsiq.stats
 
     sizes: dict[int, set[int]] = {}
-    forward = lsiq.block.block_forward
+    forward = lsiq.forward.block_forward
 
     def counted(layer_, inputs, *a, **k):  # the micro-batches of the passes without gradients
         if not torch.is_grad_enabled():
@@ -292,7 +299,8 @@ def test_forward_batch_size_changes_only_the_micro_batches():
     res = {}
     for fb in (0, 1):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(lsiq.block, "block_forward", counted)
+            mp.setattr(lsiq.forward, "block_forward", counted)  # forward_all, mean_loss
+            mp.setattr(lsiq.stats, "block_forward", counted)  # LET's statistics
             res[fb] = calibrate_block(layer, kw, x, y, arch, CalibConfig(method="lsi", wbits=3, group_size=32,
                                                                          epochs=1, batch_size=3,
                                                                          forward_batch_size=fb, abits=8))
@@ -318,7 +326,7 @@ def test_the_last_loss_pass_holds_no_svd_factors(monkeypatch):
     with torch.no_grad():
         y = block_forward(layer, x, kw)
     alive: weakref.WeakSet = weakref.WeakSet()
-    init, mean_loss = lsiq.block.BlockQuantizer.__init__, lsiq.block.mean_loss
+    init, mean_loss = BlockQuantizer.__init__, lsiq.block.mean_loss
     held = []
 
     def tracked_init(self, *a, **k):
@@ -330,7 +338,7 @@ def test_the_last_loss_pass_holds_no_svd_factors(monkeypatch):
         held.append(len(alive))
         return mean_loss(*a, **k)
 
-    monkeypatch.setattr(lsiq.block.BlockQuantizer, "__init__", tracked_init)
+    monkeypatch.setattr(BlockQuantizer, "__init__", tracked_init)
     monkeypatch.setattr(lsiq.block, "mean_loss", tracked_loss)
     calibrate_block(layer, kw, x, y, BlockArch.from_config(cfg), CalibConfig(method="lsi", wbits=3, group_size=32,
                                                                              epochs=1))

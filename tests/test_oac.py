@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lsiq.arch import LINEARS
-from lsiq.block import forward_all
 from lsiq.capture import capture_first_layer_inputs, decoder_layers
+from lsiq.forward import forward_all
 from lsiq.oac import block_backward, head_gradient, oac_hessians
 from tests.conftest import tiny_llama_config
 
@@ -97,7 +97,7 @@ def test_oac_hessian_is_the_gradient_weighted_input_autocorrelation():
 def test_oac_through_the_pipeline_resumes_byte_identical(tiny_checkpoint, texts_dir, tmp_path, ray_local):
     """--method oac: the gradient pass runs before the blocks (and again on resume, since the
     gradients live in the calibrator), and the resumed output equals the uninterrupted one."""
-    from lsiq.block import CalibConfig
+    from lsiq.config import CalibConfig
     from pipeline.config import QuantizeConfig
     from pipeline.model_io import MANIFEST, load_quantized
     from pipeline.quantize import run

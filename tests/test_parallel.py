@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from lsiq.arch import BlockArch
-from lsiq.block import CalibConfig, SampleShard, calibrate_block, forward_all, shard_range
+from lsiq.block import calibrate_block
+from lsiq.config import CalibConfig
+from lsiq.forward import forward_all
+from lsiq.parallel import SampleShard, shard_range
 from tests.conftest import tiny_llama_config
 from tests.procs import LOOPBACK
 from tests.test_methods import _block
@@ -91,7 +94,7 @@ def _run_workers(layer, kw, x, targets, arch, cfg, world, grads=None, errors_out
 def test_a_failed_lowrank_solve_stops_every_worker():
     """Only a linear's owner solves its correction; when that fails, the other worker must raise
     too instead of waiting in the broadcast for factors that never come."""
-    import lsiq.block as block_mod
+    import lsiq.lowrank as block_mod
 
     cfg_model = tiny_llama_config()
     _, layer, x, kw = _block(cfg_model, n=4)
@@ -129,7 +132,7 @@ def test_two_workers_equal_one(method, abits, lowrank):
     grads = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) if method == "oac" else None
     extra = {} if grads is None else {"fp_inputs": x, "output_grads": grads}
     one = calibrate_block(layer, kw, x, targets, arch, cfg, 0, **extra)
-    import lsiq.block as block_mod
+    import lsiq.lowrank as block_mod
 
     real, solved = block_mod.lowrank_correction, []
 
@@ -236,8 +239,8 @@ def test_pipeline_two_ray_workers_share_the_lowrank_solves(tiny_checkpoint, text
 def test_sharded_svds_equal_local_ones():
     """With three workers each computes its share of the block's seven SVDs (largest first to the
     least loaded) and receives the rest by broadcast: every worker ends with the local factors."""
-    from lsiq.block import BlockQuantizer
     from lsiq.lsi import svd_flops, svd_owners
+    from lsiq.trainable import BlockQuantizer
 
     cfg_model = tiny_llama_config()
     _, layer, _, _ = _block(cfg_model, n=2)
@@ -250,7 +253,7 @@ def test_sharded_svds_equal_local_ones():
     assert sorted(set(owners.values())) == [0, 1, 2] and max(loads) < sum(loads) / 2
     world, coll, got, errors = 3, ThreadCollective(3), [None] * 3, []
     computed = [0] * 3
-    import lsiq.block as block_mod
+    import lsiq.trainable as block_mod
 
     real = block_mod.svd_factors
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lsiq import methods
 from lsiq.arch import UnsupportedArchitecture
-from lsiq.block import CalibConfig
+from lsiq.config import CalibConfig
+from lsiq.evaluation import perplexity
 from pipeline.checkpoint import Checkpoint, CheckpointError
 from pipeline.config import QuantizeConfig, parse_quantize_args
-from pipeline.evaluate import perplexity
 from pipeline.model_io import MANIFEST, load_quantized
 from pipeline.quantize import run
 from pipeline.resume import ResumeMismatch
@@ -43,7 +44,7 @@ def test_checkpoint_reads_one_block(tiny_checkpoint):
     assert "model.embed_tokens.weight" in ck.other_names()
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "lsi"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "lsi", methods.default_method(3)])
 def test_quantize_and_load(tiny_runs, method):
     out, report = tiny_runs(method)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -141,6 +142,25 @@ def test_resume_from_partial_output_is_byte_identical(tiny_checkpoint, texts_dir
     report = run(cfg(part), log=logs.append)
     assert report["resumed_blocks"] == 1 and report["lowrank_bytes"] > 0
     assert any("resuming: blocks 0..0 are done" in m for m in logs)
+    names = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(part)) for p in part.rglob("*") if p.is_file())
+    for name in names:
+        if not name.startswith("checkpoints/"):  # records hold timings
+            assert (full / name).read_bytes() == (part / name).read_bytes(), name
+
+
+def test_default_method_resumes_byte_identical(tiny_checkpoint, texts_dir, tmp_path, tiny_runs):
+    """The default method (learned rounding offsets, LET and clipping trained per block) resumed after
+    block 0 writes the same bytes as its uninterrupted run."""
+    method = methods.default_method(3)
+    full, _ = tiny_runs(method)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for name in (MANIFEST, "model.safetensors.index.json", "model-layers-00001.safetensors",
+                 "model-layers-00002.safetensors", "checkpoints/block-00001.json", "checkpoints/block-00002.json"):
+        (part / name).unlink()
+    report = _run(_cfg(tiny_checkpoint, part, texts_dir / "calib.txt", method=method))
+    assert report["resumed_blocks"] == 1
     names = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
     assert names == sorted(str(p.relative_to(part)) for p in part.rglob("*") if p.is_file())
     for name in names:

@@ -16,11 +16,16 @@ from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from lsiq import methods
 from lsiq.arch import LINEARS, BlockArch
-from lsiq.block import BlockQuantizer, CalibConfig, _autocast, block_forward
+from lsiq.config import CalibConfig
+from lsiq.forward import autocast as _autocast
+from lsiq.forward import block_forward
+from lsiq.trainable import BlockQuantizer
 from pipeline import plan
 
 ROOT = Path(__file__).resolve().parent.parent
+TRAINED = [m for m in methods.names() if methods.get(m).trains]  # every method that has a training step
 MODELS = ROOT / "clusters" / "models"
 
 
@@ -64,8 +69,7 @@ def _saved_bytes(layer, arch, cfg, calib: CalibConfig, batch: int, seqlen: int) 
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("method,recompute", [("lwc", False), ("lwc-let", False), ("lsi", False), ("lsi", True),
-                                              ("sde", False)])
+@pytest.mark.parametrize("method,recompute", [*((m, False) for m in TRAINED), ("lsi", True)])
 def test_saved_tensor_coefficients_match_the_code(method, recompute, precision):
     """The plan's per-step memory = a x (linear weights) + tokens x (a_h hidden + a_i inter) floats:
     measured here by solving for both terms from two micro-batch sizes, on two block shapes (bf16:
@@ -80,12 +84,13 @@ def test_saved_tensor_coefficients_match_the_code(method, recompute, precision):
         per_token = (large - small) / (2 * seqlen) / 4
         lin = sum(m * n for m, n in arch.linear_shapes().values())
         weight_coef = (small - per_token * seqlen * 4) / (4 * lin)
-        expected_coef = plan.SAVED_WEIGHTS_RECOMPUTE[precision] if recompute else plan.SAVED_WEIGHTS[precision][method]
+        expected_coef = (plan.SAVED_WEIGHTS_RECOMPUTE[precision] if recompute
+                         else methods.get(method).saved_weights[precision])
         per_h, per_i = plan.SAVED_PER_TOKEN[precision]
         expected_tok = per_h * hidden + per_i * inter
         assert weight_coef == pytest.approx(expected_coef, rel=0.1), (hidden, inter, weight_coef)
-        # LET's scaled norms add a little per token; LWC alone saves slightly less
-        assert per_token == pytest.approx(expected_tok, rel=0.05 if method != "lwc" else 0.2), (hidden, inter, per_token)
+        # LET's scaled norms add a little per token; without LET slightly less is saved
+        assert per_token == pytest.approx(expected_tok, rel=0.05 if calib.uses_let else 0.2), (hidden, inter, per_token)
 
 
 class _Traffic(TorchDispatchMode):
@@ -134,14 +139,14 @@ def weight_traffic(method: str, recompute: bool, precision: str, hidden: int, in
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("method", ["lwc", "lwc-let", "lsi", "sde"])
+@pytest.mark.parametrize("method", TRAINED)
 @pytest.mark.parametrize("recompute", [False, True])
 def test_weight_traffic_coefficients_match_the_code(method, recompute, precision):
     """The plan's weight-side memory traffic per step, in float32 weights of the linears: measured as
     the part of a training step's traffic that does not grow with the tokens (two micro-batch
     sizes), on two block shapes."""
     for hidden, inter in TRAFFIC_SHAPES:
-        expected = plan.WEIGHT_TRAFFIC[precision][method][int(recompute)]
+        expected = methods.get(method).weight_traffic[precision][int(recompute)]
         assert weight_traffic(method, recompute, precision, hidden, inter) == pytest.approx(expected, rel=0.03)
 
 
@@ -373,7 +378,7 @@ def test_fp_block_coefficients_match_the_code(precision):
 
 
 def test_hessian_bytes_equal_what_the_code_builds():
-    from lsiq.block import input_autocorrelations
+    from lsiq.stats import input_autocorrelations
 
     layer, arch, cfg = _block(256, 704)
     x = torch.randn(2, 16, 256)
@@ -391,12 +396,15 @@ def test_hessian_bytes_equal_what_the_code_builds():
 
 
 def test_gptq_frees_each_hessian_once_used():
-    """What the plan's solve phase assumes: _gptq pops every Hessian, so only the unsolved ones stay."""
-    from lsiq.block import _gptq
+    """What the plan's solve phase assumes: GPTQ pops every Hessian, so only the unsolved ones stay."""
+    from lsiq.methods.base import BlockJob
+    from lsiq.methods.gptq import gptq_linears
+    from lsiq.parallel import SampleShard
 
     layer, arch, cfg = _block(256, 704)
     hess = {n: torch.eye(layer.get_submodule(n).in_features) for n in LINEARS}
-    _gptq(layer, None, {}, CalibConfig(method="gptq", wbits=4, group_size=64), hess=hess)
+    job = BlockJob(layer, {}, None, None, arch, CalibConfig(method="gptq", wbits=4, group_size=64), SampleShard.whole(1))
+    gptq_linears(job, hess)
     assert hess == {}
 
 
@@ -490,6 +498,6 @@ def test_collective_timeout_advice(plan_cli, capsys):
 
 if __name__ == "__main__":  # python -m tests.test_plan: the measured WEIGHT_TRAFFIC coefficients
     for prec in ("fp32", "bf16"):
-        for meth in ("lwc", "lwc-let", "lsi", "sde"):
+        for meth in TRAINED:
             got = [[round(weight_traffic(meth, rec, prec, h, i), 1) for h, i in TRAFFIC_SHAPES] for rec in (False, True)]
             print(f"{prec} {meth:8s} without / with --recompute-weights, by shape {TRAFFIC_SHAPES}: {got[0]} / {got[1]}")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
+from lsiq.evaluation import perplexity
 from pipeline.checkpoint import Checkpoint
 from pipeline.data import eval_windows
-from pipeline.evaluate import perplexity
 from pipeline.model_io import load_quantized, local_copy
 from tests.conftest import upload_dir
 

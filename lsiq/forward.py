@@ -1,0 +1,88 @@
+"""Running a decoder block on cached samples: plain or with substituted parameters, with the
+activation quantizers of weight-activation runs, in micro-batches, and its output MSE."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lsiq.arch import LINEARS
+from lsiq.parallel import SampleShard
+from lsiq.quantizer import ActQuantizer
+
+
+def block_forward(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict[str, Any],
+                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Run the decoder layer, optionally with substituted parameters (names relative to it)."""
+    if params is None:
+        out = layer(x, **layer_kwargs)
+    else:
+        out = functional_call(layer, params, (x,), layer_kwargs, strict=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def act_quant_hooks(layer: nn.Module, bits: int) -> Iterator[None]:
+    """Quantize the input of every linear of the block per token while inside the context."""
+    quant = ActQuantizer(bits)
+    handles = []
+    if quant.enabled:
+        for name in LINEARS:
+            handles.append(layer.get_submodule(name).register_forward_pre_hook(lambda m, a: (quant(a[0]), *a[1:])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def batches(n: int, batch_size: int, order: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    idx = order if order is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield idx[i:i + batch_size]
+
+
+@torch.no_grad()
+def forward_all(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], batch_size: int,
+                params: dict[str, torch.Tensor] | None = None, abits: int = 16,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Block outputs for every cached sample, kept where the inputs live (or written into ``out``,
+    e.g. a memory-mapped cache)."""
+    device = device_of(layer)
+    outs = torch.empty_like(inputs) if out is None else out
+    with act_quant_hooks(layer, abits):
+        for idx in batches(inputs.shape[0], batch_size):
+            outs[idx] = block_forward(layer, inputs[idx].to(device), layer_kwargs, params).to(outs.device)
+    return outs
+
+
+@torch.no_grad()
+def mean_loss(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, layer_kwargs: dict[str, Any],
+              batch_size: int, params: dict[str, torch.Tensor] | None, abits: int,
+              shard: SampleShard | None = None) -> float:
+    """Block-output MSE over every cached sample (of every worker, with ``shard``)."""
+    device = device_of(layer)
+    total = 0.0
+    with act_quant_hooks(layer, abits):
+        for idx in batches(inputs.shape[0], batch_size):
+            out = block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
+            total += torch.nn.functional.mse_loss(out, targets[idx].to(device), reduction="sum").item()
+    acc = torch.tensor([total, float(targets.numel())], dtype=torch.float64)
+    if shard is not None:
+        shard.all_reduce(acc, "sum")
+    return (acc[0] / acc[1]).item()
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def device_of(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device

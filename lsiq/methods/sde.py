@@ -1,0 +1,19 @@
+"""SDE, singular-value diagonal expansion (CQE+): LSI plus learnable bands beside the singular
+values' diagonal (--sde-band)."""
+
+from __future__ import annotations
+
+from lsiq.methods.base import register
+from lsiq.methods.trained import TrainedMethod
+
+
+class SDEMethod(TrainedMethod):
+    name = "sde"
+    summary = "LSI + learnable bands beside the singular values' diagonal (--sde-band)"
+    components = frozenset({"lsi", "bands", "let", "lwc"})
+    # SDE keeps what LSI keeps: its bands' products save views of U, and their sum replaces U diag(dS)
+    saved_weights = {"fp32": 6.5, "bf16": 5.75}
+    weight_traffic = {"fp32": (94.6, 128.5), "bf16": (101.9, 137.6)}
+
+
+register(SDEMethod())

@@ -1,0 +1,52 @@
+"""What block calibration produces: the integer form of each linear and the block's other tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lsiq.quantizer import QuantSpec, dequantize
+
+
+@dataclass
+class QuantizedLinear:
+    """Integer form of one linear: codes [out, in] (uint8), scale and zero [out, groups]; with a
+    low-rank correction (lsiq.lowrank), its factors A [out, r] and B [r, in] (16-bit values)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: QuantSpec
+    lowrank_a: torch.Tensor | None = None
+    lowrank_b: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """The quantized weight alone: ``(code - zero) * scale``."""
+        return dequantize(self.codes, self.scale, self.zero, self.spec)
+
+    def weight(self) -> torch.Tensor:
+        """The weight the linear computes with: the quantized weight plus A B when corrected."""
+        w = self.dequantize()
+        if self.lowrank_a is not None:
+            w = w + self.lowrank_a.to(w.dtype) @ self.lowrank_b.to(w.dtype)
+        return w
+
+
+@dataclass
+class BlockResult:
+    """What calibrating one block produced."""
+
+    linears: dict[str, QuantizedLinear]
+    tensors: dict[str, torch.Tensor]  # every other block tensor (LET-folded norms, biases)
+    loss_before: float  # round-to-nearest block-output MSE on the calibration samples
+    loss_after: float
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    trainable_params: int = 0
+    seconds: float = 0.0
+
+    def dequantized_params(self) -> dict[str, torch.Tensor]:
+        params = dict(self.tensors)
+        for name, q in self.linears.items():
+            params[f"{name}.weight"] = q.weight()
+        return params
