@@ -156,7 +156,7 @@ def table(results: Path) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     order = {s: i for i, s in enumerate(SETTINGS)}
     rank = {r: i for i, r in enumerate(ROWS)}
-    for key in sorted(rows, key=lambda k: (k[0], order.get(k[1], 9), rank.get(k[2], 9), k[3] or 0)):
+    for key in sorted(rows, key=lambda k: (k[0], order.get(k[1], -1), rank.get(k[2], 9), k[3] or 0)):
         r = rows[key]
         seed = "" if r.get("seed") is None else str(r["seed"])
         if "refused" in r:

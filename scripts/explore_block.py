@@ -4,7 +4,7 @@ calibration samples, and on held-out samples when the stream holds more than --t
 (the last ones are held out).
 
     python scripts/explore_block.py --stream bench_out/explore/stream11.pt --train 24 \
-        --try "method=lwc learn_rounding=true steps=50 batch_size=2" "method=lsi epochs=3"
+        --try "method=signround steps=50 batch_size=2" "method=lwc-let-round loss=token"
 """
 
 from __future__ import annotations

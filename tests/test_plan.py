@@ -261,8 +261,11 @@ def test_forward_passes_are_planned(plan_cli, capsys):
 
 def test_llama3_8b_fits_without_recompute_and_more_gpus_are_faster(plan_cli):
     cfg = str(MODELS / "llama-3-8b")
-    rc8, out8, _ = plan_cli("--model-config", cfg, "--gpus", "8", "--gpu-mem", "24GB")
-    rc2, out2, _ = plan_cli("--model-config", cfg, "--gpus", "2", "--gpu-mem", "24GB", "--batch-size", "8")
+    # LSI: its learned parameters are small, so the all-reduce does not eat what more GPUs save (with
+    # learned rounding, one gradient per weight, it does on this link)
+    rc8, out8, _ = plan_cli("--model-config", cfg, "--gpus", "8", "--gpu-mem", "24GB", "--method", "lsi")
+    rc2, out2, _ = plan_cli("--model-config", cfg, "--gpus", "2", "--gpu-mem", "24GB", "--batch-size", "8",
+                            "--method", "lsi")
     assert rc8 == 0 and rc2 == 0
     assert out8["recompute_weights"] is False and out8["blocks"] == 32
     assert out8["time"]["tokens_s"] == pytest.approx(out2["time"]["tokens_s"] / 4, rel=1e-3)
@@ -480,7 +483,7 @@ def test_collective_timeout_advice(plan_cli, capsys):
     --collective-timeout above that wait when the default would be too tight, and quantize takes it."""
     from pipeline.config import parse_quantize_args
 
-    base = ("--model-config", str(MODELS / "llama-2-70b"), "--gpus", "8", "--gpu-mem", "24GB")
+    base = ("--model-config", str(MODELS / "llama-2-70b"), "--gpus", "8", "--gpu-mem", "24GB", "--method", "lsi")
     rc, gram, _ = plan_cli(*base)
     rc, fast, _ = plan_cli(*base, "--svd", "full")
     assert rc == 0 and 0 < gram["time"]["collective_wait_s"] < fast["time"]["collective_wait_s"] < 60
