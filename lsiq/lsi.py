@@ -11,7 +11,7 @@ reproduces W bit for bit. dS and B start at zero.
 
 SDE (Singular-value Diagonal Expansion) makes K bands on each side of the diagonal learnable too:
 W' = U (diag(S + dS) + sum_{0<|o|<=K} diag_o(e_o)) V^T, e_o zero-initialised. The structure is
-unconfirmed in the paper's abstract (REFERENCE.md); banded is the choice here, a top-left block is
+unconfirmed in the paper's abstract; banded is the choice here, a top-left block is
 LSI's ``block_k``. With K = 0 it is LSI; with the bands frozen at zero it computes LSI's weight bit
 for bit (adding zeros). U diag_o(e_o) is U's columns shifted by o and scaled, so the bands fold into
 the one [out x r] x [r x in] product LSI already pays for.

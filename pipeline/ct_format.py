@@ -1,5 +1,5 @@
 """compressed-tensors ``pack-quantized``: what vLLM serves natively and transformers loads with the
-``compressed-tensors`` package. One linear ``X`` is stored as (REFERENCE.md section 4):
+``compressed-tensors`` package. One linear ``X`` is stored as (the compressed-tensors layout):
 
 - ``X.weight_packed``: int32 [out, ceil(in * b / 32)]: the signed values ``q = code - 2^(b-1)``,
   offset back to ``code`` and packed little-endian along the input dim (for 4 and 8 bits this is

@@ -1,5 +1,5 @@
 """GPTQ v1 (AutoGPTQ's layout, read by vLLM's gptq/gptq_marlin and by transformers through
-gptqmodel). One linear ``X`` is stored as (REFERENCE.md section 4):
+gptqmodel). One linear ``X`` is stored as (GPTQ v1's layout):
 
 - ``X.qweight``: int32 [in * b / 32, out]: codes packed along the *input* dim, a little-endian
   bitstream per output column (for 3 bits, 32 codes fill 3 words and codes 10 and 21 straddle two);

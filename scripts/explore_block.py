@@ -14,6 +14,7 @@ import json
 import time
 
 import torch
+from explore_stream import parse_value, register_combo  # scripts/ is on sys.path when run as a script
 
 from lsiq.arch import BlockArch
 from lsiq.block import calibrate_block
@@ -21,15 +22,6 @@ from lsiq.config import CalibConfig
 from lsiq.forward import forward_all, mean_loss
 from pipeline.checkpoint import Checkpoint
 from pipeline.model_io import decoder_layer, decoder_layer_class
-
-
-def parse_value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
 
 
 def main() -> int:
@@ -54,8 +46,6 @@ def main() -> int:
     for t in a.tries:
         over = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in t.split())}
         if "+" in str(over.get("method", "")):
-            from explore_stream import register_combo
-
             register_combo(over["method"])
         cfg = CalibConfig(**{"wbits": a.wbits, "group_size": a.group_size, **over})
         t0 = time.perf_counter()
