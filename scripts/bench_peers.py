@@ -15,6 +15,7 @@ tools use the same number of threads. Appends to OUT/results.jsonl and prints th
     python scripts/bench_peers.py                                  # W2/W3/W4 g64 at 32 x 512, all rows
     python scripts/bench_peers.py --settings w3g64 --rows ours ours-gptq llmcompressor
     python scripts/bench_peers.py --budget 16x256 --rows ours autoround
+    python scripts/bench_peers.py --budget 16x256 --settings w3g64 --rows ours --seeds 0 --steps 20 50 200
     python scripts/bench_peers.py --table                          # only print the table
 
 Rows: fp, rtn, llmcompressor, autoround (iters 50, batch 2), autoround-200 (iters 200, batch 2;
@@ -114,13 +115,14 @@ def run_peer(out: Path, row: str, setting: str, model: Path, data: Path, threads
 
 
 def run_ours(out: Path, row: str, setting: str, seed: int, model: Path, calib: Path, texts: dict[str, Path],
-             nsamples: int, seqlen: int, threads: int, tag: str) -> dict:
+             nsamples: int, seqlen: int, threads: int, tag: str, steps: int | None = None) -> dict:
     wbits, group = SETTINGS[setting]
-    run_dir = out / "runs" / f"{tag}-{setting}-{row}-s{seed}"
+    extra = [] if steps is None else ["--steps", str(steps)]
+    run_dir = out / "runs" / (f"{tag}-{setting}-{row}-s{seed}" + ("" if steps is None else f"-{steps}steps"))
     cmd = [sys.executable, "-m", "pipeline.quantize", "--model", str(model), "--output", str(run_dir / "model"),
            "--calib", str(calib), "--wbits", str(wbits), "--group-size", str(group), "--nsamples", str(nsamples),
            "--seqlen", str(seqlen), "--seed", str(seed), "--data-seed", "0", "--num-cpus", str(threads),
-           "--report", str(run_dir / "report.json"), "--restart", *OURS[row]]
+           "--report", str(run_dir / "report.json"), "--restart", *OURS[row], *extra]
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "quantize.log"
     t0 = time.perf_counter()
@@ -151,12 +153,12 @@ def table(results: Path) -> str:
     rows: dict[tuple, dict] = {}
     for line in results.read_text().splitlines():
         r = json.loads(line)
-        rows[(r["budget"], r["setting"], r["row"], r.get("seed"))] = r
+        rows[(r["budget"], r["setting"], r["row"], r.get("seed"), r.get("steps_flag"))] = r
     out = ["| budget | setting | tool | seed | ppl eval.txt | ppl docs.txt | quant wall s | peak RSS MB | notes |",
            "|---|---|---|---|---|---|---|---|---|"]
     order = {s: i for i, s in enumerate(SETTINGS)}
     rank = {r: i for i, r in enumerate(ROWS)}
-    for key in sorted(rows, key=lambda k: (k[0], order.get(k[1], -1), rank.get(k[2], 9), k[3] or 0)):
+    for key in sorted(rows, key=lambda k: (k[0], order.get(k[1], -1), rank.get(k[2], 9), k[4] or 0, k[3] or 0)):
         r = rows[key]
         seed = "" if r.get("seed") is None else str(r["seed"])
         if "refused" in r:
@@ -179,6 +181,8 @@ def main() -> int:
     p.add_argument("--settings", nargs="+", default=["w2g64", "w3g64", "w4g64"], choices=list(SETTINGS))
     p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=ROWS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds of the 'ours' row")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="optimizer steps per block of the 'ours' row, one row each (default: the method's)")
     p.add_argument("--budget", default="32x512", help="calibration NSAMPLESxSEQLEN for every tool")
     p.add_argument("--threads", type=int, default=2, help="threads for every tool")
     p.add_argument("--table", action="store_true", help="only print the table of OUT/results.jsonl")
@@ -200,16 +204,19 @@ def main() -> int:
         for row in a.rows:
             if row == "fp" and setting != a.settings[0]:
                 continue
-            for seed in (a.seeds if row == "ours" else [None]):
+            runs = [(s, n) for n in (a.steps or [None]) for s in a.seeds] if row == "ours" else [(None, None)]
+            for seed, steps in runs:
                 t0 = time.perf_counter()
                 if row == "fp":
                     r = {k: evaluate(model, v, 64)["ppl"] for k, v in texts.items()}
                     r = {"ppl_eval": r["eval"], "ppl_docs": r["docs"], "evaluated": "source checkpoint"}
                 elif row in OURS:
-                    r = run_ours(out, row, setting, seed or 0, model, calib, texts, nsamples, seqlen, a.threads, tag)
+                    r = run_ours(out, row, setting, seed or 0, model, calib, texts, nsamples, seqlen, a.threads, tag,
+                                 steps)
                 else:
                     r = run_peer(out, row, setting, model, data, a.threads, tag)
-                r = {"budget": a.budget, "setting": "-" if row == "fp" else setting, "row": row, "seed": seed, **r}
+                r = {"budget": a.budget, "setting": "-" if row == "fp" else setting, "row": row, "seed": seed,
+                     "steps_flag": steps, **r}
                 with results.open("a") as f:
                     f.write(json.dumps(r) + "\n")
                 print(json.dumps({k: v for k, v in r.items() if k != "command"}),
