@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lsiq.lowrank import KINDS as LOWRANK_KINDS
-from lsiq.lsi import SVD_METHODS
-from lsiq.quantizer import ActQuantizer, QuantSpec
+if TYPE_CHECKING:
+    from lsiq.quantizer import QuantSpec
 
+# This module imports no torch (the CLIs build --help from it); the modules that implement these
+# choices import them from here.
+LOWRANK_KINDS = ("qera", "lqer", "svd")  # lsiq.lowrank
+SVD_METHODS = ("gram", "full")  # lsiq.lsi: through the Gram matrix, or torch.linalg.svd
 PRECISIONS = ("fp32", "bf16")
 SOLVE_DTYPES = ("auto", "float64", "float32")
 OPTIMIZERS = ("adamw", "signsgd")
@@ -131,6 +134,8 @@ class CalibConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        from lsiq.quantizer import ActQuantizer
+
         ActQuantizer(self.abits)  # validates the activation bit width
         self.spec  # noqa: B018 - validates bits, group size and zero_min
         if self.epochs < 0 or self.batch_size < 1 or self.steps < 0:
@@ -159,6 +164,8 @@ class CalibConfig:
 
     @property
     def spec(self) -> QuantSpec:
+        from lsiq.quantizer import QuantSpec
+
         return QuantSpec(self.wbits, self.group_size, self.sym, self.zero_min)
 
     @property

@@ -25,7 +25,7 @@ from lsiq.stats import input_autocorrelations, solve_dtype
 if TYPE_CHECKING:
     from lsiq.config import CalibConfig
 
-KINDS = ("qera", "lqer", "svd")
+from lsiq.config import LOWRANK_KINDS as KINDS  # noqa: E402 - the names, kept torch-free there
 
 
 def cholesky_root(r: torch.Tensor, damp: float = 1e-6, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SVD_METHODS = ("gram", "full")
+from lsiq.config import SVD_METHODS  # noqa: E402, F401 - the names, kept torch-free there
 
 
 def svd_dtype(device: torch.device) -> torch.dtype:

@@ -10,10 +10,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from typing import Any
 
 from lsiq.config import GROUPS, CalibConfig
+
+
+class BadInput(SystemExit):
+    """Exit status 2 with one ``error:`` line on stderr: bad input, found before any state is written
+    (exit status 1 is a run that failed)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return f"error: {self.message}"
 
 
 def flag(f: dataclasses.Field) -> str:

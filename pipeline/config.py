@@ -11,8 +11,11 @@ from typing import Any
 
 from lsiq.config import CalibConfig
 from lsiq.methods import names as method_names
-from pipeline import formats
-from pipeline.cli import add_config_args, config_from_args
+from pipeline.cli import BadInput, add_config_args, config_from_args
+
+# pipeline.formats.FORMATS, named here without importing the formats (and torch) so that --help is
+# quick; tests/test_formats.py checks that the two agree
+FORMAT_NAMES = ("compressed-tensors", "gptq", "native")
 
 
 @dataclass
@@ -46,11 +49,13 @@ class QuantizeConfig:
     format: str | None = None  # output layout (pipeline.formats); None = formats.default_format
 
     def __post_init__(self) -> None:
+        from pipeline import formats  # imports torch: not needed for --help
+
         if self.collective_timeout <= 0:
             raise ValueError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.format is None:
             self.format = formats.default_format(self.calib_cfg.wbits, self.calib_cfg.abits,
-                                                 self.calib_cfg.lowrank is not None)
+                                                 self.calib_cfg.lowrank is not None, self.calib_cfg.sym)
         formats.get(self.format)  # a clear error for an unknown name
         # the grid must be one the format can store (GPTQ v1: asymmetric zero points >= 1)
         need = formats.zero_min(self.format, self.calib_cfg.spec)
@@ -93,7 +98,7 @@ def _methods_epilog() -> str:
 
     lines = ["methods (--method):"]
     for name in methods.names():
-        lines.append(f"  {name:14s} {methods.get(name).summary}")
+        lines.append(f"  {name:14s} {methods.summary(name)}")
     defaults = ", ".join(f"W{b}: {methods.default_method(b)}" for b in (2, 3, 4))
     lines.append(f"default method: {defaults}; weight-activation runs: {methods.default_method(4, 8)}")
     lines.append("")
@@ -123,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fsspec options for --output when they differ from --storage-options")
     io.add_argument("--max-shard-size", type=parse_bytes, default="5GB",
                     help="largest output shard; a quantized block above it is split over several shards")
-    io.add_argument("--format", choices=formats.FORMATS, default=None,
+    io.add_argument("--format", choices=FORMAT_NAMES, default=None,
                     help="output layout. compressed-tensors: pack-quantized, 4 and 8 bits, weight-only (vLLM, and "
                     "transformers with the compressed-tensors package); gptq: GPTQ v1, 2/3/4/8 bits, weight-only "
                     "(vLLM, transformers with gptqmodel); native: ours, any setting incl. weight-activation, read by "
-                    "python -m pipeline.evaluate. Default: compressed-tensors where the bit width allows, else gptq, "
-                    "else native")
+                    "python -m pipeline.evaluate. Default: what a plain from_pretrained(out) loads: gptq for "
+                    "asymmetric 2/3/4/8-bit grids, compressed-tensors for symmetric 4/8-bit ones, native for the rest")
     io.add_argument("--calib", nargs="+", required=True, metavar="FILE", help="calibration text file(s)")
     io.add_argument("--report", default=None, help="JSON report path (a PNG plot is written beside it)")
     io.add_argument("--restart", action="store_true",
@@ -181,4 +186,4 @@ def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
                               collective_timeout=a.collective_timeout,
                               format=a.format)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise BadInput(f"{e}") from None

@@ -27,6 +27,9 @@ from pipeline.native_format import unpack_weight
 
 NAME = "compressed-tensors"
 FORMAT = "compressed-tensors-pack-quantized"
+# how a user loads the output (OUT: its path), for the last lines of a run
+LOAD = ("AutoModelForCausalLM.from_pretrained(OUT) (transformers with compressed-tensors; an asymmetric grid needs "
+        "quantization_config=CompressedTensorsConfig(dequantize=True)), or vllm serve OUT")
 BITS = (4, 8)
 SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape")
 

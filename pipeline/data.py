@@ -24,6 +24,8 @@ def calibration_ids(tokenizer, files: list[str], nsamples: int, seqlen: int, see
     is tokenized (no special tokens) and its first ``seqlen`` tokens kept. Seeded: same seed, same ids.
     """
     docs = _read_documents(files)
+    if not docs:
+        raise ValueError(f"calibration text {', '.join(map(str, files))} is empty")
     rng = random.Random(seed)
     lengths = [len(d) for d in docs]
     span = seqlen * 12  # characters; comfortably more than seqlen tokens for natural text

@@ -15,9 +15,27 @@ import sys
 from transformers import AutoTokenizer
 
 from lsiq.evaluation import perplexity
+from pipeline import storage
+from pipeline.cli import BadInput
 from pipeline.config import parse_json_object
 from pipeline.data import eval_windows
 from pipeline.model_io import load_for_eval, local_copy
+from pipeline.resume import MANIFEST, RUN_RECORD
+
+
+def check_model(url: str, storage_options: dict) -> None:
+    """A clear error for a --model that is missing, not a checkpoint, or an unfinished run of ours."""
+    fs, root = storage.filesystem(url, storage_options)
+    if not storage.exists(fs, root):
+        raise BadInput(f"--model {url}: no such file or directory")
+    ours = storage.exists(fs, storage.join(root, RUN_RECORD))
+    manifest = storage.join(root, MANIFEST)
+    done = storage.exists(fs, manifest) and storage.read_json(fs, manifest).get("status") == "complete"
+    if ours and not done:
+        raise BadInput(f"--model {url}: an unfinished pipeline.quantize run (no complete {MANIFEST}); "
+                       "rerun its command to finish it")
+    if not storage.exists(fs, storage.join(root, "config.json")):
+        raise BadInput(f"--model {url}: not a checkpoint (no config.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-windows", type=int, default=None, help="keep only the first K windows")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     a = p.parse_args(argv)
+    if a.seqlen < 2:
+        raise BadInput(f"--seqlen must be >= 2, got {a.seqlen}")
+    if a.max_windows is not None and a.max_windows < 1:
+        raise BadInput(f"--max-windows must be >= 1, got {a.max_windows}")
+    if a.batch_size < 1:
+        raise BadInput(f"--batch-size must be >= 1, got {a.batch_size}")
     try:
+        check_model(a.model, a.storage_options)
         with local_copy(a.model, a.storage_options) as path:
             tokenizer = AutoTokenizer.from_pretrained(path)
             windows = eval_windows(tokenizer, a.text, a.seqlen, a.max_windows)

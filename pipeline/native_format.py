@@ -24,6 +24,8 @@ from lsiq.results import QuantizedLinear
 
 NAME = "native"
 FORMAT = "lsiq-native-v1"
+# how a user loads the output (OUT: its path), for the last lines of a run
+LOAD = "python -m pipeline.evaluate --model OUT --text FILE, or pipeline.model_io.load_quantized(OUT) in Python"
 SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight_shape", ".lowrank_a", ".lowrank_b")
 
 

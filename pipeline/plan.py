@@ -26,7 +26,7 @@ from lsiq.arch import BlockArch, UnsupportedArchitecture
 from lsiq.config import CalibConfig
 from lsiq.lsi import svd_flops, svd_matmul_flops, svd_owners
 from lsiq.trainable import state_floats, trainable_count
-from pipeline.cli import add_config_args, config_from_args
+from pipeline.cli import BadInput, add_config_args, config_from_args
 from pipeline.config import QuantizeConfig, parse_bytes
 
 DEFAULT_COLLECTIVE_TIMEOUT = QuantizeConfig.collective_timeout
@@ -494,16 +494,16 @@ def load_arch(path: str) -> BlockArch:
     try:
         data = json.loads(fs.cat_file(root))
     except FileNotFoundError:
-        raise SystemExit(f"error: no model config at {path}") from None
+        raise BadInput(f"no model config at {path}") from None
     except ValueError as e:
-        raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
+        raise BadInput(f"{path} is not valid JSON ({e})") from None
     if "model_type" not in data:
-        raise SystemExit(f"error: {path} has no model_type: not a transformers config.json")
+        raise BadInput(f"{path} has no model_type: not a transformers config.json")
     try:
         config = AutoConfig.for_model(**data)
         return BlockArch.from_config(config)
     except (UnsupportedArchitecture, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise BadInput(f"{e}") from None
 
 
 PHASES = {"setup": "setup (the SVDs)", "steady": "passes over the tokens", "solve": "Hessians' solves",
@@ -608,6 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
     a = build_parser().parse_args(argv)
+    if a.gpus < 1:
+        raise BadInput(f"--gpus must be >= 1, got {a.gpus}")
+    if a.gpu_mem <= 0:
+        raise BadInput("--gpu-mem must be > 0")
     arch = load_arch(a.model_config)
     try:
         if a.batch_size is None:  # a global batch of one sample per worker
@@ -619,7 +623,7 @@ def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
                                       svd_tflops=a.svd_tflops, fp64_tflops=a.fp64_tflops, link_gbps=a.link_gbps,
                                       gptq_column_us=a.gptq_column_us, eigh_tflops=a.eigh_tflops))
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise BadInput(f"{e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = make_plan(p)
     except ValueError as e:  # e.g. a group size that does not divide a linear's input width
-        raise SystemExit(f"error: {e}") from None
+        raise BadInput(f"{e}") from None
     print(render(plan))
     if not plan["fits"]:
         need, have = plan["per_worker_bytes"], plan["gpu_mem_bytes"]

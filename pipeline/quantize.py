@@ -5,310 +5,59 @@ Data flows one way: reader actor -> calibrator actor -> writer actor -> manifest
 block i-1; the model is never loaded whole, by the driver or any actor (one block at a time, plus
 the embeddings and head in the driver during setup). The manifest, written last, marks the
 output complete; per-block checkpoint records let a rerun resume.
+
+This module is the command line: it parses the flags before importing torch, transformers or Ray
+(so ``--help`` is quick), then runs :func:`pipeline.driver.run`. Exit status: 0 done; 2 an input
+or output that cannot be used (one ``error:`` line; found before anything is written where it can
+be); 1 an unexpected failure (with its traceback); 130 interrupted (Ctrl-C or SIGTERM: one line,
+the finished blocks are kept and the same command resumes).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
+import signal
 import sys
-import time
 from typing import Any
 
-import ray
-from safetensors.torch import save as safetensors_save
-from transformers import AutoTokenizer
-
-from lsiq import methods
-from lsiq.arch import UnsupportedArchitecture
-from lsiq.capture import capture_first_layer_inputs
-from lsiq.config import CalibConfig
-from lsiq.parallel import shard_range
-from pipeline import formats, ray_env, resume, storage
-from pipeline.actors import peak_rss_bytes, remote_reader, remote_writer
-from pipeline.calibrator import form_group, remote_calibrators
-from pipeline.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
 from pipeline.config import QuantizeConfig, parse_quantize_args
-from pipeline.dag import BlockDAG
-from pipeline.data import calibration_ids
-from pipeline.model_io import MANIFEST, local_copy, skeleton, with_tensors
-from pipeline.report import write_report
-from pipeline.writer import SHARD_METADATA, OutputDir, sha256
 
-EXTRA_SHARD = "model-extra.safetensors"
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 
-def _fmt_eta(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a run the way Ctrl-C does
 
 
-def _budget(ccfg: CalibConfig, nsamples: int) -> str:
-    """How much a block trains, in words (nothing for the closed-form methods)."""
-    if not ccfg.trains:
-        return "no training"
-    return f"{ccfg.steps_for(nsamples)} steps of {ccfg.batch_size} sample(s) per block"
+def _blocks_saved(cfg: QuantizeConfig) -> int:
+    """How many finished-block records the output holds (what a rerun resumes from)."""
+    from pipeline.writer import OutputDir
 
-
-def run_settings(cfg: QuantizeConfig, ckpt: Checkpoint) -> dict[str, Any]:
-    """Everything that determines the output bytes, by content (not by path)."""
-    calib_hashes = []
-    for f in cfg.calib:
-        with open(f, "rb") as fh:
-            calib_hashes.append(sha256(fh.read())[:16])
-    return dataclasses.asdict(cfg.calib_cfg) | {
-        "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "calib_sha256": calib_hashes,
-        "data_seed": cfg.calib_cfg.seed if cfg.data_seed is None else cfg.data_seed,
-        "source_config_sha256": sha256(json.dumps(ckpt.config_dict, sort_keys=True).encode())[:16],
-        "format": formats.get(cfg.format).FORMAT,
-    }
-
-
-def _open_output(cfg: QuantizeConfig, settings: dict[str, Any], num_layers: int) -> tuple[OutputDir, resume.ResumeState]:
-    out = OutputDir(cfg.output, cfg.out_storage_options)
     try:
-        return out, resume.prepare(out, settings, num_layers, cfg.restart)
-    except PermissionError as e:
-        raise storage.StorageError(f"access to output {cfg.output!r} refused (check the credentials): {e}") from e
-    except storage.StorageError as e:
-        raise storage.StorageError(f"cannot reach output {cfg.output!r}: {e}") from e
-
-
-def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
-    """Quantize ``cfg.model`` into ``cfg.output`` (resuming a partial run there); returns the report."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    t_start = time.perf_counter()
-    phases: dict[str, float] = {}
-    ccfg = cfg.calib_cfg
-    needs_grads = methods.get(ccfg.method).needs_output_grads  # OAC: the FP loss gradient at every block
-    ckpt = Checkpoint(cfg.model, cfg.storage_options)
-    arch = ckpt.arch
-    n = arch.num_layers
-    for name, (_out_f, in_f) in arch.linear_shapes().items():
-        try:
-            ccfg.spec.groups(in_f)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-    formats.check(cfg.format, ccfg.spec, ccfg.abits, arch, ccfg.lowrank is not None)
-    fmt = formats.get(cfg.format)
-    qconfig = fmt.quantization_config(ccfg.spec)  # built now: a failure here leaves nothing written
-    for f in cfg.calib:
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"calibration file not found: {f}")
-    settings = run_settings(cfg, ckpt)
-    fingerprint = resume.fingerprint(settings)
-    out, state = _open_output(cfg, settings, n)
-    if state.complete:
-        log(f"output {cfg.output} already holds this run, complete; nothing to do (--restart to redo it)")
-        return {"already_complete": True, "output": cfg.output}
-    if state.next_block:
-        log(f"resuming: blocks 0..{state.next_block - 1} are done, replaying them to rebuild the activation cache")
-
-    with local_copy(ckpt.url, ckpt.storage_options, names=COPIED_FILES) as tok_dir:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    ids = calibration_ids(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen,
-                          ccfg.seed if cfg.data_seed is None else cfg.data_seed)
-    other = ckpt.read(ckpt.other_names())
-    model = with_tensors(skeleton(ckpt.config), other)
-    hidden, layer_kwargs = capture_first_layer_inputs(model, ids)
-    del model
-    extra_map = {k: EXTRA_SHARD for k in other}
-    extra_bytes = safetensors_save(other, metadata=SHARD_METADATA)
-    head = other if needs_grads else None  # OAC's loss needs the final norm and lm_head
-    del other  # only the serialized copy while it uploads
-    extra = out.write_bytes(EXTRA_SHARD, extra_bytes)
-    del extra_bytes
-
-    records: dict[int, dict[str, Any]] = {}
-    earlier = {rec["index"] for rec in state.records}
-    started_ray = ray_env.connect(cfg.address, cfg.num_cpus)
-    try:
-        workers = cfg.workers
-        want_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray_env.cluster_gpus() > 0)
-        gpus = (cfg.gpus_per_worker if cfg.gpus_per_worker is not None else 1) if want_gpu else 0
-        device = "cuda" if gpus else "cpu"
-        # a resumed run equals an uninterrupted one only on the device type its blocks were calibrated on
-        # (other kernels round differently, and --solve-dtype auto is float64 on a CPU, float32 on a GPU)
-        done_on = sorted({rec["stats"].get("device") for rec in state.records} - {None, device})
-        if done_on:
-            raise resume.ResumeMismatch(
-                f"output {cfg.output!r} holds blocks 0..{state.next_block - 1} calibrated on {done_on[0]}, and this "
-                f"run would calibrate on {device}: the result would not equal an uninterrupted run; rerun with "
-                f"--device {done_on[0]} to resume, or pass --restart")
-        cpus = cfg.cpus_per_worker or max(1, (cfg.num_cpus or ray_env.node_cpus()) // workers)
-        log(f"lsiq: {ckpt.config_dict.get('model_type')} {n} blocks, method={ccfg.method} "
-            f"W{ccfg.wbits}A{ccfg.abits} g{ccfg.group_size}, format {cfg.format}, {cfg.nsamples}x{cfg.seqlen} tokens, "
-            f"{_budget(ccfg, cfg.nsamples)}, {workers} calibrator worker(s) on {device} ({cpus} CPUs, {gpus} GPUs each)")
-        # each worker's share of the samples goes to it once and stays there for the whole run
-        input_refs = [ray.put((hidden[shard_range(cfg.nsamples, workers, r)], layer_kwargs)) for r in range(workers)]
-        del hidden
-        if needs_grads:  # the head's tensors and each worker's token ids, for the loss gradient
-            head_ref = ray.put(head)
-            del head
-            ids_refs = [ray.put(ids[shard_range(cfg.nsamples, workers, r)]) for r in range(workers)]
-        calibrators = remote_calibrators(ckpt.config_dict, ccfg, device, cpus, gpus, workers, cfg.nsamples,
-                                         cfg.activation_budget, cfg.spill_dir, cfg.max_restarts, cfg.format)
-        dag = BlockDAG(remote_reader(ckpt), calibrators, remote_writer(cfg.output, cfg.out_storage_options,
-                                                                        fingerprint, cfg.max_shard_bytes),
-                       cross_layer=ccfg.cross_layer)
-
-        def check_source(meta: dict[str, Any], rec: dict[str, Any]) -> None:
-            if meta["fingerprint"] != rec["source_fingerprint"]:
-                raise resume.ResumeMismatch(
-                    f"block {rec['index']} of the source changed since it was quantized "
-                    f"(fingerprint {rec['source_fingerprint']} -> {meta['fingerprint']}); pass --restart")
-
-        phases["setup"] = time.perf_counter() - t_start
-        restarts = 0
-        while True:
-            try:
-                t0 = time.perf_counter()
-                form_group(calibrators, cfg.collective_timeout)
-                cache = ray.get([c.set_inputs.remote(ref) for c, ref in zip(calibrators, input_refs, strict=True)])[0]
-                if needs_grads and state.next_block < n:
-                    t_oac = time.perf_counter()
-                    oac_loss, oac_caches = dag.oac_pass(n, state.next_block, head_ref, ids_refs,
-                                                        cfg.nsamples * (cfg.seqlen - 1))
-                    cache = cache | oac_caches  # the pass holds a cache per block: the run's peak
-                    phases["oac_pass"] = phases.get("oac_pass", 0.0) + time.perf_counter() - t_oac
-                    log(f"OAC pass: FP model loss {oac_loss:.4f} on the calibration set; gradients of every block "
-                        f"kept ({phases['oac_pass']:.1f}s)")
-                for i in dag.replay(state.records, check_source):
-                    why = "done in an earlier run" if i in earlier else "cache rebuilt after a calibrator restart"
-                    log(f"block {i + 1}/{n}  replayed ({why})")
-                phases["replay"] = phases.get("replay", 0.0) + time.perf_counter() - t0
-                t_loop = time.perf_counter()
-                first = state.next_block
-                for rec in dag.run(first, n):
-                    i = rec["index"]
-                    records[i] = rec
-                    st = rec["stats"]
-                    eta = (time.perf_counter() - t_loop) / (i + 1 - first) * (n - i - 1)
-                    log(f"block {i + 1}/{n}  output MSE {st['loss_before']:.4g} (RTN) -> {st['loss_after']:.4g}  "
-                        f"{st['seconds']:.1f}s  io-wait {st['io_wait_seconds']:.1f}s  ETA {_fmt_eta(eta)}")
-                phases["blocks"] = time.perf_counter() - t_loop
-                break
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                dag.drain()
-                # a worker that Ray restarted has no caches (position -1); the survivors of a data-parallel
-                # group fail their collective when a peer dies. Anything else is a real error.
-                lost = [s["rank"] for s in _worker_states(calibrators) if s["position"] < 0]
-                if not lost and not isinstance(e, ray.exceptions.RayActorError):
-                    raise
-                restarts += 1
-                if restarts > cfg.max_restarts:
-                    raise RuntimeError(f"calibrator workers died {restarts} times; giving up ({e})") from e
-                state = resume.prepare(out, settings, n, restart=False)
-                log(f"calibrator actor died (worker {lost or '?'}; {type(e).__name__}); Ray restarted it "
-                    f"({restarts}/{cfg.max_restarts}); rebuilding the caches by replaying blocks "
-                    f"0..{state.next_block - 1}, then redoing block {state.next_block + 1}")
-        for rec in state.records:
-            records.setdefault(rec["index"], rec)
-        peak_calibrator = max(ray.get([c.peak_rss.remote() for c in calibrators]))
-        worker_nodes = [s["node_id"] for s in _worker_states(calibrators)]
-        for actor in (dag.reader, *calibrators, dag.writer):
-            ray.kill(actor)
-    finally:
-        if started_ray:
-            ray.shutdown()
-
-    t_finish = time.perf_counter()
-    files = [extra] + [f for i in range(n) for f in records[i]["files"]]
-    weight_map = extra_map | {k: v for i in range(n) for k, v in records[i]["weight_map"].items()}
-    out.write_json(INDEX_FILE, {"metadata": {"format": fmt.FORMAT}, "weight_map": dict(sorted(weight_map.items()))})
-    for name in COPIED_FILES:
-        src = storage.join(ckpt.root, name)
-        if name == "config.json" and qconfig is not None:
-            out.write_json(name, ckpt.config_dict | {"quantization_config": qconfig})
-        elif storage.exists(ckpt.fs, src):
-            out.write_bytes(name, storage.read_all(ckpt.fs, src))
-    if fmt is formats.gptq_format:  # AutoGPTQ's own file, which older loaders read instead of config.json
-        out.write_json("quantize_config.json", qconfig)
-    blocks = [records[i]["stats"] | {"resumed": i in earlier} for i in range(n)]
-    new_blocks = [b for b in blocks if not b["resumed"]]
-    report = {
-        "model": cfg.model,
-        "output": cfg.output,
-        "config": dataclasses.asdict(ccfg) | {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen},
-        "fingerprint": fingerprint,
-        "device": device,
-        "resumed_blocks": len(earlier),
-        "calibrator_restarts": restarts,
-        "workers": workers,
-        "format": cfg.format,
-        "worker_nodes": worker_nodes,  # the Ray node each calibrator worker ran on (rank order)
-        "calib_seconds": sum(b["seconds"] for b in new_blocks),
-        "io_wait_seconds": sum(b["io_wait_seconds"] for b in new_blocks),
-        "bytes_read": sum(b["bytes_read"] for b in new_blocks),
-        "bytes_written": sum(b["bytes_written"] for b in new_blocks),
-        "lowrank_bytes": sum(b.get("lowrank_bytes", 0) for b in blocks),  # float16 A and B of --lowrank
-        "trainable_params": sum(b["trainable_params"] for b in blocks),
-        "activation_cache_bytes": cache["cache_bytes"],
-        "activation_cache_peak_bytes": cache["peak_cache_bytes"],
-        "activation_spilled": cache["spilled"],
-        "peak_rss": {
-            "driver": peak_rss_bytes(),
-            "reader": max((b["peak_rss_reader"] for b in new_blocks), default=0),
-            "calibrator": peak_calibrator,
-            "writer": max((b["peak_rss_writer"] for b in new_blocks), default=0),
-        },
-        "blocks": blocks,
-    }
-    if cfg.report:
-        report["plot"] = write_report(cfg.report, report)
-    # The manifest is written last: its presence with status "complete" is what makes the run complete.
-    out.write_json(MANIFEST, {
-        "status": "complete",
-        "format": fmt.FORMAT,
-        "quantization": {"method": ccfg.method, "wbits": ccfg.wbits, "abits": ccfg.abits,
-                         "group_size": ccfg.group_size, "sym": ccfg.sym, "zero_min": ccfg.zero_min,
-                         "lowrank": ccfg.lowrank, "rank": ccfg.rank if ccfg.lowrank else None},
-        "settings": settings,
-        "fingerprint": fingerprint,
-        "num_layers": n,
-        "files": files,
-    })
-    phases["finish"] = time.perf_counter() - t_finish
-    report["wall_seconds"] = time.perf_counter() - t_start
-    report["phases"] = phases
-    if cfg.report:
-        write_report(cfg.report, report)
-    log(f"done: {n} blocks in {_fmt_eta(report['wall_seconds'])}, output {cfg.output}")
-    return report
-
-
-def _worker_states(calibrators: list[ray.actor.ActorHandle], wait_s: float = 300.0) -> list[dict[str, Any]]:
-    """Each calibrator's state, waiting for the ones Ray is restarting."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return ray.get([c.state.remote() for c in calibrators])
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-
-
-def _cause(e: BaseException) -> BaseException:
-    """The user's error inside a Ray task error (its traceback is noise for a CLI user)."""
-    while isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
-        e = e.cause
-    return e
+        return sum(1 for f in OutputDir(cfg.output, cfg.out_storage_options).listing()
+                   if f.startswith("checkpoints/block-"))
+    except Exception:  # noqa: BLE001 - the count is a courtesy; the interruption is what is reported
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_quantize_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    from lsiq.arch import UnsupportedArchitecture
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.driver import cause, run
+
     try:
         run(cfg)
+    except KeyboardInterrupt:
+        n = _blocks_saved(cfg)
+        print(f"interrupted after {n} finished block(s), kept in {cfg.output}; rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as e:
-        cause = _cause(e)
-        if isinstance(cause, CheckpointError | UnsupportedArchitecture | OSError | ValueError | RuntimeError):
-            print(f"error: {cause}", file=sys.stderr)
-            return 2
+        why = cause(e)
+        if isinstance(why, CheckpointError | UnsupportedArchitecture | OSError | ValueError | RuntimeError):
+            print(f"error: {why}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         raise
     return 0
 

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import storage
 from pipeline.writer import OutputDir, sha256
 
 RUN_RECORD = "checkpoints/run.json"
@@ -52,6 +53,11 @@ class ResumeState:
 def prepare(out: OutputDir, settings: dict[str, Any], num_layers: int, restart: bool) -> ResumeState:
     """Inspect the output, refuse a mismatched run, discard it on ``restart``, and return where to start."""
     files = out.listing()
+    # temporary files of a write that a killed run left behind are never part of an output
+    stale = [f for f in files if storage.TEMP_MARK in f.rsplit("/", 1)[-1]]
+    if stale:
+        out.remove(stale)
+        files = [f for f in files if f not in stale]
     ours = [f for f in files if f == MANIFEST or f.endswith(".safetensors") or f.startswith("checkpoints/")]
     fp = fingerprint(settings)
     if ours and restart:
@@ -67,6 +73,11 @@ def prepare(out: OutputDir, settings: dict[str, Any], num_layers: int, restart: 
         raise ResumeMismatch(f"output {out.url!r} holds files of another tool or run ({len(ours)} files) "
                              "but no checkpoints/run.json; choose another --output or pass --restart")
     old = out.read_json(RUN_RECORD)
+    if old.get("fingerprint") != fp and not any(f == MANIFEST or f.startswith("checkpoints/block-") for f in ours):
+        # a run that finished no block holds nothing worth keeping: the new settings replace it
+        out.remove(ours)
+        out.write_json(RUN_RECORD, {"fingerprint": fp, "settings": settings})
+        return ResumeState()
     if old.get("fingerprint") != fp:
         diff = _differences(old.get("settings", {}), settings)
         raise ResumeMismatch(f"output {out.url!r} holds a run with different settings ({'; '.join(diff)}); "

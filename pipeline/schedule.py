@@ -39,6 +39,7 @@ import yaml
 from pipeline import lease as leases
 from pipeline import storage
 from pipeline.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, CheckpointError
+from pipeline.cli import BadInput
 from pipeline.config import build_parser as quantize_parser
 from pipeline.config import parse_json_object
 from pipeline.resume import MANIFEST
@@ -399,18 +400,18 @@ def parse_schedule_args(argv: list[str] | None = None) -> ScheduleConfig:
     a = build_parser().parse_args(argv)
     for flag, opts in (("--storage-options", a.storage_options), ("--output-storage-options", a.output_storage_options)):
         if secrets := _secret_keys(opts):
-            raise SystemExit(f"error: {flag} holds credentials ({', '.join(secrets)}); the scheduler passes these options "
+            raise BadInput(f"{flag} holds credentials ({', '.join(secrets)}); the scheduler passes these options "
                              "on each run's command line (and into Ray job entrypoints), so give credentials through the "
                              "environment instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, an instance role, ...)")
     try:
         with open(a.config) as fh:
             run = yaml.safe_load(fh) or {}
     except FileNotFoundError:
-        raise SystemExit(f"error: no such config file: {a.config}") from None
+        raise BadInput(f"no such config file: {a.config}") from None
     except yaml.YAMLError as e:
-        raise SystemExit(f"error: {a.config} is not valid YAML: {e}") from None
+        raise BadInput(f"{a.config} is not valid YAML: {e}") from None
     if not isinstance(run, dict):
-        raise SystemExit(f"error: {a.config} must be a mapping of quantize settings")
+        raise BadInput(f"{a.config} must be a mapping of quantize settings")
     runtime_env = run.pop("runtime_env", None)
     cfg = ScheduleConfig(source=a.source, output=a.output, run=run, once=a.once, every_s=a.every or 0.0,
                          address=a.address, storage_options=a.storage_options,

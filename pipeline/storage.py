@@ -9,6 +9,7 @@ object, refused credentials) surface at once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,14 +119,23 @@ def _verify(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         raise OSError(f"{path}: stored object differs from the data written")
 
 
+TEMP_MARK = ".tmp-"  # local temporary files are "<name>.tmp-<8 hex>" (pipeline.resume removes leftovers)
+
+
 def write_temp(path: str, data: bytes) -> str:
     """Write ``data`` durably (fsync) to a new temporary file beside local ``path``; returns its name,
-    for the caller to move into place."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    for the caller to move into place. A failed write (a full disk) removes its temporary file and
+    names the path."""
+    tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(e.errno, f"cannot write {path} ({len(data):,} bytes): {e.strerror}") from e
     return tmp
 
 
@@ -147,4 +157,8 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    return json.loads(read_all(fs, path))
+    """The JSON object in ``path``; a file that does not parse is named in the error."""
+    try:
+        return json.loads(read_all(fs, path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import torch
@@ -44,6 +45,22 @@ class OutputDir:
         prefix = self.root.rstrip("/") + "/"
         found = storage.retrying(lambda: self.fs.find(self.root), f"list {self.url}")
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
+
+    def check_writable(self) -> None:
+        """A local output must be a folder (or not exist yet) under a folder this process may write in;
+        checked before a run writes anything, so the user reads the path, not an errno."""
+        if not storage.is_local(self.fs):
+            return  # object stores answer for themselves (credentials, bucket) on the first write
+        path = os.path.abspath(self.root)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"--output {self.url} is a file, not a folder: choose a folder for the quantized model")
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"--output {self.url} lies under {parent}, which is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--output {self.url}: this user may not write in {parent}")
 
     def makedirs(self) -> None:
         if storage.is_local(self.fs):

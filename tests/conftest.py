@@ -90,7 +90,7 @@ def tiny_runs(tmp_path_factory, tiny_checkpoint, texts_dir, ray_local):
     """``tiny_runs(method) -> (output dir, report)``: one pipeline run of ``tiny_checkpoint`` per method
     at ``tests.test_pipeline._cfg``'s settings, made on first use and shared by the tests that need such
     an output (each run costs ~10 s of actor start-up). Read-only: copy it before changing it."""
-    from pipeline.quantize import run
+    from pipeline.driver import run
     from tests.test_pipeline import _cfg
 
     done: dict[str, tuple[Path, dict]] = {}

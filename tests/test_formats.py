@@ -25,8 +25,8 @@ from lsiq.quantizer import QuantSpec, minmax_scale_zero, quantize_codes
 from lsiq.results import BlockResult, QuantizedLinear
 from pipeline import ct_format, formats, gptq_format
 from pipeline.config import QuantizeConfig, parse_quantize_args
+from pipeline.driver import run
 from pipeline.model_io import MANIFEST, load_quantized, skeleton
-from pipeline.quantize import run
 from tests.conftest import tiny_llama_config
 
 
@@ -247,7 +247,9 @@ def test_default_format_and_clear_errors(tiny_checkpoint, texts_dir, tmp_path):
         return parse_quantize_args(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "q"),
                                     "--calib", str(texts_dir / "calib.txt"), *args])
 
-    assert cfg("--wbits", "4").format == "compressed-tensors"
+    assert cfg("--wbits", "4").format == "gptq"  # asymmetric: what a plain from_pretrained loads
+    assert cfg("--wbits", "4", "--sym").format == "compressed-tensors"
+    assert cfg("--wbits", "8", "--sym").format == "compressed-tensors"
     assert cfg("--wbits", "3").format == "gptq" and cfg("--wbits", "3").calib_cfg.zero_min == 1
     assert cfg("--wbits", "3", "--sym").calib_cfg.zero_min == 0
     assert cfg("--wbits", "4", "--abits", "8").format == "native"
@@ -282,3 +284,9 @@ def test_native_still_reads_its_own_layout():
     w = formats.dequantize_tensors("native", t, spec)["p.mlp.down_proj.weight"]
     assert torch.equal(w, result.linears["mlp.down_proj"].dequantize())
     assert math.isfinite(float(w.sum()))
+
+
+def test_format_names_known_to_the_cli_are_the_formats():
+    from pipeline.config import FORMAT_NAMES
+
+    assert FORMAT_NAMES == formats.FORMATS

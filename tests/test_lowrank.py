@@ -139,8 +139,8 @@ def test_pipeline_stores_and_evaluate_applies_the_corrections(tiny_checkpoint, t
     from lsiq.packing import unpack_codes
     from lsiq.quantizer import dequantize
     from pipeline.config import QuantizeConfig
+    from pipeline.driver import run
     from pipeline.model_io import MANIFEST, load_quantized
-    from pipeline.quantize import run
 
     out = tmp_path / "out"
     calib = CalibConfig(method="rtn", wbits=3, group_size=32, lowrank="qera", rank=4)

@@ -99,8 +99,8 @@ def test_oac_through_the_pipeline_resumes_byte_identical(tiny_checkpoint, texts_
     gradients live in the calibrator), and the resumed output equals the uninterrupted one."""
     from lsiq.config import CalibConfig
     from pipeline.config import QuantizeConfig
+    from pipeline.driver import run
     from pipeline.model_io import MANIFEST, load_quantized
-    from pipeline.quantize import run
 
     def cfg(out):
         return QuantizeConfig(model=str(tiny_checkpoint), output=str(out), calib=[str(texts_dir / "calib.txt")],

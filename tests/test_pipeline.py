@@ -14,8 +14,8 @@ from lsiq.config import CalibConfig
 from lsiq.evaluation import perplexity
 from pipeline.checkpoint import Checkpoint, CheckpointError
 from pipeline.config import QuantizeConfig, parse_quantize_args
+from pipeline.driver import run
 from pipeline.model_io import MANIFEST, load_quantized
-from pipeline.quantize import run
 from pipeline.resume import ResumeMismatch
 
 
@@ -288,3 +288,88 @@ def test_nan_in_a_later_block_fails_the_cli_run_cleanly(tiny_checkpoint, texts_d
     assert "error: tensor model.layers.2.mlp.up_proj.weight contains NaN or Inf values" in r.stderr
     assert "Traceback" not in r.stderr.split("error:")[-1]
     assert not (out / MANIFEST).exists() and (out / "checkpoints" / "block-00001.json").exists()
+
+
+def test_bad_calibration_text_writes_nothing_and_the_fixed_rerun_works(tiny_checkpoint, texts_dir, tmp_path, ray_local):
+    """An empty calibration file is found before the output is touched, so the corrected rerun needs no --restart."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"calibration text {empty} is empty"):
+        _run(_cfg(tiny_checkpoint, out, empty, method="rtn"))
+    assert not out.exists()
+    report = _run(_cfg(tiny_checkpoint, out, texts_dir / "calib.txt", method="rtn"))
+    assert report["resumed_blocks"] == 0 and (out / MANIFEST).exists()
+
+
+def test_run_that_finished_no_block_is_replaced_by_new_settings(tiny_checkpoint, texts_dir, tmp_path, tiny_runs):
+    """A run record without a finished block holds nothing worth keeping; a finished block is protected."""
+    src, _ = tiny_runs("rtn")
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    calib = texts_dir / "calib.txt"
+    with pytest.raises(ResumeMismatch, match="different settings"):
+        _run(_cfg(tiny_checkpoint, out, calib, method="gptq"))
+    (out / MANIFEST).unlink()
+    for f in (out / "checkpoints").glob("block-*"):
+        f.unlink()
+    report = _run(_cfg(tiny_checkpoint, out, calib, method="gptq"))
+    assert report["resumed_blocks"] == 0 and json.loads((out / MANIFEST).read_text())["status"] == "complete"
+
+
+def test_evaluate_bad_inputs_exit_2_with_one_line(tiny_checkpoint, texts_dir, tmp_path, capsys):
+    from pipeline import evaluate
+
+    text = str(texts_dir / "eval.txt")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "checkpoints" / "run.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    cases = [(["--model", str(tmp_path / "nowhere")], "no such file or directory"),
+             (["--model", str(unfinished)], "an unfinished pipeline.quantize run"),
+             (["--model", str(tmp_path / "empty")], "not a checkpoint (no config.json)"),
+             (["--model", str(tiny_checkpoint), "--seqlen", "1"], "--seqlen must be >= 2"),
+             (["--model", str(tiny_checkpoint), "--max-windows", "0"], "--max-windows must be >= 1"),
+             (["--model", str(tiny_checkpoint), "--batch-size", "0"], "--batch-size must be >= 1")]
+    for args, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([*args, "--text", text])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err == [err[0]] and expected in err[0], (args, err)
+
+
+def test_unreadable_json_names_the_file(tmp_path):
+    import fsspec
+
+    from pipeline import storage
+
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": ')
+    with pytest.raises(ValueError, match=f"{bad} is not valid JSON"):
+        storage.read_json(fsspec.filesystem("file"), str(bad))
+
+
+def test_quantize_help_imports_no_torch_transformers_or_ray():
+    """--help is built from the config dataclasses and the method table alone: what makes it quick."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pipeline.quantize import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "lwc-let-round" in r.stdout and "example:" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_output_that_is_a_file_is_refused_in_plain_words(tiny_checkpoint, texts_dir, tmp_path, capsys):
+    from pipeline.quantize import main
+
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"keep me")
+    for out, expected in ((f, "is a file, not a folder"), (f / "sub", "which is a file, not a folder")):
+        rc = main(["--model", str(tiny_checkpoint), "--output", str(out), "--calib", str(texts_dir / "calib.txt"),
+                   "--method", "rtn", "--nsamples", "2", "--seqlen", "32"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: --output") and expected in err[0], err
+    assert f.read_bytes() == b"keep me"

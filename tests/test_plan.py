@@ -291,6 +291,10 @@ def test_bad_inputs_get_clear_errors(tmp_path, plan_cli):
     assert rc != 0 and "group size 100" in err
     rc, _, err = plan_cli("--model-config", str(MODELS / "llama-3-8b"), "--gpus", "1", "--gpu-mem", "lots")
     assert rc != 0 and "not a size" in err
+    for flag, value in (("--gpus", "0"), ("--gpu-mem", "0")):
+        args = {"--gpus": "1", "--gpu-mem": "24GB", flag: value}
+        rc, _, err = plan_cli("--model-config", str(MODELS / "llama-3-8b"), *[x for kv in args.items() for x in kv])
+        assert rc == 2 and f"{flag} must be" in err, (flag, err)
 
 
 @pytest.mark.parametrize("svd", ["full", "gram"])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lsiq.evaluation import perplexity
 from pipeline.checkpoint import Checkpoint
@@ -36,8 +36,9 @@ def test_fp_perplexity_equals_plain_transformers(smollm2_dir, texts_dir):
 @pytest.mark.slow
 def test_cli_s3_to_s3_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path, s3):
     """SmolLM2 from S3, quantized with LSI into S3 by the CLI (credentials from the environment) in
-    the default 4-bit format, compressed-tensors; evaluated from S3 by us, then loaded by
-    transformers with the compressed-tensors package, which must compute our logits and perplexity."""
+    the default asymmetric 4-bit format (GPTQ v1); evaluated from S3 by us, then loaded by a plain
+    ``AutoModelForCausalLM.from_pretrained(path)`` (gptqmodel's CPU kernels), which must compute our
+    logits and perplexity up to the float16 its kernels dequantize in."""
     src = upload_dir(s3, smollm2_dir, "smollm2")
     out = "s3://lsiq/out/smollm2-lsi-w4"
     endpoint = json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}})
@@ -56,6 +57,7 @@ def test_cli_s3_to_s3_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path, s3
                         "--report", str(tmp_path / "report.json")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "block 30/30" in r.stderr and "ETA" in r.stderr
+    assert f"wrote {out} as gptq" in r.stderr and f"load it: AutoModelForCausalLM.from_pretrained({out})" in r.stderr
     assert s3.secret_key not in r.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["blocks"]) == 30 and report["trainable_params"] > 0
@@ -69,19 +71,18 @@ def test_cli_s3_to_s3_end_to_end_on_smollm2(smollm2_dir, texts_dir, tmp_path, s3
     fp = {"ppl": perplexity(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval(), windows)}
     assert math.isfinite(q["ppl"]) and q["ppl"] > fp["ppl"]  # 4-bit weights cost some perplexity
     assert q["ppl"] < 5 * fp["ppl"]
-    assert report["format"] == "compressed-tensors"
+    assert report["format"] == "gptq"
 
     with local_copy(out, s3.storage_options()) as path:
         ours, _ = load_quantized(path)
-        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                      quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+        theirs = AutoModelForCausalLM.from_pretrained(path).eval()  # no arguments: what a user types
     prompts = ["The king said to his son", "Good morrow, my lord.", "What light through yonder window breaks?"]
     with torch.no_grad():
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt")["input_ids"]
             a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-            assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4, prompt
-    assert perplexity(theirs, windows) == pytest.approx(q["ppl"], rel=1e-5)
+            assert ((a - b).abs().max() / a.abs().max()).item() < 2e-3, prompt
+    assert perplexity(theirs, windows) == pytest.approx(q["ppl"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import sys
 import pytest
 import s3fs
 
-from pipeline.quantize import run
+from pipeline.driver import run
 from pipeline.resume import ResumeMismatch
 from pipeline.storage import StorageError
 from tests.conftest import upload_dir

@@ -18,7 +18,7 @@ def main(model: str, output: str, calib: str) -> int:
     from ray.cluster_utils import Cluster
 
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    from pipeline.quantize import run
+    from pipeline.driver import run
     from tests.procs import listening_ips
     from tests.test_pipeline import _cfg
 

@@ -3,8 +3,8 @@
 A method turns one FP decoder block plus its cached inputs into integer weights (``calibrate``)
 and tells the pipeline and the planner what it needs and costs (its attributes), so neither
 compares method names. Adding a method: one module in lsiq/methods that defines a Method (or a
-TrainedMethod, lsiq.methods.trained) and calls :func:`register`, plus its import in
-lsiq/methods/__init__.py.
+TrainedMethod, lsiq.methods.trained) and calls :func:`register`, plus its line in
+lsiq.methods.MODULES.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ class Method:
     """A calibration method. Subclasses set the class attributes and implement :meth:`calibrate`."""
 
     name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""  # one line for --help
     components: ClassVar[frozenset[str]] = frozenset()  # what it learns (lsiq.trainable.COMPONENTS)
     # per-linear [in, in] second-order statistics and a GPTQ solve per linear (memory and time)
     hessians: ClassVar[bool] = False
@@ -97,18 +96,13 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
-# the method a user gets without --method, by weight bits (lsiq.methods.default_method)
-_DEFAULTS: dict[str, str] = {}
 
 
-def register(method: Method, default_for: tuple[str, ...] = ()) -> Method:
-    """Add ``method`` to the registry; ``default_for``: the settings ("w2", "w3", ... , "wa" for
-    weight-activation runs) it is the default method of."""
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (its module's name goes in lsiq.methods.MODULES)."""
     if not method.name or method.name in _REGISTRY:
         raise ValueError(f"method name {method.name!r} is empty or taken")
     _REGISTRY[method.name] = method
-    for key in default_for:
-        _DEFAULTS[key] = method.name
     return method
 
 
@@ -116,14 +110,11 @@ def get(name: str) -> Method:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+        from lsiq.methods import names
+
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(names())}") from None
 
 
-def names() -> list[str]:
+def registered() -> list[str]:
+    """The names registered so far (lsiq.methods.names lists every method, imported or not)."""
     return list(_REGISTRY)
-
-
-def default_method(wbits: int, abits: int = 16) -> str:
-    """The method a user gets without choosing one: the best measured for the setting (BENCHMARKS.md)."""
-    key = "wa" if abits < 16 else f"w{wbits}"
-    return _DEFAULTS.get(key, _DEFAULTS["other"])

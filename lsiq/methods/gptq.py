@@ -28,7 +28,6 @@ def gptq_linears(job: BlockJob, hess: dict[str, torch.Tensor]) -> dict[str, Quan
 
 class GPTQ(Method):
     name = "gptq"
-    summary = "GPTQ (static activation order, damping 0.01: llm-compressor's defaults)"
     hessians = True
 
     def calibrate(self, job: BlockJob) -> Calibrated:

@@ -8,7 +8,6 @@ from lsiq.methods.trained import TrainedMethod
 
 class LSIMethod(TrainedMethod):
     name = "lsi"
-    summary = "LWC + LET + learnable singular-value increments (LSI)"
     components = frozenset({"lsi", "let", "lwc"})
     saved_weights = {"fp32": 6.5, "bf16": 5.75}
     weight_traffic = {"fp32": (70.1, 89.1), "bf16": (77.5, 98.1)}

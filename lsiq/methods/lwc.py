@@ -8,7 +8,6 @@ from lsiq.methods.trained import TrainedMethod
 
 class LWCMethod(TrainedMethod):
     name = "lwc"
-    summary = "OmniQuant's learnable weight clipping"
     components = frozenset({"lwc"})
     saved_weights = {"fp32": 4.1, "bf16": 3.6}
     weight_traffic = {"fp32": (41.2, 53.7), "bf16": (44.2, 56.7)}

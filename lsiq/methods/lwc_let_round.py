@@ -12,7 +12,6 @@ from lsiq.methods.trained import TrainedMethod
 
 class LWCLETRound(TrainedMethod):
     name = "lwc-let-round"
-    summary = "learned rounding + clipping (SignRound) with OmniQuant's LET, best step kept"
     components = frozenset({"lwc", "let", "rounding"})
     # One sample per step (at SignRound's 100 sample passes per block, twice its steps) and the
     # token-normalised loss, so the few massive-activation positions do not decide every step: both
@@ -22,4 +21,4 @@ class LWCLETRound(TrainedMethod):
     weight_traffic = {"fp32": (60.2, 77.6), "bf16": (63.2, 80.6)}
 
 
-register(LWCLETRound(), default_for=("w2", "w3", "w4", "other"))
+register(LWCLETRound())

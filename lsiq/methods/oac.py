@@ -13,7 +13,6 @@ from lsiq.stats import solve_dtype
 
 class OAC(Method):
     name = "oac"
-    summary = "GPTQ with output-adaptive Hessians (needs a forward and backward pass of the FP model first)"
     hessians = True
     needs_output_grads = True
 

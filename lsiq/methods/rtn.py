@@ -13,7 +13,6 @@ from lsiq.results import QuantizedLinear
 
 class RTN(Method):
     name = "rtn"
-    summary = "round to nearest on each group's min/max grid"
 
     @torch.no_grad()
     def calibrate(self, job: BlockJob) -> Calibrated:

@@ -9,7 +9,6 @@ from lsiq.methods.trained import TrainedMethod
 
 class SDEMethod(TrainedMethod):
     name = "sde"
-    summary = "LSI + learnable bands beside the singular values' diagonal (--sde-band)"
     components = frozenset({"lsi", "bands", "let", "lwc"})
     # SDE keeps what LSI keeps: its bands' products save views of U, and their sum replaces U diag(dS)
     saved_weights = {"fp32": 6.5, "bf16": 5.75}

@@ -13,7 +13,6 @@ SIGNROUND_DEFAULTS = {**Method.defaults, "steps": 50, "batch_size": 2, "optimize
 
 class SignRound(TrainedMethod):
     name = "signround"
-    summary = "AutoRound's SignRound: learned rounding + clipping, signed gradient descent, best step kept"
     components = frozenset({"lwc", "rounding"})
     defaults = SIGNROUND_DEFAULTS
     saved_weights = {"fp32": 4.0, "bf16": 3.57}
