@@ -18,7 +18,7 @@ from torch import nn
 from lsiq import methods
 from lsiq.arch import LINEARS, BlockArch
 from lsiq.config import CalibConfig
-from lsiq.forward import mean_loss
+from lsiq.forward import output_errors
 from lsiq.lowrank import add_lowrank
 from lsiq.methods.base import BlockJob
 from lsiq.parallel import SampleShard
@@ -61,18 +61,20 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
         for p in next_layer.parameters():
             p.requires_grad_(False)
     fb = cfg.forward_batch(shard.world)
-    loss_rtn = mean_loss(layer, inputs, targets, layer_kwargs, fb, rtn_params(layer, cfg.spec), cfg.abits, shard)
+    loss_rtn, rel_rtn = output_errors(layer, inputs, targets, layer_kwargs, fb, rtn_params(layer, cfg.spec),
+                                      cfg.abits, shard)
     job = BlockJob(layer, layer_kwargs, inputs, targets, arch, cfg, shard, block_index, fp_inputs, next_layer,
                    output_grads, on_step)
     out = methods.get(cfg.method).calibrate(job)
     del job
     result = BlockResult(out.linears, out.tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=out.losses,
-                         trainable_params=out.trainable_params)
+                         trainable_params=out.trainable_params, rel_before=rel_rtn)
     if cfg.lowrank is not None:
         fp = out.fp_weights or {n: layer.get_submodule(n).weight.detach() for n in LINEARS}
         out = None  # the solves need only the FP targets and the codes
         add_lowrank(layer, inputs, layer_kwargs, cfg, result, fp, shard)
     out = None
-    result.loss_after = mean_loss(layer, inputs, targets, layer_kwargs, fb, result.dequantized_params(), cfg.abits, shard)
+    result.loss_after, result.rel_after = output_errors(layer, inputs, targets, layer_kwargs, fb,
+                                                        result.dequantized_params(), cfg.abits, shard)
     result.seconds = time.perf_counter() - t0
     return result

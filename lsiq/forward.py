@@ -62,20 +62,34 @@ def forward_all(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, 
 
 
 @torch.no_grad()
+def output_errors(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, layer_kwargs: dict[str, Any],
+                  batch_size: int, params: dict[str, torch.Tensor] | None, abits: int,
+                  shard: SampleShard | None = None) -> tuple[float, float]:
+    """Block-output MSE and relative error over every cached sample (of every worker, with ``shard``).
+
+    The relative error is each token's squared error over its FP output's mean square, averaged over
+    tokens: the "token" loss's measure. The MSE is dominated by the few positions that carry massive
+    activations; the relative error weighs every token alike."""
+    device = device_of(layer)
+    sq = rel = 0.0
+    with act_quant_hooks(layer, abits):
+        for idx in batches(inputs.shape[0], batch_size):
+            out = block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
+            target = targets[idx].to(device)
+            err = (out - target).pow(2)
+            sq += err.sum().item()
+            rel += (err.mean(-1) / target.pow(2).mean(-1).clamp_min(1e-30)).sum().item()
+    acc = torch.tensor([sq, float(targets.numel()), rel, float(targets[..., 0].numel())], dtype=torch.float64)
+    if shard is not None:
+        shard.all_reduce(acc, "sum")
+    return (acc[0] / acc[1]).item(), (acc[2] / acc[3]).item()
+
+
 def mean_loss(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, layer_kwargs: dict[str, Any],
               batch_size: int, params: dict[str, torch.Tensor] | None, abits: int,
               shard: SampleShard | None = None) -> float:
     """Block-output MSE over every cached sample (of every worker, with ``shard``)."""
-    device = device_of(layer)
-    total = 0.0
-    with act_quant_hooks(layer, abits):
-        for idx in batches(inputs.shape[0], batch_size):
-            out = block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
-            total += torch.nn.functional.mse_loss(out, targets[idx].to(device), reduction="sum").item()
-    acc = torch.tensor([total, float(targets.numel())], dtype=torch.float64)
-    if shard is not None:
-        shard.all_reduce(acc, "sum")
-    return (acc[0] / acc[1]).item()
+    return output_errors(layer, inputs, targets, layer_kwargs, batch_size, params, abits, shard)[0]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

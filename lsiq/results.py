@@ -42,6 +42,9 @@ class BlockResult:
     loss_before: float  # round-to-nearest block-output MSE on the calibration samples
     loss_after: float
     losses: list[float] = field(default_factory=list)  # one per optimizer step
+    # per-token relative error (lsiq.forward.output_errors) of round-to-nearest and of the result
+    rel_before: float = float("nan")
+    rel_after: float = float("nan")
     trainable_params: int = 0
     seconds: float = 0.0
 

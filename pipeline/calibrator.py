@@ -206,6 +206,8 @@ class BlockCalibrator:
             "device": self.device.type,
             "loss_before": result.loss_before,
             "loss_after": result.loss_after,
+            "rel_before": result.rel_before,
+            "rel_after": result.rel_after,
             "losses": result.losses,
             "trainable_params": result.trainable_params,
             "calib_seconds": result.seconds,

@@ -196,7 +196,8 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
                     records[i] = rec
                     st = rec["stats"]
                     eta = (time.perf_counter() - t_loop) / (i + 1 - first) * (n - i - 1)
-                    log(f"block {i + 1}/{n}  output MSE {st['loss_before']:.4g} (RTN) -> {st['loss_after']:.4g}  "
+                    log(f"block {i + 1}/{n}  error {100 * st['rel_before']:.3g}% (RTN) -> {100 * st['rel_after']:.3g}%  "
+                        f"MSE {st['loss_before']:.4g} -> {st['loss_after']:.4g}  "
                         f"{st['seconds']:.1f}s  io-wait {st['io_wait_seconds']:.1f}s  ETA {_fmt_eta(eta)}")
                 phases["blocks"] = time.perf_counter() - t_loop
                 break

@@ -9,8 +9,10 @@ output complete; per-block checkpoint records let a rerun resume.
 This module is the command line: it parses the flags before importing torch, transformers or Ray
 (so ``--help`` is quick), then runs :func:`pipeline.driver.run`. Exit status: 0 done; 2 an input
 or output that cannot be used (one ``error:`` line; found before anything is written where it can
-be); 1 an unexpected failure (with its traceback); 130 interrupted (Ctrl-C or SIGTERM: one line,
-the finished blocks are kept and the same command resumes).
+be); 1 a run that failed on its way (storage still failing after its retries, a full disk, the
+calibrator dying again and again: one ``error:`` line, the finished blocks are kept and the same
+command resumes; an unexpected bug keeps its traceback); 130 interrupted (Ctrl-C or SIGTERM: one
+line, the finished blocks are kept and the same command resumes).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 
 from pipeline.config import QuantizeConfig, parse_quantize_args
 
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+# OSErrors that name an input or output the user must change (the rest failed on the way: retry)
+BAD_PATHS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -55,9 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:
         why = cause(e)
-        if isinstance(why, CheckpointError | UnsupportedArchitecture | OSError | ValueError | RuntimeError):
+        if isinstance(why, (CheckpointError, UnsupportedArchitecture, ValueError, *BAD_PATHS)):
             print(f"error: {why}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        if isinstance(why, OSError | RuntimeError):
+            n = _blocks_saved(cfg)
+            print(f"error: {why} (run failed after {n} finished block(s), kept in {cfg.output}; "
+                  "rerun the same command to resume)", file=sys.stderr)
+            return EXIT_FAILED
         raise
     return 0
 

@@ -30,6 +30,22 @@ RETRIES_ENV, BACKOFF_ENV = "LSIQ_STORAGE_RETRIES", "LSIQ_STORAGE_BACKOFF"
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
+class MissingCredentials(PermissionError):
+    """An object store asked for credentials and none were found (environment, profile, options)."""
+
+
+def _credential_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import botocore.exceptions as b
+
+        return (b.NoCredentialsError, b.PartialCredentialsError)
+    except ImportError:  # pragma: no cover - s3fs is a dependency
+        return ()
+
+
+CREDENTIAL_ERRORS = _credential_errors()
+
+
 class StorageError(OSError):
     """A storage operation failed for good (after retries), with the URL and the cause."""
 
@@ -50,7 +66,7 @@ TRANSIENT = _transient_types()
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT) and not isinstance(exc, PERMANENT)
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, PERMANENT + CREDENTIAL_ERRORS)
 
 
 def retrying(fn: Callable[[], T], what: str, retries: int | None = None, backoff: float | None = None) -> T:
@@ -60,6 +76,10 @@ def retrying(fn: Callable[[], T], what: str, retries: int | None = None, backoff
     for attempt in range(retries + 1):
         try:
             return fn()
+        except CREDENTIAL_ERRORS as e:  # retrying finds no credentials either: say what to set, at once
+            raise MissingCredentials(f"{what}: no credentials found ({e}); set AWS_ACCESS_KEY_ID and "
+                                     "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key and secret in "
+                                     "--storage-options") from e
         except Exception as e:
             if not is_transient(e):
                 raise

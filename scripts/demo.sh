@@ -25,5 +25,7 @@ $PY - "$FP" "$Q" <<'PYEOF'
 import json, sys
 fp, q = (json.loads(a) for a in sys.argv[1:3])
 print(f"perplexity before: {fp['ppl']:.2f}   after (W3A16 g64): {q['ppl']:.2f}   ({q['tokens']} tokens)")
+from pipeline.report import add_perplexity
+add_perplexity("runs/demo/report.json", "eval.txt", fp["ppl"], q["ppl"])  # shown in the plot's title
 print("report: runs/demo/report.json, plot: runs/demo/report.png")
 PYEOF

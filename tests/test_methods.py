@@ -326,7 +326,7 @@ def test_the_last_loss_pass_holds_no_svd_factors(monkeypatch):
     with torch.no_grad():
         y = block_forward(layer, x, kw)
     alive: weakref.WeakSet = weakref.WeakSet()
-    init, mean_loss = BlockQuantizer.__init__, lsiq.block.mean_loss
+    init, errors = BlockQuantizer.__init__, lsiq.block.output_errors
     held = []
 
     def tracked_init(self, *a, **k):
@@ -336,10 +336,10 @@ def test_the_last_loss_pass_holds_no_svd_factors(monkeypatch):
     def tracked_loss(*a, **k):
         gc.collect()
         held.append(len(alive))
-        return mean_loss(*a, **k)
+        return errors(*a, **k)
 
     monkeypatch.setattr(BlockQuantizer, "__init__", tracked_init)
-    monkeypatch.setattr(lsiq.block, "mean_loss", tracked_loss)
+    monkeypatch.setattr(lsiq.block, "output_errors", tracked_loss)
     calibrate_block(layer, kw, x, y, BlockArch.from_config(cfg), CalibConfig(method="lsi", wbits=3, group_size=32,
                                                                              epochs=1))
     assert held == [0, 0]  # before the BlockQuantizer exists, and after it is gone
@@ -354,6 +354,27 @@ def test_weight_activation_calibration_runs():
                           CalibConfig(method="lsi", wbits=4, abits=4, group_size=0, epochs=2, batch_size=2, lr_lsi=1e-3),
                           fp_inputs=x)
     assert res.loss_after < res.loss_before
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "lwc-let-round"])
+def test_activation_quantizer_reaches_every_linear_of_the_block(method):
+    """W4A4 must see its activations quantized: the full-precision block gives a non-zero loss with
+    4-bit inputs to its linears and exactly zero without, and every method starts and ends its
+    calibration further from the target at A4 than at A16 (a no-op hook fails both)."""
+    from lsiq.forward import mean_loss
+
+    cfg = tiny_llama_config()
+    _, layer, x, kw = _block(cfg, n=4)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    assert mean_loss(layer, x, y, kw, 2, None, abits=16) == 0.0
+    assert mean_loss(layer, x, y, kw, 2, None, abits=4) > 0.0
+    arch = BlockArch.from_config(cfg)
+    res = {a: calibrate_block(layer, kw, x, y, arch, CalibConfig(method=method, wbits=4, abits=a, group_size=32,
+                                                                steps=4, batch_size=2))
+           for a in (16, 4)}
+    assert res[4].loss_before > res[16].loss_before * 1.05
+    assert res[4].loss_after > res[16].loss_after * 1.05
 
 
 def test_same_seed_same_result():

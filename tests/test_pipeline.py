@@ -52,7 +52,16 @@ def test_quantize_and_load(tiny_runs, method):
     assert len(report["blocks"]) == 3
     if method != "rtn":
         assert sum(b["loss_after"] for b in report["blocks"]) < sum(b["loss_before"] for b in report["blocks"])
+        assert sum(b["rel_after"] for b in report["blocks"]) < sum(b["rel_before"] for b in report["blocks"])
+    assert all(0 < b["rel_before"] < 10 for b in report["blocks"])  # a fraction of the FP output, not an MSE
     assert (out.parent / "r.png").stat().st_size > 1000
+    if method == "rtn":  # the perplexity a user measures afterwards goes into the report and the plot
+        from pipeline.report import add_perplexity
+
+        png = Path(add_perplexity(str(out.parent / "r.json"), "eval.txt", 30.9, 46.9))
+        assert json.loads((out.parent / "r.json").read_text())["perplexity"] == {
+            "text": "eval.txt", "before": 30.9, "after": 46.9}
+        assert png.stat().st_size > 1000
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert "model.layers.2.self_attn.q_proj.qweight" in index["weight_map"]
     model, _ = load_quantized(str(out))
@@ -373,3 +382,29 @@ def test_output_that_is_a_file_is_refused_in_plain_words(tiny_checkpoint, texts_
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: --output") and expected in err[0], err
     assert f.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("failure", ["storage", "disk", "calibrator"])
+def test_a_run_that_fails_on_its_way_exits_1_with_one_line(tiny_checkpoint, texts_dir, tmp_path, capsys,
+                                                           monkeypatch, failure):
+    """Exit 1 (not 2, the bad-input status) when the run itself fails: one line that says the
+    finished blocks are kept and the same command resumes."""
+    import errno
+
+    import pipeline.driver
+    from pipeline.quantize import main
+    from pipeline.storage import StorageError
+
+    raised = {"storage": StorageError("write s3://b/out/model-00002.safetensors: still failing after 7 attempts"),
+              "disk": OSError(errno.ENOSPC, "cannot write out/model-00002.safetensors: No space left on device"),
+              "calibrator": RuntimeError("calibrator workers died 3 times; giving up")}[failure]
+
+    def failing_run(cfg, log=None):
+        raise raised
+
+    monkeypatch.setattr(pipeline.driver, "run", failing_run)
+    rc = main(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out"), "--calib",
+               str(texts_dir / "calib.txt"), "--method", "rtn", "--nsamples", "2", "--seqlen", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("error: ") and str(raised) in err[0] and "rerun the same command to resume" in err[0]

@@ -508,3 +508,33 @@ if __name__ == "__main__":  # python -m tests.test_plan: the measured WEIGHT_TRA
         for meth in TRAINED:
             got = [[round(weight_traffic(meth, rec, prec, h, i), 1) for h, i in TRAFFIC_SHAPES] for rec in (False, True)]
             print(f"{prec} {meth:8s} without / with --recompute-weights, by shape {TRAFFIC_SHAPES}: {got[0]} / {got[1]}")
+
+
+@pytest.mark.parametrize("method", methods.names())
+def test_planned_trainable_parameters_are_what_the_calibrator_optimizes(method, monkeypatch):
+    """Every method: the plan's learned-parameter count (its optimizer state and all-reduce bytes
+    follow from it) equals the parameters the real calibration hands its optimizers (none for the
+    closed-form methods)."""
+    from lsiq.block import calibrate_block
+    from lsiq.forward import block_forward
+
+    layer, arch, cfg = _block(128, 256)
+    calib = CalibConfig(method=method, wbits=3, group_size=64, steps=1, batch_size=2, lsi_block_k=4)
+    optimized: dict[int, int] = {}
+    init = torch.optim.Optimizer.__init__
+
+    def recording_init(self, params, defaults):
+        params = list(params)
+        for g in params:
+            for t in (g["params"] if isinstance(g, dict) else [g]):
+                optimized[id(t)] = t.numel()
+        init(self, params, defaults)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "__init__", recording_init)
+    x, kw = _step_inputs(arch, cfg, 2, 16)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    grads = torch.randn_like(y) if methods.get(method).needs_output_grads else None
+    res = calibrate_block(layer, kw, x, y, arch, calib, fp_inputs=x, output_grads=grads)
+    assert sum(optimized.values()) == plan.trainable_params(arch, calib) == res.trainable_params
+    assert (plan.trainable_params(arch, calib) > 0) == methods.get(method).trains

@@ -65,7 +65,7 @@ def test_sigkill_then_rerun_resumes_byte_identical(smollm2_dir, texts_dir, tmp_p
 def test_interrupt_prints_one_line_exits_130_and_the_rerun_resumes(smollm2_dir, texts_dir, tmp_path, how):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the driver,
     as `kill` or a pod's shutdown sends it): one line saying how many blocks are kept, exit 130, no
-    traceback; the same command then resumes after those blocks and finishes."""
+    traceback; the same command then resumes after those blocks and finishes (checked after Ctrl-C)."""
     ck = tiny_checkpoint_with_tokenizer(tmp_path / "ck", smollm2_dir, layers=6, shards=2, seed=2)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline.quantize", "--model", str(ck), "--output", str(out),
@@ -90,6 +90,8 @@ def test_interrupt_prints_one_line_exits_130_and_the_rerun_resumes(smollm2_dir, 
     kept = len(list((out / "checkpoints").glob("block-*.json")))
     assert f"interrupted after {kept} finished block(s)" in last and 2 <= kept < 6
     assert not (out / "lsiq_manifest.json").exists()
+    if how == "sigterm":
+        return  # the resume after an interrupt is the same for both signals: run it once, below
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming: blocks 0..{kept - 1} are done" in r.stderr
