@@ -52,7 +52,8 @@ class CalibConfig:
                             "default: the method's (0 when --epochs is given)", group="calibration")
     epochs: int = opt(None, "passes over the calibration samples per block, when --steps is 0; default: the method's",
                       group="calibration")
-    batch_size: int = opt(None, "samples per optimizer step; default: the method's", group="calibration")
+    batch_size: int = opt(None, "samples per optimizer step; default: the method's, raised to "
+                          "one sample per worker with several data-parallel workers", group="calibration")
     forward_batch_size: int = opt(0, "samples per micro-batch of the passes that do not train (targets, losses, "
                                   "statistics, next inputs), per worker; 0 = a worker's share of --batch-size. Lower it "
                                   "when those passes set the memory peak (python -m pipeline.plan says when)",

@@ -77,3 +77,17 @@ def config_from_args(a: argparse.Namespace, cls: type = CalibConfig, **fixed: An
     """Build ``cls`` from the parsed flags (the fields that have one) and ``fixed`` values."""
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if hasattr(a, f.name)}
     return cls(**(kw | fixed))
+
+
+def add_budget_args(group: argparse._ArgumentGroup, nsamples: int, seqlen: int) -> None:
+    """--nsamples and --seqlen, for every command that takes a calibration budget (one help, one default)."""
+    group.add_argument("--nsamples", type=int, default=nsamples, help="calibration sequences (default: %(default)s)")
+    group.add_argument("--seqlen", type=int, default=seqlen, help="tokens per calibration sequence (default: %(default)s)")
+
+
+def per_worker_batch(cfg: CalibConfig, asked: int | None, workers: int) -> CalibConfig:
+    """Without --batch-size, N > 1 data-parallel workers take at least one sample each per step: a
+    smaller global batch would leave workers idle at every step while they still all-reduce."""
+    if asked is None and workers > 1 and cfg.batch_size < workers:
+        return dataclasses.replace(cfg, batch_size=workers)
+    return cfg

@@ -11,7 +11,7 @@ from typing import Any
 
 from lsiq.config import CalibConfig
 from lsiq.methods import names as method_names
-from pipeline.cli import BadInput, add_config_args, config_from_args
+from pipeline.cli import BadInput, add_budget_args, add_config_args, config_from_args, per_worker_batch
 
 # pipeline.formats.FORMATS, named here without importing the formats (and torch) so that --help is
 # quick; tests/test_formats.py checks that the two agree
@@ -143,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = add_config_args(p, choices={"method": method_names()},
                              titles={"method": "how the trained methods learn", "low-rank": "low-rank corrections"})
     c = groups["calibration"]
-    c.add_argument("--nsamples", type=int, default=QuantizeConfig.nsamples, help="calibration sequences (default: %(default)s)")
-    c.add_argument("--seqlen", type=int, default=QuantizeConfig.seqlen,
-                   help="tokens per calibration sequence (default: %(default)s)")
+    add_budget_args(c, QuantizeConfig.nsamples, QuantizeConfig.seqlen)
     c.add_argument("--data-seed", type=int, default=None,
                    help="seed of the calibration windows' draw when it should differ from --seed (default: --seed)")
     r = p.add_argument_group("ray")
@@ -176,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_quantize_args(argv: list[str] | None = None) -> QuantizeConfig:
     a = build_parser().parse_args(argv)
     try:
-        calib = config_from_args(a, CalibConfig)
+        calib = per_worker_batch(config_from_args(a, CalibConfig), a.batch_size, a.workers)
         return QuantizeConfig(model=a.model, output=a.output, calib=a.calib, calib_cfg=calib, nsamples=a.nsamples,
                               seqlen=a.seqlen, data_seed=a.data_seed, report=a.report, address=a.address,
                               device=a.device, num_cpus=a.num_cpus, restart=a.restart, storage_options=a.storage_options,

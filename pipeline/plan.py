@@ -1,6 +1,7 @@
 """Plan a run before paying for it: per-worker memory and a time estimate from a model's config.json.
 
-    python -m pipeline.plan --model-config clusters/models/llama-2-70b/config.json --gpus 8 --gpu-mem 24GB
+    python -m pipeline.plan --model-config clusters/models/llama-2-70b/config.json --gpus 8 --gpu-mem 24GB \
+        --wbits 4 --group-size 128 --nsamples 128 --seqlen 2048
 
 The memory model counts what the calibrator actually allocates on its device for one block (the
 coefficients are measured from the code with autograd's saved-tensor hooks; tests/test_plan.py
@@ -26,7 +27,7 @@ from lsiq.arch import BlockArch, UnsupportedArchitecture
 from lsiq.config import CalibConfig
 from lsiq.lsi import svd_flops, svd_matmul_flops, svd_owners
 from lsiq.trainable import state_floats, trainable_count
-from pipeline.cli import BadInput, add_config_args, config_from_args
+from pipeline.cli import BadInput, add_budget_args, add_config_args, config_from_args, per_worker_batch
 from pipeline.config import QuantizeConfig, parse_bytes
 
 DEFAULT_COLLECTIVE_TIMEOUT = QuantizeConfig.collective_timeout
@@ -575,19 +576,16 @@ def build_parser() -> argparse.ArgumentParser:
         "on N GPU workers, from its config.json alone. Refuses (exit 1) a plan that does not fit. "
         "The last stdout line is a JSON object with fits, hours and per_worker_bytes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="defaults that differ from pipeline.quantize's (a 70B-class plan): --wbits 4 --group-size 128 "
-               "--nsamples 128 --seqlen 2048, float32 solves and SVDs (a GPU's auto), a global batch of one sample "
-               "per GPU.\n\nexample:\n  python -m pipeline.plan --model-config clusters/models/llama-2-70b/config.json "
-               "--gpus 8 --gpu-mem 24GB --precision bf16")
+        epilog="Every calibration flag has pipeline.quantize's default (the same help); a plan for a 70B-class run "
+               "usually asks for more tokens and 4 bits.\n\nexample:\n  python -m pipeline.plan --model-config "
+               "clusters/models/llama-2-70b/config.json --gpus 8 --gpu-mem 24GB --precision bf16 --wbits 4 "
+               "--group-size 128 --nsamples 128 --seqlen 2048")
     p.add_argument("--model-config", required=True, help="config.json of the model (file, folder or fsspec URL)")
     p.add_argument("--gpus", type=int, required=True, help="data-parallel workers, one GPU each (--workers)")
     p.add_argument("--gpu-mem", type=parse_bytes, required=True, help="memory of one GPU, e.g. 24GB")
-    add_config_args(p, choices={"method": methods.names(), "solve_dtype": ["float32", "float64"],
-                                "svd_dtype": ["float32", "float64"]},
-                    skip=("recompute_weights", "seed"), titles={"method": "how the trained methods learn"})
-    p.set_defaults(wbits=4, group_size=128, solve_dtype="float32", svd_dtype="float32")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default: %(default)s)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default: %(default)s)")
+    groups = add_config_args(p, choices={"method": methods.names()}, skip=("recompute_weights", "seed"),
+                             titles={"method": "how the trained methods learn", "low-rank": "low-rank corrections"})
+    add_budget_args(groups["calibration"], QuantizeConfig.nsamples, QuantizeConfig.seqlen)
     p.add_argument("--recompute-weights", choices=["auto", "on", "off"], default="auto",
                    help="auto: recompute the calibrated weights in backward only when the plan does not fit without")
     hw = p.add_argument_group("hardware (per worker)")
@@ -614,9 +612,7 @@ def parse_plan_args(argv: list[str] | None = None) -> PlanConfig:
         raise BadInput("--gpu-mem must be > 0")
     arch = load_arch(a.model_config)
     try:
-        if a.batch_size is None:  # a global batch of one sample per worker
-            a.batch_size = a.gpus
-        calib = config_from_args(a, CalibConfig)
+        calib = per_worker_batch(config_from_args(a, CalibConfig), a.batch_size, a.gpus)
         return PlanConfig(arch=arch, gpus=a.gpus, gpu_mem=a.gpu_mem, calib=calib, nsamples=a.nsamples,
                           seqlen=a.seqlen, recompute=a.recompute_weights, target_hours=a.target_hours,
                           hw=Hardware(tflops=a.tflops, bf16_tflops=a.bf16_tflops, mem_gbs=a.mem_gbs,

@@ -183,13 +183,17 @@ def test_recompute_gives_the_same_gradients_bit_for_bit():
         assert torch.equal(grads[0][n], grads[1][n]), n
 
 
+# the budget of a 70B-class run, which these tests plan unless they say otherwise (later flags win)
+BIG = ("--wbits", "4", "--group-size", "128", "--nsamples", "128", "--seqlen", "2048")
+
+
 @pytest.fixture
 def plan_cli(capsys):
-    """Run ``python -m pipeline.plan ARGS`` in-process: (exit status, last stdout line as JSON, stderr)."""
+    """Run ``python -m pipeline.plan BIG ARGS`` in-process: (exit status, last stdout line as JSON, stderr)."""
 
     def call(*args: str) -> tuple[int, dict, str]:
         try:
-            rc = plan.main(list(args))
+            rc = plan.main([*BIG, *args])
         except SystemExit as e:  # argparse and the config checks exit with a message
             rc = e.code if isinstance(e.code, int) else 2
             if isinstance(e.code, str):
@@ -242,7 +246,7 @@ def test_forward_passes_are_planned(plan_cli, capsys):
     # on 17 GB the 4 samples do not fit: 2 do, and the flag says so
     rc, out, err = plan_cli(*args, "--gpu-mem", "17GB")
     assert rc == 0 and out["settings"]["forward_batch_size"] == 2 and not out["settings"]["forward_batch_default"]
-    plan.main([*args, "--gpu-mem", "17GB"])
+    plan.main([*BIG, *args, "--gpu-mem", "17GB"])
     flags = capsys.readouterr().out.split("pipeline.quantize flags: ")[-1]
     assert "--forward-batch-size 2" in flags
     rc, out, err = plan_cli(*args, "--gpu-mem", "17GB", "--forward-batch-size", "4")
@@ -493,7 +497,7 @@ def test_collective_timeout_advice(plan_cli, capsys):
     assert rc == 0 and 0 < gram["time"]["collective_wait_s"] < fast["time"]["collective_wait_s"] < 60
     rc, slow, _ = plan_cli(*base, "--svd", "full", "--svd-tflops", "0.1")  # 5x slower: one MLP SVD alone takes ~225 s
     assert rc == 0 and slow["time"]["collective_wait_s"] == pytest.approx(5 * fast["time"]["collective_wait_s"])
-    plan.main([*base, "--svd", "full", "--svd-tflops", "0.1"])
+    plan.main([*BIG, *base, "--svd", "full", "--svd-tflops", "0.1"])
     out = capsys.readouterr().out
     flag = out.split("--collective-timeout ")[-1].split()[0]  # the flags line comes last
     assert "note: a worker waits" in out and float(flag) >= 2 * slow["time"]["collective_wait_s"]
@@ -538,3 +542,19 @@ def test_planned_trainable_parameters_are_what_the_calibrator_optimizes(method, 
     res = calibrate_block(layer, kw, x, y, arch, calib, fp_inputs=x, output_grads=grads)
     assert sum(optimized.values()) == plan.trainable_params(arch, calib) == res.trainable_params
     assert (plan.trainable_params(arch, calib) > 0) == methods.get(method).trains
+
+
+def test_plan_and_quantize_flags_have_the_same_defaults_and_help():
+    """One source of settings: every flag the two commands share has the same default, help and
+    choices (--recompute-weights is the plan's own: it can decide it, 'auto')."""
+    from pipeline.config import build_parser as quantize_parser
+
+    def flags(parser):
+        return {a.dest: (a.option_strings, a.default, a.help, a.choices) for a in parser._actions if a.dest != "help"}
+
+    q, p = flags(quantize_parser()), flags(plan.build_parser())
+    shared = (set(q) & set(p)) - {"recompute_weights"}
+    assert {"method", "wbits", "abits", "group_size", "nsamples", "seqlen", "steps", "epochs", "batch_size",
+            "precision", "solve_dtype", "svd", "svd_dtype", "lowrank", "rank"} <= shared
+    for dest in sorted(shared):
+        assert q[dest] == p[dest], dest
