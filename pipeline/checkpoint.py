@@ -130,12 +130,17 @@ class Checkpoint:
                 if info.shape != shapes[name]:
                     raise CheckpointError(f"{p}{name}.weight has shape {list(info.shape)}, config implies "
                                           f"{list(shapes[name])}")
+                if not DTYPES[info.dtype].is_floating_point:  # found here, not when its block is calibrated
+                    raise CheckpointError(f"{p}{name}.weight in {info.shard} has dtype {info.dtype}: a full-precision "
+                                          "checkpoint (F32, F16, BF16) is needed; is it already quantized?")
             for name in NORMS:
                 info = tensors.get(f"{p}{name}.weight")
                 if info is None:
                     raise CheckpointError(f"missing tensor {p}{name}.weight")
                 if info.shape != (self.arch.hidden,):
                     raise CheckpointError(f"{p}{name}.weight has shape {list(info.shape)}, expected [{self.arch.hidden}]")
+                if not DTYPES[info.dtype].is_floating_point:
+                    raise CheckpointError(f"{p}{name}.weight in {info.shard} has dtype {info.dtype}, not a float")
 
     # ------------------------------------------------------------------ reads
     def block_names(self, i: int) -> list[str]:

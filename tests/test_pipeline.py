@@ -408,3 +408,20 @@ def test_a_run_that_fails_on_its_way_exits_1_with_one_line(tiny_checkpoint, text
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err
     assert err[0].startswith("error: ") and str(raised) in err[0] and "rerun the same command to resume" in err[0]
+
+
+def test_integer_weight_in_a_late_block_is_refused_before_block_0(tiny_checkpoint, tmp_path):
+    """Every header is checked when the checkpoint opens: an I32 linear in the last block is named
+    with its shard, not found by the calibrator after the earlier blocks."""
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "int"
+    shutil.copytree(tiny_checkpoint, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    name = "model.layers.2.mlp.down_proj.weight"
+    shard = bad / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{name} in {shard.name} has dtype I32"):
+        Checkpoint(str(bad))
