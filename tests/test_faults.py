@@ -58,7 +58,7 @@ def test_calibrator_killed_mid_block_is_restarted_and_block_redone(smollm2_dir, 
         lines, victims = [], []
         for line in proc.stderr:
             lines.append(line)
-            if line.startswith("block 2/4  output MSE") and not victims:
+            if line.startswith("block 2/4  error ") and not victims:
                 # block 3 is calibrating now (its input was prefetched): kill the actor's process under it
                 victims = _calibrator_processes(proc.pid)
                 victims[-1].kill()  # one worker; with two, the survivor's all-reduce fails and the group re-forms
@@ -76,7 +76,7 @@ def test_calibrator_killed_mid_block_is_restarted_and_block_redone(smollm2_dir, 
     assert proc.returncode == 0, log[-3000:]
     assert "calibrator actor died" in log and "Ray restarted it (1/3)" in log, log[-3000:]
     assert "block 2/4  replayed (cache rebuilt after a calibrator restart)" in log
-    assert "block 3/4  output MSE" in log and "block 4/4  output MSE" in log
+    assert "block 3/4  error " in log and "block 4/4  error " in log
     full_files = outputs(full)
     assert sum(k.startswith("model-layers-") for k in full_files) == 4 and "lsiq_manifest.json" in full_files
     assert full_files == outputs(killed)

@@ -53,7 +53,7 @@ def test_sigkill_then_rerun_resumes_byte_identical(smollm2_dir, texts_dir, tmp_p
     r = subprocess.run(cmd("part"), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming: blocks 0..{len(done) - 1} are done" in r.stderr
-    assert f"block {len(done) + 1}/8  output MSE" in r.stderr and f"block {len(done)}/8  replayed" in r.stderr
+    assert f"block {len(done) + 1}/8  error " in r.stderr and f"block {len(done)}/8  replayed" in r.stderr
     assert json.loads(fs.cat_file("lsiq/part/lsiq_manifest.json"))["status"] == "complete"
     full, part = outputs("full"), outputs("part")
     assert sum(k.startswith("model-layers-") for k in full) == 8 and "lsiq_manifest.json" in full
