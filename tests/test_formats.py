@@ -219,7 +219,7 @@ def test_pipeline_output_loads_in_transformers(tiny_checkpoint, texts_dir, tmp_p
     ours, _ = load_quantized(str(out))
     if fmt == "compressed-tensors":
         # dequantize=True: transformers' default (compressed) path cannot load asymmetric zero points
-        # in this version (its meta-device compression leaves them unpacked); see README
+        # in this version (its meta-device compression leaves them unpacked); see docs/formats.md
         theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                       quantization_config=CompressedTensorsConfig(dequantize=True))
         weight = lambda m: m.weight  # noqa: E731
