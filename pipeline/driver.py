@@ -70,10 +70,9 @@ def run_settings(cfg: QuantizeConfig, ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def _open_output(cfg: QuantizeConfig, settings: dict[str, Any], num_layers: int) -> tuple[OutputDir, resume.ResumeState]:
-    out = OutputDir(cfg.output, cfg.out_storage_options)
+def _open_output(out: OutputDir, cfg: QuantizeConfig, settings: dict[str, Any], num_layers: int) -> resume.ResumeState:
     try:
-        return out, resume.prepare(out, settings, num_layers, cfg.restart)
+        return resume.prepare(out, settings, num_layers, cfg.restart)
     except PermissionError as e:
         raise storage.StorageError(f"access to output {cfg.output!r} refused (check the credentials): {e}") from e
     except storage.StorageError as e:
@@ -98,7 +97,8 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     formats.check(cfg.format, ccfg.spec, ccfg.abits, arch, ccfg.lowrank is not None)
     fmt = formats.get(cfg.format)
     qconfig = fmt.quantization_config(ccfg.spec)  # built now: a failure here leaves nothing written
-    OutputDir(cfg.output, cfg.out_storage_options).check_writable()
+    out = OutputDir(cfg.output, cfg.out_storage_options)
+    out.check_writable()
     for f in cfg.calib:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"calibration file not found: {f}")
@@ -110,7 +110,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
                           ccfg.seed if cfg.data_seed is None else cfg.data_seed)
     settings = run_settings(cfg, ckpt)
     fingerprint = resume.fingerprint(settings)
-    out, state = _open_output(cfg, settings, n)
+    state = _open_output(out, cfg, settings, n)
     if state.complete:
         log(f"output {cfg.output} already holds this run, complete; nothing to do (--restart to redo it)")
         return {"already_complete": True, "output": cfg.output}

@@ -30,10 +30,8 @@ def default_format(wbits: int, abits: int, lowrank: bool = False, sym: bool = Fa
         return native_format.NAME
     if sym and wbits in ct_format.BITS:
         return ct_format.NAME
-    if wbits in gptq_format.BITS:
+    if wbits in gptq_format.BITS:  # every bit width compressed-tensors holds, too
         return gptq_format.NAME
-    if wbits in ct_format.BITS:
-        return ct_format.NAME
     return native_format.NAME
 
 

@@ -24,8 +24,6 @@ from typing import Any
 from pipeline.config import QuantizeConfig, parse_quantize_args
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-# OSErrors that name an input or output the user must change (the rest failed on the way: retry)
-BAD_PATHS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -34,11 +32,12 @@ def _stop(signum: int, frame: Any) -> None:
 
 def _blocks_saved(cfg: QuantizeConfig) -> int:
     """How many finished-block records the output holds (what a rerun resumes from)."""
+    from pipeline.resume import BLOCK_RECORD_PREFIX
     from pipeline.writer import OutputDir
 
     try:
         return sum(1 for f in OutputDir(cfg.output, cfg.out_storage_options).listing()
-                   if f.startswith("checkpoints/block-"))
+                   if f.startswith(BLOCK_RECORD_PREFIX))
     except Exception:  # noqa: BLE001 - the count is a courtesy; the interruption is what is reported
         return 0
 
@@ -46,9 +45,8 @@ def _blocks_saved(cfg: QuantizeConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_quantize_args(argv)
     signal.signal(signal.SIGTERM, _stop)
-    from lsiq.arch import UnsupportedArchitecture
-    from pipeline.checkpoint import CheckpointError
     from pipeline.driver import cause, run
+    from pipeline.storage import PERMANENT
 
     try:
         run(cfg)
@@ -59,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:
         why = cause(e)
-        if isinstance(why, (CheckpointError, UnsupportedArchitecture, ValueError, *BAD_PATHS)):
+        # ValueError covers CheckpointError, UnsupportedArchitecture and ResumeMismatch; the permanent
+        # storage errors name a path the user must change (the other OSErrors failed on the way)
+        if isinstance(why, (ValueError, *PERMANENT)):
             print(f"error: {why}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if isinstance(why, OSError | RuntimeError):

@@ -25,8 +25,11 @@ class ResumeMismatch(ValueError):
     """The output holds (part of) a run with different settings or a different source."""
 
 
+BLOCK_RECORD_PREFIX = "checkpoints/block-"  # one record per finished block
+
+
 def block_record_name(i: int) -> str:
-    return f"checkpoints/block-{i:05d}.json"
+    return f"{BLOCK_RECORD_PREFIX}{i:05d}.json"
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -73,7 +76,7 @@ def prepare(out: OutputDir, settings: dict[str, Any], num_layers: int, restart: 
         raise ResumeMismatch(f"output {out.url!r} holds files of another tool or run ({len(ours)} files) "
                              "but no checkpoints/run.json; choose another --output or pass --restart")
     old = out.read_json(RUN_RECORD)
-    if old.get("fingerprint") != fp and not any(f == MANIFEST or f.startswith("checkpoints/block-") for f in ours):
+    if old.get("fingerprint") != fp and not any(f == MANIFEST or f.startswith(BLOCK_RECORD_PREFIX) for f in ours):
         # a run that finished no block holds nothing worth keeping: the new settings replace it
         out.remove(ours)
         out.write_json(RUN_RECORD, {"fingerprint": fp, "settings": settings})
