@@ -7,7 +7,7 @@ The memory model counts what the calibrator actually allocates on its device for
 coefficients are measured from the code with autograd's saved-tensor hooks; tests/test_plan.py
 checks them against it); the time model counts FLOPs and bytes moved per block and divides by
 throughputs that are parameters (defaults: an A10G-class 24 GB GPU, fp32 matmuls; measured
-values for this CPU are in BENCHMARKS.md). The formula is in README.md ("Planning a run").
+values for this CPU are in BENCHMARKS.md). The formulas are in docs/planning.md.
 The last line on stdout is one JSON object: ``fits``, ``hours``, ``per_worker_bytes`` and the
 breakdowns. Exit status 1 when the plan does not fit.
 """
