@@ -7,7 +7,8 @@ output unchanged: ``Y = (X / s) (s * W)^T``.
 - out: v output rows / s, o input columns * s, where s lives on the KV heads' channels and is
   repeated for every query head sharing that KV head (GQA: query head h reads KV head h // groups);
 - qk: q output rows / s, k output rows * s, with s shared by each rotary pair (d, d + head_dim/2)
-  so the scaling commutes with RoPE, and repeated over the query heads of a KV group;
+  so the scaling commutes with RoPE, and repeated over the query heads of a KV group; left out
+  where q and k pass a per-head norm (Qwen3's q_norm, k_norm), which would undo the scales;
 - down (optional, AWQ's up -> down pair): up output rows / s, down input columns * s, exact
   because the gated MLP's product act(gate(x)) * up(x) is linear in up's output.
 The shift of the paper's ``(X - d) / s`` is not used: RMSNorm has no bias to absorb it (the
@@ -39,8 +40,9 @@ class LET(nn.Module):
             "qkv": (arch.hidden,),
             "fc1": (arch.hidden,),
             "out": (arch.n_kv_heads * arch.head_dim,),
-            "qk": (arch.n_kv_heads, arch.head_dim // 2),
         }
+        if not arch.qk_norm:  # a per-head norm on q and k would undo the pair's scales
+            shapes["qk"] = (arch.n_kv_heads, arch.head_dim // 2)
         if down:
             shapes["down"] = (arch.intermediate,)
         init = init or {}
@@ -69,10 +71,11 @@ class LET(nn.Module):
         s = self.out.clamp(min=SCALE_MIN)
         _scale_rows(t, "self_attn.v_proj", 1 / s)
         _scale(t, "self_attn.o_proj.weight", self._expand_heads(s.view(self.arch.n_kv_heads, -1)))
-        s = self.qk.clamp(min=SCALE_MIN)
-        s_kv = torch.cat([s, s], dim=-1)  # rotary pairs (d, d + head_dim/2) share a scale
-        _scale_rows(t, "self_attn.k_proj", s_kv.reshape(-1))
-        _scale_rows(t, "self_attn.q_proj", 1 / self._expand_heads(s_kv))
+        if hasattr(self, "qk"):
+            s = self.qk.clamp(min=SCALE_MIN)
+            s_kv = torch.cat([s, s], dim=-1)  # rotary pairs (d, d + head_dim/2) share a scale
+            _scale_rows(t, "self_attn.k_proj", s_kv.reshape(-1))
+            _scale_rows(t, "self_attn.q_proj", 1 / self._expand_heads(s_kv))
         if hasattr(self, "down"):
             s = self.down.clamp(min=SCALE_MIN)
             _scale_rows(t, "mlp.up_proj", 1 / s)

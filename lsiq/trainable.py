@@ -187,7 +187,8 @@ def trainable_count(arch: BlockArch, cfg: CalibConfig) -> int:
         if cfg.uses_rounding:
             n += out_f * in_f
     if cfg.uses_let:
-        n += 2 * arch.hidden + arch.n_kv_heads * arch.head_dim + arch.n_kv_heads * arch.head_dim // 2
+        n += 2 * arch.hidden + arch.n_kv_heads * arch.head_dim
+        n += 0 if arch.qk_norm else arch.n_kv_heads * arch.head_dim // 2  # lsiq.let: no q/k pair then
         n += arch.intermediate if cfg.let_down else 0
     return n
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from lsiq.arch import LINEARS, NORMS, BlockArch
+from lsiq.arch import LINEARS, NORMS, QK_NORMS, BlockArch
 from pipeline import storage
 
 DTYPES = {
@@ -133,12 +133,15 @@ class Checkpoint:
                 if not DTYPES[info.dtype].is_floating_point:  # found here, not when its block is calibrated
                     raise CheckpointError(f"{p}{name}.weight in {info.shard} has dtype {info.dtype}: a full-precision "
                                           "checkpoint (F32, F16, BF16) is needed; is it already quantized?")
-            for name in NORMS:
+            norms = {n: self.arch.hidden for n in NORMS}
+            if self.arch.qk_norm:
+                norms.update({n: self.arch.head_dim for n in QK_NORMS})
+            for name, width in norms.items():
                 info = tensors.get(f"{p}{name}.weight")
                 if info is None:
                     raise CheckpointError(f"missing tensor {p}{name}.weight")
-                if info.shape != (self.arch.hidden,):
-                    raise CheckpointError(f"{p}{name}.weight has shape {list(info.shape)}, expected [{self.arch.hidden}]")
+                if info.shape != (width,):
+                    raise CheckpointError(f"{p}{name}.weight has shape {list(info.shape)}, expected [{width}]")
                 if not DTYPES[info.dtype].is_floating_point:
                     raise CheckpointError(f"{p}{name}.weight in {info.shard} has dtype {info.dtype}, not a float")
 
