@@ -45,7 +45,11 @@ def tiny_checkpoint_with_tokenizer(out: Path, smollm2_dir: Path, layers: int, sh
     """A random tiny GQA Llama of ``layers`` blocks with SmolLM2's tokenizer, sharded in ``shards`` files."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=layers, vocab_size=49152))
-    ck = write_sharded_checkpoint(model, out, shards=shards)
+    return copy_tokenizer(write_sharded_checkpoint(model, out, shards=shards), smollm2_dir)
+
+
+def copy_tokenizer(ck: Path, smollm2_dir: Path) -> Path:
+    """Give checkpoint ``ck`` SmolLM2's tokenizer files (calibration and evaluation need one)."""
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (ck / f).write_bytes((smollm2_dir / f).read_bytes())
     return ck

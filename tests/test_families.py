@@ -18,7 +18,8 @@ from lsiq.trainable import BlockQuantizer, trainable_count
 from pipeline.checkpoint import Checkpoint, CheckpointError
 from pipeline.driver import run
 from pipeline.model_io import load_quantized
-from tests.conftest import write_sharded_checkpoint
+from tests.conftest import copy_tokenizer, write_sharded_checkpoint
+from tests.test_methods import _block
 from tests.test_pipeline import _cfg
 
 
@@ -37,27 +38,14 @@ def qwen3_checkpoint(tmp_path_factory, smollm2_dir):
         for layer in model.model.layers:
             for n in QK_NORMS:
                 layer.get_submodule(n).weight.uniform_(0.5, 1.5)
-    ck = write_sharded_checkpoint(model, tmp_path_factory.mktemp("qwen3") / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (ck / f).write_bytes((smollm2_dir / f).read_bytes())
-    return ck
-
-
-def _layer_and_inputs(cfg):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    from lsiq.capture import capture_first_layer_inputs
-
-    ids = torch.randint(0, 1000, (2, 24))
-    x, kw = capture_first_layer_inputs(model, ids)
-    return model.model.layers[0], x, kw
+    return copy_tokenizer(write_sharded_checkpoint(model, tmp_path_factory.mktemp("qwen3") / "model"), smollm2_dir)
 
 
 def test_qwen3_let_keeps_the_fp_output_and_has_no_qk_pair():
     """LET's pairs are exact on a Qwen3 block; the q/k pair, which the per-head norms would undo, is
     left out (and the planner's parameter count follows)."""
     cfg = tiny_qwen3_config()
-    layer, x, kw = _layer_and_inputs(cfg)
+    _, layer, x, kw = _block(cfg, n=2, seqlen=24)
     with torch.no_grad():
         for n in QK_NORMS:
             layer.get_submodule(n).weight.uniform_(0.5, 1.5)
