@@ -32,12 +32,11 @@ def _stop(signum: int, frame: Any) -> None:
 
 def _blocks_saved(cfg: QuantizeConfig) -> int:
     """How many finished-block records the output holds (what a rerun resumes from)."""
-    from pipeline.resume import BLOCK_RECORD_PREFIX
+    from pipeline.resume import is_block_record
     from pipeline.writer import OutputDir
 
     try:
-        return sum(1 for f in OutputDir(cfg.output, cfg.out_storage_options).listing()
-                   if f.startswith(BLOCK_RECORD_PREFIX))
+        return sum(1 for f in OutputDir(cfg.output, cfg.out_storage_options).listing() if is_block_record(f))
     except Exception:  # noqa: BLE001 - the count is a courtesy; the interruption is what is reported
         return 0
 

@@ -32,6 +32,11 @@ def block_record_name(i: int) -> str:
     return f"{BLOCK_RECORD_PREFIX}{i:05d}.json"
 
 
+def is_block_record(name: str) -> bool:
+    """A finished block's record (not the temporary file of one being written, "<name>.tmp-<hex>")."""
+    return name.startswith(BLOCK_RECORD_PREFIX) and name.endswith(".json")
+
+
 def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -76,7 +81,7 @@ def prepare(out: OutputDir, settings: dict[str, Any], num_layers: int, restart: 
         raise ResumeMismatch(f"output {out.url!r} holds files of another tool or run ({len(ours)} files) "
                              "but no checkpoints/run.json; choose another --output or pass --restart")
     old = out.read_json(RUN_RECORD)
-    if old.get("fingerprint") != fp and not any(f == MANIFEST or f.startswith(BLOCK_RECORD_PREFIX) for f in ours):
+    if old.get("fingerprint") != fp and not any(f == MANIFEST or is_block_record(f) for f in ours):
         # a run that finished no block holds nothing worth keeping: the new settings replace it
         out.remove(ours)
         out.write_json(RUN_RECORD, {"fingerprint": fp, "settings": settings})

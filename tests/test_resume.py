@@ -126,3 +126,13 @@ def test_leftover_temporary_files_are_removed_before_a_run(tmp_path):
     left = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
     assert not any(".tmp-" in f for f in left)
     assert "notes.txt" in left
+
+
+def test_a_block_record_being_written_is_not_counted_as_finished():
+    """The interrupt message counts finished blocks while the writer may still hold one record's
+    temporary file: that file is not a finished block."""
+    from pipeline.resume import block_record_name, is_block_record
+
+    assert is_block_record(block_record_name(2))
+    assert not is_block_record(block_record_name(2) + ".tmp-0123abcd")
+    assert not is_block_record("checkpoints/run.json")
