@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lsiq import methods
-from lsiq.arch import LINEARS, BlockArch
+from lsiq.archs.base import BlockArch
 from lsiq.config import CalibConfig
 from lsiq.forward import output_errors
 from lsiq.lowrank import add_lowrank
@@ -26,10 +26,10 @@ from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero
 from lsiq.results import BlockResult
 
 
-def rtn_params(layer: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
+def rtn_params(layer: nn.Module, spec: QuantSpec, linears: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The block's parameters with every linear's weight rounded to nearest (the reference loss)."""
     params = {}
-    for name in LINEARS:
+    for name in linears:
         w = layer.get_submodule(name).weight.detach()
         params[f"{name}.weight"] = fake_quant(w, *minmax_scale_zero(w, spec), spec)
     return params
@@ -61,7 +61,7 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
         for p in next_layer.parameters():
             p.requires_grad_(False)
     fb = cfg.forward_batch(shard.world)
-    loss_rtn, rel_rtn = output_errors(layer, inputs, targets, layer_kwargs, fb, rtn_params(layer, cfg.spec),
+    loss_rtn, rel_rtn = output_errors(layer, inputs, targets, layer_kwargs, fb, rtn_params(layer, cfg.spec, arch.linears),
                                       cfg.abits, shard)
     job = BlockJob(layer, layer_kwargs, inputs, targets, arch, cfg, shard, block_index, fp_inputs, next_layer,
                    output_grads, on_step)
@@ -70,9 +70,9 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
     result = BlockResult(out.linears, out.tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=out.losses,
                          trainable_params=out.trainable_params, rel_before=rel_rtn)
     if cfg.lowrank is not None:
-        fp = out.fp_weights or {n: layer.get_submodule(n).weight.detach() for n in LINEARS}
+        fp = out.fp_weights or {n: layer.get_submodule(n).weight.detach() for n in arch.linears}
         out = None  # the solves need only the FP targets and the codes
-        add_lowrank(layer, inputs, layer_kwargs, cfg, result, fp, shard)
+        add_lowrank(layer, inputs, layer_kwargs, cfg, result, fp, shard, groups=arch.input_groups)
     out = None
     result.loss_after, result.rel_after = output_errors(layer, inputs, targets, layer_kwargs, fb,
                                                         result.dequantized_params(), cfg.abits, shard)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lsiq.arch import LINEARS
+from lsiq.archs.base import block_linears
 from lsiq.parallel import SampleShard
 from lsiq.quantizer import ActQuantizer
 
@@ -27,12 +27,13 @@ def block_forward(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict[str, Any
 
 
 @contextlib.contextmanager
-def act_quant_hooks(layer: nn.Module, bits: int) -> Iterator[None]:
-    """Quantize the input of every linear of the block per token while inside the context."""
+def act_quant_hooks(layer: nn.Module, bits: int, linears: tuple[str, ...] | None = None) -> Iterator[None]:
+    """Quantize the input of every linear of the block (``linears``, default every nn.Linear in it)
+    per token while inside the context."""
     quant = ActQuantizer(bits)
     handles = []
     if quant.enabled:
-        for name in LINEARS:
+        for name in (linears if linears is not None else block_linears(layer)):
             handles.append(layer.get_submodule(name).register_forward_pre_hook(lambda m, a: (quant(a[0]), *a[1:])))
     try:
         yield

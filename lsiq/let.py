@@ -1,18 +1,22 @@
-"""LET, OmniQuant's learnable equivalent transformation, for Llama-family blocks with GQA.
+"""LET, OmniQuant's learnable equivalent transformation, on whatever pairs a block's descriptor has.
 
 Per-channel scales move between an activation and the linears that read it, leaving the FP block
-output unchanged: ``Y = (X / s) (s * W)^T``.
+output unchanged: ``Y = (X / s) (s * W)^T``. The pairs are data (lsiq.archs: ``arch.let_pairs``),
+applied in their order; those of a Llama block are
 - qkv: input_layernorm weight / s, q/k/v input columns * s (s over hidden channels);
 - fc1: post_attention_layernorm weight / s, gate/up input columns * s;
 - out: v output rows / s, o input columns * s, where s lives on the KV heads' channels and is
   repeated for every query head sharing that KV head (GQA: query head h reads KV head h // groups);
 - qk: q output rows / s, k output rows * s, with s shared by each rotary pair (d, d + head_dim/2)
   so the scaling commutes with RoPE, and repeated over the query heads of a KV group; left out
-  where q and k pass a per-head norm (Qwen3's q_norm, k_norm), which would undo the scales;
+  where q and k pass a norm after the projection (Qwen3, Gemma 3, OLMo 2), which would undo it;
 - down (optional, AWQ's up -> down pair): up output rows / s, down input columns * s, exact
   because the gated MLP's product act(gate(x)) * up(x) is linear in up's output.
-The shift of the paper's ``(X - d) / s`` is not used: RMSNorm has no bias to absorb it (the
-reference code also disables it for Llama and for weight-only runs).
+Other families change the details, not the code: Gemma's norms compute x * (1 + w) (the fold is
+w' = (1 + w) / s - 1), Phi-3's fused qkv_proj and gate_up_proj take their scales on row ranges,
+OLMo 2's post-norms feed no linear (no norm pair). The shift of the paper's ``(X - d) / s`` is not
+used: RMSNorm has no bias to absorb it (the reference code also disables it for Llama and for
+weight-only runs).
 """
 
 from __future__ import annotations
@@ -20,9 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lsiq.arch import ATTN_QKV, MLP_IN, BlockArch
-
-SCALE_MIN = 1e-5
+from lsiq.archs.base import SCALE_MIN, BlockArch
 
 
 def smooth_scale(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -31,63 +33,24 @@ def smooth_scale(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float)
 
 
 class LET(nn.Module):
-    """The learnable scales of one block."""
+    """The learnable scales of one block: one parameter per pair of ``arch.let_pairs`` (the
+    optional ones, such as up -> down, only with ``down``), named after the pair."""
 
     def __init__(self, arch: BlockArch, init: dict[str, torch.Tensor] | None = None, down: bool = False) -> None:
         super().__init__()
         self.arch = arch
-        shapes = {
-            "qkv": (arch.hidden,),
-            "fc1": (arch.hidden,),
-            "out": (arch.n_kv_heads * arch.head_dim,),
-        }
-        if not arch.qk_norm:  # a per-head norm on q and k would undo the pair's scales
-            shapes["qk"] = (arch.n_kv_heads, arch.head_dim // 2)
-        if down:
-            shapes["down"] = (arch.intermediate,)
+        self.pairs = tuple(p for p in arch.let_pairs if down or not p.optional)
         init = init or {}
-        for name, shape in shapes.items():
-            value = init.get(name, torch.ones(shape))
-            if tuple(value.shape) != shape:
-                raise ValueError(f"LET {name} scale init has shape {tuple(value.shape)}, expected {shape}")
-            self.register_parameter(name, nn.Parameter(value.detach().clone().float()))
-
-    def _expand_heads(self, s: torch.Tensor) -> torch.Tensor:
-        """[kv_heads, head_dim] -> [n_heads * head_dim], query head h taking KV head h // groups."""
-        return s.repeat_interleave(self.arch.kv_groups, dim=0).reshape(-1)
+        for pair in self.pairs:
+            value = init.get(pair.name, torch.ones(pair.shape))
+            if tuple(value.shape) != pair.shape:
+                raise ValueError(f"LET {pair.name} scale init has shape {tuple(value.shape)}, expected {pair.shape}")
+            self.register_parameter(pair.name, nn.Parameter(value.detach().clone().float()))
 
     def transform(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return a copy of the block tensors ``t`` (names relative to the block) transformed.
         Tensors absent from ``t`` are skipped, so one linear can be transformed on its own."""
         t = dict(t)
-        s = self.qkv.clamp(min=SCALE_MIN)
-        _scale(t, "input_layernorm.weight", s, divide=True)
-        for name in ATTN_QKV:
-            _scale(t, f"{name}.weight", s)
-        s = self.fc1.clamp(min=SCALE_MIN)
-        _scale(t, "post_attention_layernorm.weight", s, divide=True)
-        for name in MLP_IN:
-            _scale(t, f"{name}.weight", s)
-        s = self.out.clamp(min=SCALE_MIN)
-        _scale_rows(t, "self_attn.v_proj", 1 / s)
-        _scale(t, "self_attn.o_proj.weight", self._expand_heads(s.view(self.arch.n_kv_heads, -1)))
-        if hasattr(self, "qk"):
-            s = self.qk.clamp(min=SCALE_MIN)
-            s_kv = torch.cat([s, s], dim=-1)  # rotary pairs (d, d + head_dim/2) share a scale
-            _scale_rows(t, "self_attn.k_proj", s_kv.reshape(-1))
-            _scale_rows(t, "self_attn.q_proj", 1 / self._expand_heads(s_kv))
-        if hasattr(self, "down"):
-            s = self.down.clamp(min=SCALE_MIN)
-            _scale_rows(t, "mlp.up_proj", 1 / s)
-            _scale(t, "mlp.down_proj.weight", s)
+        for pair in self.pairs:
+            pair.apply(t, getattr(self, pair.name).clamp(min=SCALE_MIN))
         return t
-
-
-def _scale(t: dict[str, torch.Tensor], key: str, s: torch.Tensor, divide: bool = False) -> None:
-    if key in t:
-        t[key] = t[key] / s if divide else t[key] * s
-
-
-def _scale_rows(t: dict[str, torch.Tensor], linear: str, s: torch.Tensor) -> None:
-    _scale(t, f"{linear}.weight", s[:, None])
-    _scale(t, f"{linear}.bias", s)

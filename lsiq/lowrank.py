@@ -110,7 +110,8 @@ def output_error(err: torch.Tensor, autocorr: torch.Tensor, a: torch.Tensor | No
 
 @torch.no_grad()
 def add_lowrank(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
-                result: BlockResult, targets: dict[str, torch.Tensor], shard: SampleShard | None = None) -> None:
+                result: BlockResult, targets: dict[str, torch.Tensor], shard: SampleShard | None = None,
+                groups: tuple[tuple[str, ...], ...] | None = None) -> None:
     """Give every linear of ``result`` its rank-``cfg.rank`` correction of (target - quantized weight).
 
     ``targets``: each linear's full-precision weight in the calibrated block's coordinates (LET
@@ -118,8 +119,11 @@ def add_lowrank(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, 
     dict once used. The inputs' autocorrelation comes from the quantized block (uncorrected) on the
     quantized stream. A and B are rounded to float16, the precision they are stored in, before
     anything uses them. With data-parallel workers each solves its share of the linears (as the
-    SVDs are shared out: svd_owners) and the factors are broadcast from their owners."""
-    autocorr = (input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard, params=result.dequantized_params())
+    SVDs are shared out: svd_owners) and the factors are broadcast from their owners. ``groups``:
+    linears that read one input share one autocorrelation (BlockArch.input_groups)."""
+    groups = groups if groups is not None else tuple((n,) for n in result.linears)
+    autocorr = (input_autocorrelations(layer, inputs, layer_kwargs, cfg, shard, params=result.dequantized_params(),
+                                       groups=groups)
                 if cfg.lowrank != "svd" else {})  # svd ignores the inputs
     dtype = solve_dtype(cfg, device_of(layer))
     shared = shard is not None and shard.world > 1 and shard.broadcast is not None

@@ -22,22 +22,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from lsiq.arch import LINEARS
+from lsiq.archs.base import block_linears
 from lsiq.forward import batches, block_forward
 
 
 def head_loss(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
-              predicted_total: int) -> torch.Tensor:
+              predicted_total: int, softcap: float | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy of ``hidden`` [B, L, H] (the last block's output) for tokens
     ``ids`` [B, L], divided by ``predicted_total``, the number of predicted tokens over every sample
-    of every worker: each worker's gradient is then its share of the global mean's gradient."""
+    of every worker: each worker's gradient is then its share of the global mean's gradient.
+    ``softcap``: the model's final logit soft-capping (Gemma 2: logits = c tanh(logits / c))."""
     logits = lm_head(norm(hidden)).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                              reduction="sum") / predicted_total
 
 
 def head_gradient(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
-                  predicted_total: int, batch_size: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                  predicted_total: int, batch_size: int, out: torch.Tensor | None = None,
+                  softcap: float | None = None) -> tuple[torch.Tensor, float]:
     """dL/d(hidden) [N, L, H] of :func:`head_loss` (written into ``out`` if given), and this
     worker's part of the loss. Only the input gradient is computed, not the head's weights'."""
     grad = torch.empty_like(hidden) if out is None else out
@@ -45,7 +49,7 @@ def head_gradient(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, ids
     device = next(lm_head.parameters()).device
     for idx in batches(hidden.shape[0], batch_size):
         h = hidden[idx].to(device).detach().requires_grad_(True)
-        loss = head_loss(norm, lm_head, h, ids[idx].to(device), predicted_total)
+        loss = head_loss(norm, lm_head, h, ids[idx].to(device), predicted_total, softcap)
         (g,) = torch.autograd.grad(loss, h)
         grad[idx] = g.to(grad.device)
         total += loss.item()
@@ -69,15 +73,19 @@ def block_backward(layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tenso
 
 
 def oac_hessians(layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor, layer_kwargs: dict[str, Any],
-                 batch_size: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-    """H_OAC [in, in] (in ``dtype``, summed over this worker's tokens) of every linear of the block, from
-    its FP inputs and the loss gradient at its output (block_backward's recomputation)."""
+                 batch_size: int, dtype: torch.dtype = torch.float64, linears: tuple[str, ...] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """H_OAC [in, in] (in ``dtype``, summed over this worker's tokens) of every linear of the block
+    (``linears``, default every nn.Linear in it), from its FP inputs and the loss gradient at its
+    output (block_backward's recomputation). One per linear: each weighs its tokens by its own
+    output's gradient, so linears that share an input do not share it."""
     device = next(layer.parameters()).device
+    linears = linears if linears is not None else tuple(block_linears(layer))
     hess = {n: torch.zeros(layer.get_submodule(n).in_features, layer.get_submodule(n).in_features,
-                           dtype=dtype, device=device) for n in LINEARS}
+                           dtype=dtype, device=device) for n in linears}
     seen: dict[str, torch.Tensor] = {}
     handles = []
-    for name in LINEARS:
+    for name in linears:
         mod = layer.get_submodule(name)
         handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: seen.__setitem__(n, a[0].detach())))
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lsiq.arch import ATTN_OUT, ATTN_QKV, LINEARS, MLP_IN, BlockArch
+from lsiq.archs.base import BlockArch, ChannelPair, NormPair, block_linears
 from lsiq.forward import act_quant_hooks, batches, block_forward, device_of
 from lsiq.gptq import HessianAccumulator
 from lsiq.let import smooth_scale
@@ -29,18 +29,22 @@ def solve_dtype(cfg: CalibConfig, device: torch.device) -> torch.dtype:
 
 @torch.no_grad()
 def input_autocorrelations(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], cfg: CalibConfig,
-                           shard: SampleShard | None = None, params: dict[str, torch.Tensor] | None = None
-                           ) -> dict[str, torch.Tensor]:
+                           shard: SampleShard | None = None, params: dict[str, torch.Tensor] | None = None,
+                           groups: tuple[tuple[str, ...], ...] | None = None) -> dict[str, torch.Tensor]:
     """2/n sum x x^T [in, in] (in :func:`solve_dtype`) of every linear's inputs over the calibration samples (all
     workers' samples when data-parallel), with the block run on ``params`` (default: its weights)
-    and activation quantization on, so each linear sees what it will see at inference."""
+    and activation quantization on, so each linear sees what it will see at inference.
+
+    ``groups``: linears that read one input (BlockArch.input_groups) share one matrix, built once
+    and returned under each of their names (the same tensor; default: one per nn.Linear)."""
     device = device_of(layer)
     dtype = solve_dtype(cfg, device)
-    hess = {n: HessianAccumulator(layer.get_submodule(n).in_features, device, dtype) for n in LINEARS}
+    groups = groups if groups is not None else tuple((n,) for n in block_linears(layer))
+    accs = [HessianAccumulator(layer.get_submodule(g[0]).in_features, device, dtype) for g in groups]
     # The activation quantizers' hooks go first so that H is built from the inputs the layer sees.
     with act_quant_hooks(layer, cfg.abits):
-        handles = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hess[n].add(a[0]))
-                   for n in LINEARS]
+        handles = [layer.get_submodule(g[0]).register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0]))
+                   for g, acc in zip(groups, accs, strict=True)]
         try:
             for idx in batches(inputs.shape[0], cfg.forward_batch(shard.world if shard is not None else 1)):
                 block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
@@ -48,13 +52,13 @@ def input_autocorrelations(layer: nn.Module, inputs: torch.Tensor, layer_kwargs:
             for h in handles:
                 h.remove()
     if shard is not None and not shard.trivial:
-        for acc in hess.values():  # H of all samples = count-weighted mean of the workers' H
+        for acc in accs:  # H of all samples = count-weighted mean of the workers' H
             n = torch.tensor([float(acc.n)], dtype=acc.h.dtype)
             acc.h *= acc.n
             shard.all_reduce(acc.h, "sum")
             shard.all_reduce(n, "sum")
             acc.h /= n.item()
-    return {n: acc.h for n, acc in hess.items()}
+    return {n: acc.h for g, acc in zip(groups, accs, strict=True) for n in g}
 
 
 @torch.no_grad()
@@ -85,20 +89,25 @@ def input_absmax(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str,
 
 def smooth_let_init(layer: nn.Module, arch: BlockArch, inputs: torch.Tensor, layer_kwargs: dict[str, Any],
                     batch_size: int, alpha: float, shard: SampleShard | None = None) -> dict[str, torch.Tensor]:
-    """OmniQuant's LET initialisation from activation maxima (SmoothQuant, GQA-aware for `out`)."""
-    acts = input_absmax(layer, inputs, layer_kwargs, batch_size, (ATTN_QKV[0], MLP_IN[0], ATTN_OUT), shard)
+    """OmniQuant's LET initialisation from activation maxima (SmoothQuant) of the block's norm
+    pairs and its (non-optional) channel pairs, GQA-aware for v -> o; the other pairs start at 1."""
+    pairs = [p for p in arch.let_pairs if isinstance(p, NormPair | ChannelPair) and not p.optional]
+    probe = tuple(p.linears[0] if isinstance(p, NormPair) else p.dst for p in pairs)
+    acts = input_absmax(layer, inputs, layer_kwargs, batch_size, probe, shard)
     sd = layer.state_dict()
 
     def wmax(names: tuple[str, ...]) -> torch.Tensor:
         return torch.stack([sd[f"{n}.weight"].abs().amax(0) for n in names]).amax(0)
 
-    # o_proj reads n_heads * head_dim channels; the scale lives on the KV heads' channels, so take
-    # the max over the query heads that share a KV head.
-    kv, g, hd = arch.n_kv_heads, arch.kv_groups, arch.head_dim
-    o_act = acts[ATTN_OUT].view(kv, g, hd).amax(1).reshape(-1)
-    o_w = sd[f"{ATTN_OUT}.weight"].abs().amax(0).view(kv, g, hd).amax(1).reshape(-1)
-    return {
-        "qkv": smooth_scale(acts[ATTN_QKV[0]], wmax(ATTN_QKV), alpha),
-        "fc1": smooth_scale(acts[MLP_IN[0]], wmax(MLP_IN), alpha),
-        "out": smooth_scale(o_act, o_w, alpha),
-    }
+    out = {}
+    for pair, name in zip(pairs, probe, strict=True):
+        if isinstance(pair, NormPair):
+            out[pair.name] = smooth_scale(acts[name], wmax(pair.linears), alpha)
+        else:
+            # o_proj reads n_heads * head_dim channels; the scale lives on the KV heads' channels, so
+            # take the max over the query heads that share a KV head.
+            g, w = pair.groups, pair.width
+            act = acts[name].view(-1, g, w).amax(1).reshape(-1)
+            wm = sd[f"{name}.weight"].abs().amax(0).view(-1, g, w).amax(1).reshape(-1)
+            out[pair.name] = smooth_scale(act, wm, alpha)
+    return out

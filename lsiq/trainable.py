@@ -19,7 +19,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from lsiq.arch import LINEARS, BlockArch
+from lsiq.archs.base import BlockArch
 from lsiq.config import CalibConfig
 from lsiq.forward import device_of
 from lsiq.let import LET
@@ -46,22 +46,24 @@ class BlockQuantizer(nn.Module):
         self.cfg = cfg
         self.spec = cfg.spec
         self.base = {k: v.detach() for k, v in layer.state_dict().items()}
+        self.linears = arch.linears  # the quantized linears (module names relative to the block)
+        self._weights = {f"{n}.weight" for n in self.linears}
         device = device_of(layer)
         self.lsi = nn.ModuleDict()
         if cfg.uses_lsi:
-            factors = _block_svds({n: self.base[f"{n}.weight"] for n in LINEARS}, cfg, shard)
-            for name in LINEARS:
+            factors = _block_svds({n: self.base[f"{n}.weight"] for n in self.linears}, cfg, shard)
+            for name in self.linears:
                 self.lsi[_key(name)] = SVDIncrement(self.base[f"{name}.weight"], cfg.lsi_block_k, cfg.lsi_relative,
                                                     factors[name], band=cfg.band)
         self.let = LET(arch, let_init, down=bool(cfg.let_down)).to(device) if cfg.uses_let else None
         self.lwc = nn.ModuleDict()
         if cfg.uses_lwc:
-            for name in LINEARS:
+            for name in self.linears:
                 out_f, in_f = self.base[f"{name}.weight"].shape
                 self.lwc[_key(name)] = LWC(out_f, in_f, self.spec, param=cfg.lwc_param).to(device)
         self.rounding = nn.ModuleDict()
         if cfg.uses_rounding:
-            for name in LINEARS:
+            for name in self.linears:
                 init = round_init.get(name) if round_init is not None else None
                 self.rounding[_key(name)] = RoundingOffsets(self.base[f"{name}.weight"].shape, init).to(device)
 
@@ -106,12 +108,12 @@ class BlockQuantizer(nn.Module):
     def transformed(self) -> dict[str, torch.Tensor]:
         """Block tensors after LSI and LET, before weight quantization."""
         others = self._transformed_others()
-        return {k: self._transformed_weight(k[: -len(".weight")]) if _is_linear_weight(k) else others[k]
+        return {k: self._transformed_weight(k[: -len(".weight")]) if k in self._weights else others[k]
                 for k in self.base}
 
     def _transformed_others(self) -> dict[str, torch.Tensor]:
         """The block's tensors other than the linears' weights (norms, biases) after LET."""
-        t = {k: v for k, v in self.base.items() if not _is_linear_weight(k)}
+        t = {k: v for k, v in self.base.items() if k not in self._weights}
         return self.let.transform(t) if self.let is not None else t
 
     def _transformed_weight(self, name: str) -> torch.Tensor:
@@ -126,7 +128,7 @@ class BlockQuantizer(nn.Module):
         """Each linear's full-precision weight with LET applied but not LSI: with the folded norms
         (LET keeps the FP output) it computes the FP block; what a low-rank correction aims at."""
         out = {}
-        for name in LINEARS:
+        for name in self.linears:
             w = self.base[f"{name}.weight"]
             out[name] = self.let.transform({f"{name}.weight": w})[f"{name}.weight"].detach() if self.let is not None else w
         return out
@@ -142,7 +144,7 @@ class BlockQuantizer(nn.Module):
     def effective(self) -> dict[str, torch.Tensor]:
         """Parameters for the calibrated forward: transformed, weights fake-quantized."""
         t = self._transformed_others()
-        for name in LINEARS:
+        for name in self.linears:
             if self.cfg.recompute_weights and torch.is_grad_enabled():
                 t[f"{name}.weight"] = torch.utils.checkpoint.checkpoint(self._effective_weight, name,
                                                                         use_reentrant=False)
@@ -167,7 +169,7 @@ class BlockQuantizer(nn.Module):
         """Fold everything into integer weights plus plain (folded) non-linear tensors."""
         t = {k: v.detach() for k, v in self.transformed().items()}
         linears = {}
-        for name in LINEARS:
+        for name in self.linears:
             w = t.pop(f"{name}.weight")
             scale, zero = self.scale_zero(name, w)
             linears[name] = QuantizedLinear(quantize_codes(w, scale, zero, self.spec, self._offset(name)),
@@ -186,10 +188,8 @@ def trainable_count(arch: BlockArch, cfg: CalibConfig) -> int:
             n += r + k * k + 2 * min(cfg.band, r - 1) * r  # SDE's bands: one row of r per offset
         if cfg.uses_rounding:
             n += out_f * in_f
-    if cfg.uses_let:
-        n += 2 * arch.hidden + arch.n_kv_heads * arch.head_dim
-        n += 0 if arch.qk_norm else arch.n_kv_heads * arch.head_dim // 2  # lsiq.let: no q/k pair then
-        n += arch.intermediate if cfg.let_down else 0
+    if cfg.uses_let:  # one scale per channel of each of the block's LET pairs (lsiq.let)
+        n += arch.let_parameters(down=bool(cfg.let_down))
     return n
 
 
@@ -224,10 +224,6 @@ def _block_svds(weights: dict[str, torch.Tensor], cfg: CalibConfig, shard: Sampl
         return w.new_empty(w.shape[0], r), w.new_empty(r), w.new_empty(r, w.shape[1])
 
     return broadcast_from_owners(mine, list(weights), owners, shard, empty)
-
-
-def _is_linear_weight(key: str) -> bool:
-    return key.endswith(".weight") and key[: -len(".weight")] in LINEARS
 
 
 def _key(linear: str) -> str:

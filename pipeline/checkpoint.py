@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from lsiq.arch import LINEARS, NORMS, QK_NORMS, BlockArch
+from lsiq.archs import BlockArch
 from pipeline import storage
 
 DTYPES = {
@@ -120,30 +120,25 @@ class Checkpoint:
         return out
 
     def _check_blocks(self, tensors: dict[str, TensorInfo]) -> None:
-        shapes = self.arch.linear_shapes()
+        """Every block holds every tensor its architecture's decoder layer has (the descriptor's
+        linears, norms, q/k norms, biases), with the shapes the config implies, in floats."""
+        linears = {f"{n}.weight" for n in self.arch.linears}
+        expected = self.arch.tensor_shapes()
         for i in range(self.arch.num_layers):
             p = layer_prefix(i)
-            for name in LINEARS:
-                info = tensors.get(f"{p}{name}.weight")
+            for name, shape in expected.items():
+                info = tensors.get(f"{p}{name}")
                 if info is None:
-                    raise CheckpointError(f"missing tensor {p}{name}.weight")
-                if info.shape != shapes[name]:
-                    raise CheckpointError(f"{p}{name}.weight has shape {list(info.shape)}, config implies "
-                                          f"{list(shapes[name])}")
+                    raise CheckpointError(f"missing tensor {p}{name} (the {self.arch.name} block of "
+                                          f"model_type {self.arch.model_type!r} has it)")
+                if info.shape != tuple(shape):
+                    what = "config implies" if name in linears else "expected"
+                    raise CheckpointError(f"{p}{name} has shape {list(info.shape)}, {what} {list(shape)}")
                 if not DTYPES[info.dtype].is_floating_point:  # found here, not when its block is calibrated
-                    raise CheckpointError(f"{p}{name}.weight in {info.shard} has dtype {info.dtype}: a full-precision "
-                                          "checkpoint (F32, F16, BF16) is needed; is it already quantized?")
-            norms = {n: self.arch.hidden for n in NORMS}
-            if self.arch.qk_norm:
-                norms.update({n: self.arch.head_dim for n in QK_NORMS})
-            for name, width in norms.items():
-                info = tensors.get(f"{p}{name}.weight")
-                if info is None:
-                    raise CheckpointError(f"missing tensor {p}{name}.weight")
-                if info.shape != (width,):
-                    raise CheckpointError(f"{p}{name}.weight has shape {list(info.shape)}, expected [{width}]")
-                if not DTYPES[info.dtype].is_floating_point:
-                    raise CheckpointError(f"{p}{name}.weight in {info.shard} has dtype {info.dtype}, not a float")
+                    if name in linears:
+                        raise CheckpointError(f"{p}{name} in {info.shard} has dtype {info.dtype}: a full-precision "
+                                              "checkpoint (F32, F16, BF16) is needed; is it already quantized?")
+                    raise CheckpointError(f"{p}{name} in {info.shard} has dtype {info.dtype}, not a float")
 
     # ------------------------------------------------------------------ reads
     def block_names(self, i: int) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lsiq import methods
-from lsiq.arch import BlockArch, UnsupportedArchitecture
+from lsiq.archs import BlockArch, UnsupportedArchitecture, family_for
 from lsiq.config import CalibConfig
 from lsiq.lsi import svd_flops, svd_matmul_flops, svd_owners
 from lsiq.trainable import state_floats, trainable_count
@@ -152,8 +152,8 @@ def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
 
 
 def hessian_rounds(cfg: CalibConfig) -> int:
-    """How many times a block builds one [in, in] matrix per linear: once for GPTQ's or OAC's
-    Hessians, once for --lowrank qera/lqer's input autocorrelations."""
+    """How many times a block builds its [in, in] matrices: once for GPTQ's or OAC's Hessians, once
+    for --lowrank qera/lqer's input autocorrelations."""
     return int(_method(cfg).needs_hessians(cfg)) + int(cfg.lowrank in ("qera", "lqer"))
 
 
@@ -167,21 +167,35 @@ def solve_bytes(cfg: CalibConfig) -> int:
     return F64 if cfg.solve_dtype == "float64" else F32
 
 
-def hessian_bytes(arch: BlockArch, nbytes: int = F32) -> int:
-    """Bytes of one [in, in] matrix per linear of a block, ``nbytes`` per value."""
-    return nbytes * sum(n * n for _, n in arch.linear_shapes().values())
+def hessian_groups(arch: BlockArch, cfg: CalibConfig | None = None) -> tuple[tuple[str, ...], ...]:
+    """The linears that share one [in, in] matrix: those that read one input (the descriptor's
+    input groups: GPTQ's Hessians, the low-rank autocorrelations); one per linear for OAC, whose
+    Hessians weigh the tokens by each linear's own output gradient."""
+    if cfg is not None and _method(cfg).needs_output_grads:
+        return tuple((n,) for n in arch.linears)
+    return arch.input_groups
+
+
+def hessian_bytes(arch: BlockArch, nbytes: int = F32, groups: tuple[tuple[str, ...], ...] | None = None) -> int:
+    """Bytes of one [in, in] matrix per group of linears of a block (``groups``, default the
+    descriptor's input groups), ``nbytes`` per value."""
+    shapes = arch.linear_shapes()
+    return nbytes * sum(shapes[g[0]][1] ** 2 for g in (groups if groups is not None else arch.input_groups))
 
 
 def _solve_peak(coef: tuple[float, float, float], shapes: dict[str, tuple[int, int]], nbytes: int,
-                target_bytes: int = 0) -> tuple[int, int]:
-    """(Hessian bytes held, the rest) at the worst of the solves run linear by linear in LINEARS
-    order, each Hessian (``nbytes`` per value) and FP target (``target_bytes`` per weight: the LET
-    coordinates' weights of --lowrank) freed once its linear is solved (lsiq.methods.gptq, add_lowrank)."""
+                target_bytes: int = 0, groups: tuple[tuple[str, ...], ...] | None = None) -> tuple[int, int]:
+    """(Hessian bytes held, the rest) at the worst of the solves run linear by linear in the
+    block's order, each Hessian (``nbytes`` per value, one per group of ``groups``, default one per
+    linear) freed once the last linear of its group is solved, each FP target (``target_bytes`` per
+    weight: the LET coordinates' weights of --lowrank) once its linear is (lsiq.methods.gptq, add_lowrank)."""
     order = list(shapes)
+    groups = groups if groups is not None else tuple((k,) for k in order)
     worst = (0, 0)
     for i, name in enumerate(order):
         m, n = shapes[name]
-        held = nbytes * sum(shapes[k][1] ** 2 for k in order[i:])
+        left = set(order[i:])
+        held = nbytes * sum(shapes[g[0]][1] ** 2 for g in groups if left.intersection(g))
         targets = target_bytes * sum(shapes[k][0] * shapes[k][1] for k in order[i:])
         transient = int(coef[0] * n * n + coef[1] * m * n + coef[2] * min(m, n) ** 2) + targets
         worst = max(worst, (held, transient), key=sum)
@@ -250,25 +264,30 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
                                      + sb * max(n * n for _, n in shapes.values())) if hess else 0
     # inputs and targets of the micro-batch (cross-layer: and block i+1's target; OAC: the gradients)
     mem["batch_io"] = (2 + int(cross) + 2 * int(oac)) * F32 * (tokens if cfg.trains else tokens_fwd) * a.hidden
-    mem["hessians"] = hessian_bytes(a, sb) if hessian_rounds(cfg) else 0  # all of them, once built
+    # all of one round's matrices, once built: GPTQ's / OAC's Hessians, or --lowrank's autocorrelations
+    method_groups = hessian_groups(a, cfg)
+    method_hess = hessian_bytes(a, sb, method_groups) if hess else 0
+    lowrank_hess = hessian_bytes(a, sb) if cfg.lowrank in ("qera", "lqer") else 0
+    mem["hessians"] = max(method_hess, lowrank_hess)
     # The solves, linear by linear, each Hessian freed once used: the worst moment's Hessians
     # (``solve_hessians``) and the rest (``solve_transient``: its linear algebra, the block's uint8
     # codes, and with --lowrank and LET the FP targets in LET's coordinates not yet used).
     solve = []  # (Hessians held, the rest)
     if hess:
-        solve.append(_solve_peak(SOLVE_TRANSIENT[sb], shapes, sb))
+        solve.append(_solve_peak(SOLVE_TRANSIENT[sb], shapes, sb, groups=method_groups))
         if cfg.trains:  # a trained method's GPTQ start: its Hessians' pass comes before training
             widest = max(n for _, n in shapes.values())
-            solve.append((mem["hessians"], fwd_act + 2 * sb * tokens_fwd * widest + sb * widest * widest))
+            solve.append((method_hess, fwd_act + 2 * sb * tokens_fwd * widest + sb * widest * widest))
     if cfg.lowrank is not None:
         # (svd builds no autocorrelation: nothing held)
         target = F32 if cfg.uses_let else 0
-        solve.append(_solve_peak(LOWRANK_TRANSIENT[sb][cfg.lowrank], shapes, sb if cfg.lowrank != "svd" else 0, target))
+        solve.append(_solve_peak(LOWRANK_TRANSIENT[sb][cfg.lowrank], shapes, sb if cfg.lowrank != "svd" else 0, target,
+                                 groups=a.input_groups))
         if cfg.lowrank != "svd":  # the autocorrelation pass, forward only, on the dequantized weights
             # (F32 lin): all the matrices, a micro-batch's activations, and the widest input in the
             # solve dtype, scaled, and its x^T x before it is added
             widest = max(n for _, n in shapes.values())
-            solve.append((mem["hessians"], (target + F32) * lin + sb * widest * (widest + 2 * tokens_fwd) + fwd_act))
+            solve.append((lowrank_hess, (target + F32) * lin + sb * widest * (widest + 2 * tokens_fwd) + fwd_act))
     worst = max(solve, key=sum) if solve else (0, 0)
     mem["solve_hessians"] = worst[0]
     mem["solve_transient"] = worst[1] + lin if solve else 0
@@ -287,7 +306,7 @@ def memory_plan(p: PlanConfig, recompute: bool) -> dict[str, int]:
     passes = mem["saved_weights"] + mem["saved_activations"] + mem["backward_transient"] + mem["batch_io"]
     # GPTQ and OAC accumulate their Hessians during their passes over the tokens; --lowrank after
     # training, once the SVD factors and Adam's state are freed (lsiq.block.calibrate_block)
-    steady = held + passes + (mem["hessians"] if hess and not cfg.trains else 0)
+    steady = held + passes + (method_hess if hess and not cfg.trains else 0)
     solve_phase = block + mem["next_block_weights"] + mem["solve_hessians"] + mem["solve_transient"] if solve else 0
     setup = block + mem["next_block_weights"] + mem["svd_factors"] + svd
     # the passes that do not train: the block, the weights it runs on (RTN's, the calibrated ones
@@ -335,21 +354,25 @@ def svd_seconds(p: PlanConfig, out_features: int, in_features: int) -> float:
 def solve_flops(p: PlanConfig) -> list[tuple[int, int]]:
     """FLOPs of one block's Hessians and solves on each worker, as (matrix products and blocked
     Cholesky factors, which run near matmul speed; eigendecompositions and SVDs, which do not):
-    accumulating the Hessians / autocorrelations over its tokens (2 n^2 per token and linear) and,
+    accumulating the Hessians / autocorrelations over its tokens (2 n^2 per token and group of
+    linears that share an input; OAC: per linear) and,
     repeated on every worker, GPTQ's column updates (m n^2) and Cholesky factors (2 n^3); shared out
     between the workers (svd_owners), the low-rank corrections: for qera R's Cholesky factor L
     (n^3 / 3), E L (2 m n^2), B L^{-1} (r n^2) and E L's SVD; the SVD for lqer and svd (svd builds
     no autocorrelation)."""
     cfg, shapes = p.calib, p.arch.linear_shapes()
     local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
-    accumulate = sum(2 * local_tokens * n * n for _, n in shapes.values())
+
+    def accumulate(groups: tuple[tuple[str, ...], ...]) -> int:
+        return sum(2 * local_tokens * shapes[g[0]][1] ** 2 for g in groups)
+
     mm = 0
     if _method(cfg).needs_hessians(cfg):
-        mm += accumulate + sum(m * n * n + 2 * n**3 for m, n in shapes.values())
+        mm += accumulate(hessian_groups(p.arch, cfg)) + sum(m * n * n + 2 * n**3 for m, n in shapes.values())
     if cfg.lowrank is None:
         return [(mm, 0)] * p.gpus
     if cfg.lowrank != "svd":
-        mm += accumulate
+        mm += accumulate(p.arch.input_groups)
     per = {k: ((n**3 // 3 + 2 * m * n * n + cfg.rank * n * n) if cfg.lowrank == "qera" else 0, svd_flops(m, n))
            for k, (m, n) in shapes.items()}
     owners = svd_owners(shapes, p.gpus)
@@ -409,7 +432,9 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
     ring = 2 * (p.gpus - 1) / p.gpus * 8 / (hw.link_gbps * 1e9)  # seconds per byte all-reduced (ring)
     step_comm_s = ring * allreduce_bytes if p.gpus > 1 else 0.0
     # every worker's Hessians are summed once per block (GPTQ/OAC, and again for --lowrank)
-    hess_comm_s = ring * hessian_rounds(cfg) * hessian_bytes(a, solve_bytes(cfg)) if p.gpus > 1 else 0.0
+    rounds = ([hessian_groups(a, cfg)] if m_.needs_hessians(cfg) else []) + ([a.input_groups] if cfg.lowrank in
+                                                                            ("qera", "lqer") else [])
+    hess_comm_s = ring * sum(hessian_bytes(a, solve_bytes(cfg), g) for g in rounds) if p.gpus > 1 else 0.0
     svd_s = svd_wait = 0.0
     if cfg.uses_lsi:  # each worker computes its share of the SVDs, then receives the others' factors
         owners = svd_owners(shapes, p.gpus, cfg.svd)
@@ -476,7 +501,11 @@ def make_plan(p: PlanConfig) -> dict[str, Any]:
                          "precision": p.calib.precision, "solve_dtype": "float64" if solve_bytes(p.calib) == F64
                          else "float32", "svd": p.calib.svd, "svd_dtype": "float64" if svd_value_bytes(p) == F64
                          else "float32"},
-            "hardware": asdict(p.hw), "blocks": p.arch.num_layers, "hessian_rounds": hessian_rounds(p.calib)}
+            "hardware": asdict(p.hw), "blocks": p.arch.num_layers, "hessian_rounds": hessian_rounds(p.calib),
+            "architecture": {"family": p.arch.name, "model_type": p.arch.model_type, "linears": p.arch.linear_shapes(),
+                             "input_groups": [list(g) for g in p.arch.input_groups],
+                             "let_pairs": [q.name for q in p.arch.let_pairs if p.calib.let_down or not q.optional],
+                             "unpaired": p.arch.unpaired}}
     if p.target_hours is not None:
         plan["target_hours"] = p.target_hours
         plan["meets_target"] = plan["fits"] and t["hours"] <= p.target_hours
@@ -502,6 +531,10 @@ def load_arch(path: str) -> BlockArch:
         raise BadInput(f"{path} has no model_type: not a transformers config.json")
     try:
         config = AutoConfig.for_model(**data)
+        family = family_for(config.model_type)
+        text = config.get_text_config()
+        if family is not None and family.unsupported and text is not config:
+            config = text  # a multimodal checkpoint (Gemma 3): plan its language model
         return BlockArch.from_config(config)
     except (UnsupportedArchitecture, ValueError) as e:
         raise BadInput(f"{e}") from None
@@ -522,7 +555,13 @@ def _budget(s: dict[str, Any]) -> str:
 def render(plan: dict[str, Any]) -> str:
     """The human-readable plan (the JSON line follows it)."""
     s, mem, t = plan["settings"], plan["memory"], plan["time"]
-    lines = [f"plan: {plan['blocks']} blocks, {s['method']} W{s['wbits']}A{s['abits']} g{s['group_size']}, "
+    arch = plan["architecture"]
+    pairs = ", ".join(arch["let_pairs"]) or "none"
+    lines = [f"architecture: {arch['family']} (model_type {arch['model_type']}): {len(arch['linears'])} linears in "
+             f"{len(arch['input_groups'])} input groups, LET pairs: {pairs}"]
+    if arch["unpaired"]:
+        lines.append(f"warning: {arch['unpaired']}")
+    lines += [f"plan: {plan['blocks']} blocks, {s['method']} W{s['wbits']}A{s['abits']} g{s['group_size']}, "
              f"{s['nsamples']} x {s['seqlen']} tokens, {_budget(s)}, global batch {s['batch_size']}, "
              f"{plan['gpus']} workers x {_gib(plan['gpu_mem_bytes'])}",
              f"per-worker device memory (recompute weights: {'on' if plan['recompute_weights'] else 'off'}):"]

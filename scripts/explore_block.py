@@ -55,7 +55,7 @@ def main() -> int:
         if ntr < q_in.shape[0]:
             params = r.dequantized_params()
             from lsiq.block import rtn_params as _rtn_params
-            row["held_rtn"] = mean_loss(layer, q_in[ntr:], targets[ntr:], kw, 4, _rtn_params(layer, cfg.spec), 16)
+            row["held_rtn"] = mean_loss(layer, q_in[ntr:], targets[ntr:], kw, 4, _rtn_params(layer, cfg.spec, arch.linears), 16)
             row["held_after"] = mean_loss(layer, q_in[ntr:], targets[ntr:], kw, 4, params, 16)
         if r.losses:
             k = max(1, len(r.losses) // 10)

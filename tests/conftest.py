@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lsiq.archs import BlockArch
+
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+# the linears of a Llama block, as its descriptor names them (the tests of Llama blocks use them)
+LINEARS = BlockArch("llama", 64, 128, 4, 2, 16, 1).linears
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

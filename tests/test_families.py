@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
-from lsiq.arch import QK_NORMS, BlockArch, UnsupportedArchitecture
+from lsiq.arch import BlockArch, UnsupportedArchitecture
+from lsiq.archs import family_for
 from lsiq.config import CalibConfig
 from lsiq.evaluation import perplexity
 from lsiq.forward import block_forward
@@ -21,6 +22,8 @@ from pipeline.model_io import load_quantized
 from tests.conftest import copy_tokenizer, write_sharded_checkpoint
 from tests.test_methods import _block
 from tests.test_pipeline import _cfg
+
+QK_NORMS = family_for("qwen3").qk_norms
 
 
 def tiny_qwen3_config(**overrides) -> Qwen3Config:

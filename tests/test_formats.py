@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lsiq.arch import LINEARS, BlockArch
+from lsiq.arch import BlockArch
 from lsiq.config import CalibConfig
 from lsiq.evaluation import perplexity
 from lsiq.quantizer import QuantSpec, minmax_scale_zero, quantize_codes
@@ -27,7 +27,7 @@ from pipeline import ct_format, formats, gptq_format
 from pipeline.config import QuantizeConfig, parse_quantize_args
 from pipeline.driver import run
 from pipeline.model_io import MANIFEST, load_quantized, skeleton
-from tests.conftest import tiny_llama_config
+from tests.conftest import LINEARS, tiny_llama_config
 
 
 def _block(spec: QuantSpec, out_f: int = 64, in_f: int = 96, seed: int = 0) -> BlockResult:

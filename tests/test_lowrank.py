@@ -4,13 +4,13 @@ step that gives a calibrated block's linears their corrections."""
 import pytest
 import torch
 
-from lsiq.arch import LINEARS, BlockArch
+from lsiq.arch import BlockArch
 from lsiq.block import calibrate_block
 from lsiq.config import CalibConfig
 from lsiq.forward import block_forward
 from lsiq.lowrank import KINDS, cholesky_root, lowrank_correction, output_error
 from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero
-from tests.conftest import tiny_llama_config
+from tests.conftest import LINEARS, tiny_llama_config
 from tests.test_methods import _block
 
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from lsiq import methods
-from lsiq.arch import LINEARS, BlockArch, UnsupportedArchitecture
+from lsiq.arch import BlockArch, UnsupportedArchitecture
 from lsiq.block import calibrate_block
 from lsiq.capture import capture_first_layer_inputs
 from lsiq.config import CalibConfig
@@ -16,7 +16,7 @@ from lsiq.lsi import SVDIncrement, svd_factors
 from lsiq.lwc import LWC
 from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero, quantize_codes
 from lsiq.trainable import BlockQuantizer
-from tests.conftest import tiny_llama_config
+from tests.conftest import LINEARS, tiny_llama_config
 
 
 def _block(cfg, n=6, seqlen=32, seed=0):

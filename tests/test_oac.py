@@ -6,11 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lsiq.arch import LINEARS
 from lsiq.capture import capture_first_layer_inputs, decoder_layers
 from lsiq.forward import forward_all
 from lsiq.oac import block_backward, head_gradient, oac_hessians
-from tests.conftest import tiny_llama_config
+from tests.conftest import LINEARS, tiny_llama_config
 
 
 def _model(seed=0, layers=3):

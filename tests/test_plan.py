@@ -17,7 +17,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from lsiq import methods
-from lsiq.arch import LINEARS, BlockArch
+from lsiq.arch import BlockArch
 from lsiq.config import CalibConfig
 from lsiq.forward import autocast as _autocast
 from lsiq.forward import block_forward
@@ -397,26 +397,48 @@ def test_hessian_bytes_equal_what_the_code_builds():
     kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, pos), "position_ids": pos}
     for dtype in ("float64", "float32"):
         calib = CalibConfig(method="gptq", wbits=4, group_size=64, batch_size=2, solve_dtype=dtype)
-        hess = input_autocorrelations(layer, x, kwargs, calib)
+        hess = input_autocorrelations(layer, x, kwargs, calib, groups=arch.input_groups)
         assert {h.dtype for h in hess.values()} == {getattr(torch, dtype)}
+        assert hess["self_attn.q_proj"] is hess["self_attn.v_proj"]  # one matrix per input: q, k, v share theirs
+        unique = {h.data_ptr(): h.numel() * h.element_size() for h in hess.values()}
         p = plan.PlanConfig(arch=arch, gpus=1, gpu_mem=10**12, calib=calib, nsamples=2, seqlen=16)
         mem = plan.memory_plan(p, recompute=False)
-        assert mem["hessians"] == sum(h.numel() * h.element_size() for h in hess.values()), dtype
+        assert len(unique) == len(arch.input_groups) == 4
+        assert mem["hessians"] == sum(unique.values()), dtype
         # at the worst solve (down_proj's, the last and widest) only its own Hessian is left
         assert mem["solve_hessians"] == hess["mlp.down_proj"].numel() * hess["mlp.down_proj"].element_size()
 
 
-def test_gptq_frees_each_hessian_once_used():
-    """What the plan's solve phase assumes: GPTQ pops every Hessian, so only the unsolved ones stay."""
-    from lsiq.methods.base import BlockJob
-    from lsiq.methods.gptq import gptq_linears
+def test_gptq_frees_each_hessian_once_used(monkeypatch):
+    """What the plan's solve phase assumes: GPTQ pops every Hessian, so only the unsolved ones stay
+    (a group's shared one until the group's last linear is solved)."""
+    import gc
+    import weakref
+
+    import lsiq.methods.gptq as gptq_method
     from lsiq.parallel import SampleShard
 
     layer, arch, cfg = _block(256, 704)
-    hess = {n: torch.eye(layer.get_submodule(n).in_features) for n in LINEARS}
-    job = BlockJob(layer, {}, None, None, arch, CalibConfig(method="gptq", wbits=4, group_size=64), SampleShard.whole(1))
-    gptq_linears(job, hess)
+    shared = {g[0]: torch.eye(layer.get_submodule(g[0]).in_features, dtype=torch.float64) for g in arch.input_groups}
+    hess = {n: shared[g[0]] for g in arch.input_groups for n in g}
+    alive = weakref.WeakValueDictionary(shared)
+    del shared
+    held = []
+    solve = gptq_method.gptq_quantize
+
+    def tracked(w, h, *a, **k):
+        gc.collect()
+        held.append(sorted(n.split(".")[-1] for n in alive))
+        return solve(w, h, *a, **k)
+
+    monkeypatch.setattr(gptq_method, "gptq_quantize", tracked)
+    job = gptq_method.BlockJob(layer, {}, None, None, arch, CalibConfig(method="gptq", wbits=4, group_size=64),
+                               SampleShard.whole(1))
+    gptq_method.gptq_linears(job, hess)
     assert hess == {}
+    four, three, two = ["down_proj", "gate_proj", "o_proj", "q_proj"], ["down_proj", "gate_proj", "o_proj"], \
+        ["down_proj", "gate_proj"]
+    assert held == [four, four, four, three, two, two, ["down_proj"]]  # q, k, v, o, gate, up, down
 
 
 def test_the_other_methods_are_planned(plan_cli):
@@ -428,7 +450,8 @@ def test_the_other_methods_are_planned(plan_cli):
     assert rc == 0 and lsi["memory"]["hessians"] == 0 and lsi["time"]["solve_s"] == 0
     rc, gptq64, err = plan_cli(*base, "--gpu-mem", "24GB", "--method", "gptq", "--solve-dtype", "float64")
     assert rc == 1 and gptq64["memory"]["peak"] == gptq64["memory"]["phase_solve"] and "--solve-dtype float32" in err
-    assert gptq64["memory"]["hessians"] == 8 * (6 * 8192**2 + 28672**2)
+    # one Hessian per input: q/k/v's, o's, gate/up's at 8192 wide, down's at 28672
+    assert gptq64["memory"]["hessians"] == 8 * (3 * 8192**2 + 28672**2)
     assert gptq64["memory"]["solve_hessians"] == 8 * 28672**2  # the others are freed by down_proj's turn
     rc, gptq, _ = plan_cli(*base, "--gpu-mem", "24GB", "--method", "gptq")  # float32, a GPU's auto
     assert rc == 0 and gptq["memory"]["hessians"] == gptq64["memory"]["hessians"] // 2
@@ -460,7 +483,8 @@ def test_solve_time_by_hand():
     shapes = [(256, 256), (128, 256), (128, 256), (256, 256), (512, 256), (512, 256), (256, 512)]
     hw = plan.Hardware(tflops=1.0, fp64_tflops=0.25, svd_tflops=0.1)
     tokens = 4 * 32  # one of two workers' 4 samples
-    accumulate = sum(2 * tokens * n * n for _, n in shapes)
+    # one matrix per input (q/k/v, o, gate/up, down: all 256 wide but down's 512), not per linear
+    accumulate = 2 * tokens * (3 * 256**2 + 512**2)
 
     def svd(m, n):
         return 6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3
@@ -558,3 +582,4 @@ def test_plan_and_quantize_flags_have_the_same_defaults_and_help():
             "precision", "solve_dtype", "svd", "svd_dtype", "lowrank", "rank"} <= shared
     for dest in sorted(shared):
         assert q[dest] == p[dest], dest
+

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lsiq import methods
-from lsiq.arch import LINEARS, BlockArch
+from lsiq.arch import BlockArch
 from lsiq.block import calibrate_block
 from lsiq.config import CalibConfig
 from lsiq.forward import block_forward
@@ -14,7 +14,7 @@ from lsiq.optim import SignSGD
 from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero, quantize_codes
 from lsiq.rounding import RoundingOffsets
 from lsiq.trainable import BlockQuantizer, trainable_count
-from tests.conftest import tiny_llama_config
+from tests.conftest import LINEARS, tiny_llama_config
 from tests.test_methods import _block
 
 

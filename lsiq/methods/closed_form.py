@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lsiq.arch import LINEARS
+from lsiq.archs.base import BlockArch
 
 
-def plain_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of the block except the linears' weights (norms, biases), copied."""
-    return {k: v.detach().clone() for k, v in layer.state_dict().items()
-            if k.rsplit(".", 1)[0] not in LINEARS or not k.endswith(".weight")}
+def plain_tensors(layer: nn.Module, arch: BlockArch) -> dict[str, torch.Tensor]:
+    """Every tensor of the block except its quantized linears' weights (norms, biases), copied."""
+    weights = {f"{n}.weight" for n in arch.linears}
+    return {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in weights}

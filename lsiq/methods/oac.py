@@ -22,11 +22,11 @@ class OAC(Method):
                              "(the pipeline's OAC pass computes them; see lsiq.oac)")
         cfg, shard = job.cfg, job.shard
         hess = oac_hessians(job.layer, job.fp_inputs, job.output_grads, job.layer_kwargs,
-                            cfg.forward_batch(shard.world), solve_dtype(cfg, device_of(job.layer)))
+                            cfg.forward_batch(shard.world), solve_dtype(cfg, device_of(job.layer)), job.arch.linears)
         if not shard.trivial:  # summed over every worker's tokens
             for h in hess.values():
                 shard.all_reduce(h, "sum")
-        return Calibrated(gptq_linears(job, hess), plain_tensors(job.layer))
+        return Calibrated(gptq_linears(job, hess), plain_tensors(job.layer, job.arch))
 
 
 register(OAC())

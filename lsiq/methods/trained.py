@@ -6,7 +6,6 @@ from typing import ClassVar
 
 import torch
 
-from lsiq.arch import LINEARS
 from lsiq.config import CalibConfig
 from lsiq.forward import device_of
 from lsiq.gptq import gptq_quantize
@@ -52,9 +51,9 @@ def gptq_offsets(job: BlockJob) -> dict[str, torch.Tensor]:
     """Per linear, the rounding offsets (grid steps, [out, in]) that turn round-to-nearest on the FP
     weight's min/max grid into GPTQ's rounding (static activation order keeps that grid)."""
     cfg = job.cfg
-    hess = input_autocorrelations(job.layer, job.inputs, job.layer_kwargs, cfg, job.shard)
+    hess = input_autocorrelations(job.layer, job.inputs, job.layer_kwargs, cfg, job.shard, groups=job.arch.input_groups)
     out = {}
-    for name in LINEARS:
+    for name in job.arch.linears:
         w = job.layer.get_submodule(name).weight.detach()
         q, scale, _zero = gptq_quantize(w, hess.pop(name), cfg.spec, damp=cfg.gptq_damp, actorder="static")
         s = scale.repeat_interleave(cfg.spec.group_len(w.shape[1]), dim=1).to(device_of(job.layer))
