@@ -26,6 +26,20 @@ def block_forward(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict[str, Any
     return out[0] if isinstance(out, tuple) else out
 
 
+class WithInputs(nn.Module):
+    """A decoder layer bound to its own per-layer inputs (lsiq.capture.LayerInputs): called with
+    another layer's keyword arguments (cross-layer learning runs block i+1 with block i's, and
+    the two may differ in mask and rotary embeddings), it uses its own."""
+
+    def __init__(self, layer: nn.Module, layer_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.layer_kwargs = layer_kwargs
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.layer(hidden_states, **self.layer_kwargs)
+
+
 @contextlib.contextmanager
 def act_quant_hooks(layer: nn.Module, bits: int, linears: tuple[str, ...] | None = None) -> Iterator[None]:
     """Quantize the input of every linear of the block (``linears``, default every nn.Linear in it)

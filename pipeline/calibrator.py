@@ -18,15 +18,16 @@ import torch
 from transformers import AutoConfig
 
 from lsiq import methods
-from lsiq.arch import BlockArch
+from lsiq.archs import BlockArch
 from lsiq.block import calibrate_block
+from lsiq.capture import LayerInputs
 from lsiq.config import CalibConfig
-from lsiq.forward import forward_all
+from lsiq.forward import WithInputs, forward_all
 from lsiq.parallel import SampleShard, shard_range
 from pipeline import formats
 from pipeline.actors import peak_rss_bytes
 from pipeline.checkpoint import layer_prefix
-from pipeline.model_io import decoder_layer, decoder_layer_class
+from pipeline.model_io import decoder_layer, decoder_layer_class, prepare
 
 if TYPE_CHECKING:  # Ray is imported where it is used: the calibrator's device code runs without it
     import ray
@@ -76,7 +77,7 @@ class BlockCalibrator:
                  owned: list[int] | None = None, total: int = 0, fmt: str = "native") -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.config = AutoConfig.for_model(**config_dict)
+        self.config = prepare(AutoConfig.for_model(**config_dict))
         self.arch = BlockArch.from_config(self.config)
         self.layer_cls = decoder_layer_class(self.config)
         self.cfg = calib_cfg
@@ -85,7 +86,7 @@ class BlockCalibrator:
         self.cache = ActivationCache(activation_budget, spill_dir)
         self.q_in: torch.Tensor | None = None
         self.fp_in: torch.Tensor | None = None
-        self.kwargs: dict[str, Any] = {}
+        self.inputs: LayerInputs | None = None  # what the model passes each layer besides its hidden states
         self.position = -1  # the block whose inputs the caches hold; -1 = no inputs yet
         self.idle_since = time.perf_counter()
         self.rank, self.world = rank, world
@@ -151,13 +152,18 @@ class BlockCalibrator:
         return {"rank": self.rank, "position": self.position, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-    def set_inputs(self, inputs: tuple[torch.Tensor, dict[str, Any]], position: int = 0) -> dict[str, Any]:
-        """Start both streams from block ``position``'s inputs (the embeddings' output for block 0)."""
-        hidden, layer_kwargs = inputs
+    def set_inputs(self, inputs: tuple[torch.Tensor, LayerInputs | dict[str, Any]], position: int = 0) -> dict[str, Any]:
+        """Start both streams from block ``position``'s inputs (the embeddings' output for block 0);
+        the layers' keyword arguments come per layer type (LayerInputs), or as one dict for all."""
+        hidden, layer_inputs = inputs
+        if not isinstance(layer_inputs, LayerInputs):
+            layer_inputs = LayerInputs.uniform(layer_inputs, self.arch.num_layers)
+        if len(layer_inputs) != self.arch.num_layers:
+            raise ValueError(f"inputs for {len(layer_inputs)} layers, the model has {self.arch.num_layers}")
         hidden = hidden.to(torch.float32)
         self.cache.plan(hidden.numel() * hidden.element_size())
         self.q_in, self.fp_in = self.cache.copy(hidden), self.cache.copy(hidden)
-        self.kwargs = _to_device(layer_kwargs, self.device)
+        self.inputs = layer_inputs.to(self.device)
         self.position = position
         self.idle_since = time.perf_counter()
         one = hidden.numel() * hidden.element_size()
@@ -181,21 +187,23 @@ class BlockCalibrator:
         io_wait = t0 - self.idle_since  # idle time before this call could start: waiting on the reader
         self._check_position(index)
         layer = self._layer(index, tensors)
+        kwargs = self.inputs[index]  # this block's own mask and rotary embeddings
         bs = self.cfg.forward_batch(self.world)
-        targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
-        next_layer = self._layer(index + 1, next_tensors) if next_tensors is not None else None
+        targets = forward_all(layer, self.fp_in, kwargs, bs, out=self.cache.empty_like(self.fp_in))
+        next_layer = (WithInputs(self._layer(index + 1, next_tensors), self.inputs[index + 1])
+                      if next_tensors is not None else None)
         self.oac_h.clear()  # the OAC pass's boundary activations are no longer needed
         grads = self.oac_g.pop(index, None)
         if methods.get(self.cfg.method).needs_output_grads and grads is None:
             raise RuntimeError(f"no OAC gradients for block {index}: the OAC pass must run first")
-        result = calibrate_block(layer, self.kwargs, self.q_in, targets, self.arch, self.cfg, index,
+        result = calibrate_block(layer, kwargs, self.q_in, targets, self.arch, self.cfg, index,
                                  fp_inputs=self.fp_in, shard=self._shard(), next_layer=next_layer, output_grads=grads)
         del next_layer, grads
         self.fp_in = None  # at most three caches at once: FP targets, quantized inputs, next inputs
         # the next block sees the weights as stored (GPTQ rounds scales to float16), the same ones a
         # resumed run's replay reads back from the files
         stored = formats.block_tensors(self.fmt, layer_prefix(index), result)
-        q_next = forward_all(layer, self.q_in, self.kwargs, bs, params=self._params(index, stored),
+        q_next = forward_all(layer, self.q_in, kwargs, bs, params=self._params(index, stored),
                              abits=self.cfg.abits, out=self.cache.empty_like(self.q_in))
         self.fp_in, self.q_in = targets, q_next
         self.position = index + 1
@@ -231,8 +239,8 @@ class BlockCalibrator:
         bs = self.cfg.forward_batch(self.world)
         params = self._params(index, stored)
         self.oac_g.pop(index, None)  # a finished block needs no OAC gradients
-        targets = forward_all(layer, self.fp_in, self.kwargs, bs, out=self.cache.empty_like(self.fp_in))
-        self.q_in = forward_all(layer, self.q_in, self.kwargs, bs, params=params, abits=self.cfg.abits,
+        targets = forward_all(layer, self.fp_in, self.inputs[index], bs, out=self.cache.empty_like(self.fp_in))
+        self.q_in = forward_all(layer, self.q_in, self.inputs[index], bs, params=params, abits=self.cfg.abits,
                                 out=self.cache.empty_like(self.q_in))
         self.fp_in = targets
         self.position = index + 1
@@ -249,7 +257,7 @@ class BlockCalibrator:
             self.cache.plan(one, CACHES_AT_ONCE + num_blocks)
         layer = self._layer(index, tensors)
         with torch.no_grad():
-            self.oac_h[index + 1] = forward_all(layer, self.oac_h[index], self.kwargs, self.cfg.forward_batch(self.world),
+            self.oac_h[index + 1] = forward_all(layer, self.oac_h[index], self.inputs[index], self.cfg.forward_batch(self.world),
                                                 out=self.cache.empty_like(self.fp_in))
         return {"peak_cache_bytes": (CACHES_AT_ONCE + num_blocks) * one, "spilled": self.cache.spilled}
 
@@ -265,7 +273,8 @@ class BlockCalibrator:
         norm, lm_head = model.model.norm.to(self.device), model.lm_head.to(self.device)
         last = max(self.oac_h)
         self.oac_g[last - 1], loss = head_gradient(norm, lm_head, self.oac_h.pop(last), ids, predicted_total,
-                                                   self.cfg.forward_batch(self.world), out=self.cache.empty_like(self.fp_in))
+                                                   self.cfg.forward_batch(self.world), out=self.cache.empty_like(self.fp_in),
+                                                   softcap=getattr(self.config, "final_logit_softcapping", None))
         return loss
 
     def oac_backward(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -273,7 +282,7 @@ class BlockCalibrator:
         from lsiq.oac import block_backward
 
         layer = self._layer(index, tensors)
-        self.oac_g[index - 1] = block_backward(layer, self.oac_h.pop(index), self.oac_g[index], self.kwargs,
+        self.oac_g[index - 1] = block_backward(layer, self.oac_h.pop(index), self.oac_g[index], self.inputs[index],
                                                self.cfg.forward_batch(self.world), out=self.cache.empty_like(self.fp_in))
 
     def _params(self, index: int, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -284,17 +293,6 @@ class BlockCalibrator:
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()
-
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 def remote_calibrators(config_dict: dict[str, Any], calib_cfg: CalibConfig, device: str, num_cpus: int,

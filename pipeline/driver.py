@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_save
 from transformers import AutoTokenizer
 
 from lsiq import methods
-from lsiq.capture import capture_first_layer_inputs
+from lsiq.capture import capture_layer_inputs
 from lsiq.config import CalibConfig
 from lsiq.parallel import shard_range
 from pipeline import formats, ray_env, resume, storage
@@ -88,6 +88,8 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     needs_grads = methods.get(ccfg.method).needs_output_grads  # OAC: the FP loss gradient at every block
     ckpt = Checkpoint(cfg.model, cfg.storage_options)
     arch = ckpt.arch
+    if arch.unpaired:  # the generic fallback: no LET pairs, one Hessian per linear
+        log(f"warning: {arch.unpaired}")
     n = arch.num_layers
     for name, (_out_f, in_f) in arch.linear_shapes().items():
         try:
@@ -119,7 +121,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
 
     other = ckpt.read(ckpt.other_names())
     model = with_tensors(skeleton(ckpt.config), other)
-    hidden, layer_kwargs = capture_first_layer_inputs(model, ids)
+    hidden, layer_inputs = capture_layer_inputs(model, ids)  # every layer type's mask and rotary embeddings
     del model
     extra_map = {k: EXTRA_SHARD for k in other}
     extra_bytes = safetensors_save(other, metadata=SHARD_METADATA)
@@ -152,7 +154,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
             f"W{ccfg.wbits}A{ccfg.abits} g{ccfg.group_size}, format {cfg.format}, {cfg.nsamples}x{cfg.seqlen} tokens, "
             f"{_budget(ccfg, cfg.nsamples)}, {workers} calibrator worker(s) on {device} ({cpus} CPUs, {gpus} GPUs each)")
         # each worker's share of the samples goes to it once and stays there for the whole run
-        input_refs = [ray.put((hidden[shard_range(cfg.nsamples, workers, r)], layer_kwargs)) for r in range(workers)]
+        input_refs = [ray.put((hidden[shard_range(cfg.nsamples, workers, r)], layer_inputs)) for r in range(workers)]
         del hidden
         if needs_grads:  # the head's tensors and each worker's token ids, for the loss gradient
             head_ref = ray.put(head)

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from lsiq.archs import attention_implementation
+from lsiq.archs import decoder_layer_class as _layer_class
 from lsiq.capture import decoder_layers
 from lsiq.forward import act_quant_hooks
 from lsiq.quantizer import QuantSpec
@@ -24,21 +26,32 @@ from pipeline import formats, storage
 MANIFEST = "lsiq_manifest.json"
 
 
+def prepare(config: PretrainedConfig) -> PretrainedConfig:
+    """Give ``config`` the attention implementation its family needs (lsiq.archs: sdpa, or eager for
+    Gemma 2's soft-capped logits), set explicitly so that the captured masks (None = causal for
+    sdpa, an additive mask for eager) mean the same in every process. Returns ``config``."""
+    config._attn_implementation = attention_implementation(config)
+    return config
+
+
 def skeleton(config: PretrainedConfig) -> nn.Module:
     """The model with every parameter on the meta device (buffers such as rotary inv_freq are real)."""
-    # sdpa explicitly: the captured mask (None = causal) must mean the same in every process.
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                attn_implementation=attention_implementation(config))
 
 
 def decoder_layer_class(config: PretrainedConfig) -> type[nn.Module]:
-    """The model's own decoder layer class (e.g. LlamaDecoderLayer), found through a meta skeleton."""
-    return type(decoder_layers(skeleton(config))[0])
+    """The model's own decoder layer class (e.g. LlamaDecoderLayer); ``config`` is prepared
+    (:func:`prepare`) for the layers built from it."""
+    prepare(config)
+    return _layer_class(config)
 
 
 def decoder_layer(layer_cls: type[nn.Module], config: PretrainedConfig, index: int,
                   tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Block ``index`` as an instance of ``layer_cls`` holding ``tensors`` (every tensor required)."""
+    prepare(config)
     with init_empty_weights():
         layer = layer_cls(config, index)
     layer.load_state_dict(tensors, strict=True, assign=True)

@@ -17,8 +17,7 @@ import json
 import torch
 from transformers import AutoTokenizer
 
-from lsiq.arch import LINEARS
-from lsiq.capture import capture_first_layer_inputs
+from lsiq.capture import capture_layer_inputs
 from lsiq.forward import forward_all
 from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero
 from pipeline.checkpoint import Checkpoint
@@ -42,11 +41,13 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(a.model)
     ids = calibration_ids(tok, [a.calib], a.nsamples, a.seqlen, 0)
     model = with_tensors(skeleton(ck.config), ck.read(ck.other_names()))
-    x, kw = capture_first_layer_inputs(model, ids)
+    x, inputs = capture_layer_inputs(model, ids)
+    linears = ck.arch.linears
     layer_cls = decoder_layer_class(ck.config)
     spec = QuantSpec(a.wbits, a.group_size)
     for b in range(max(a.blocks) + 1):
         layer = decoder_layer(layer_cls, ck.config, b, ck.read_block(b)[0])
+        kw = inputs[b]  # block b's own mask and rotary embeddings
         y = forward_all(layer, x, kw, 4)
         if b in a.blocks:
             flat = y.abs().reshape(-1)
@@ -61,9 +62,9 @@ def main() -> int:
                    "massive_positions": sorted(set(pos.tolist()))[:8], "massive_channels": sorted(set(chan.tolist()))[:8]}
             print(json.dumps(row), flush=True)
             sd = {k: v for k, v in layer.state_dict().items()}
-            for name in (*LINEARS, "all"):
+            for name in (*linears, "all"):
                 params = dict(sd)
-                for n in (LINEARS if name == "all" else (name,)):
+                for n in (linears if name == "all" else (name,)):
                     w = sd[f"{n}.weight"]
                     params[f"{n}.weight"] = fake_quant(w, *minmax_scale_zero(w, spec), spec)
                 yq = forward_all(layer, x, kw, 4, params=params)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from lsiq.capture import capture_first_layer_inputs, decoder_layers
+from lsiq.capture import capture_layer_inputs, decoder_layers
 from lsiq.config import CalibConfig
 from lsiq.evaluation import perplexity
 from pipeline.calibrator import BlockCalibrator
@@ -87,7 +87,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(a.model)
     ids = calibration_ids(tok, [a.calib], a.nsamples, a.seqlen, a.seed)
     model = with_tensors(skeleton(ck.config), ck.read(ck.other_names()))
-    hidden, kw = capture_first_layer_inputs(model, ids)
+    hidden, kw = capture_layer_inputs(model, ids)  # every layer type's inputs
     cal = BlockCalibrator(ck.config.to_dict(), cfg)
     cal.set_inputs((hidden, kw))
     n = a.blocks or ck.arch.num_layers
@@ -112,7 +112,7 @@ def main() -> int:
                 f.write(json.dumps(row) + "\n")
     total = time.perf_counter() - t_all
     if a.save_stream:
-        torch.save({"block": n, "q_in": cal.q_in, "fp_in": cal.fp_in, "kwargs": cal.kwargs, "label": label}, a.save_stream)
+        torch.save({"block": n, "q_in": cal.q_in, "fp_in": cal.fp_in, "kwargs": cal.inputs[n], "label": label}, a.save_stream)
     if a.eval:
         state = ck.read(list(ck.tensors))
         state.update(quantized)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama-family checkpoints, the real SmolLM2 fixture, a local Ray."""
+"""Shared fixtures: tiny random checkpoints of every supported family, the real SmolLM2 fixture, a local Ray."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from lsiq.archs import BlockArch
 
@@ -24,6 +34,39 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
               num_hidden_layers=3, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
     kw.update(overrides)
     return LlamaConfig(**kw)
+
+
+WINDOW = 8  # the sliding window of the tiny families that have one: calibration runs beyond it
+_TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+             vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=False)
+# one tiny config per supported family (hidden 64, 2 layers, SmolLM2's vocabulary): the sliding-window
+# ones mix layer types where the family does (Qwen2: full then sliding; Gemma: sliding then full)
+FAMILY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_TINY),
+    "mistral": lambda: MistralConfig(**_TINY, sliding_window=WINDOW),
+    "qwen2": lambda: Qwen2Config(**_TINY, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen3": lambda: Qwen3Config(**_TINY, head_dim=16),
+    "gemma2": lambda: Gemma2Config(**_TINY, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16),
+    "gemma3_text": lambda: Gemma3TextConfig(**_TINY, head_dim=16, sliding_window=WINDOW,
+                                            layer_types=["sliding_attention", "full_attention"]),
+    "phi3": lambda: Phi3Config(**_TINY, partial_rotary_factor=0.5),  # Phi-4-mini's partial rotary
+    "olmo2": lambda: Olmo2Config(**_TINY),
+}
+FAMILIES = tuple(FAMILY_CONFIGS)
+
+
+def tiny_family_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random tiny model of ``family`` (transformers' own classes) with random norm weights and
+    biases, so that a wrong treatment of a norm (Gemma's 1 + w), a q/k norm or a bias shows."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family]()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    return model
 
 
 def write_sharded_checkpoint(model: torch.nn.Module, out: Path, shards: int = 2) -> Path:

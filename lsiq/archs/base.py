@@ -332,10 +332,6 @@ class BlockArch:
             raise UnsupportedArchitecture(f"unsupported architecture: model_type={model_type!r}: {fam.unsupported}")
         dims = _dims(config)
         layer_types = tuple(getattr(config, "layer_types", None) or ())
-        if len(set(layer_types)) > 1:  # each block would need its own mask; the calibrator reuses block 0's
-            raise UnsupportedArchitecture(
-                f"unsupported architecture: model_type={model_type!r} mixes attention layer types "
-                f"({', '.join(sorted(set(layer_types)))}); only models whose layers all attend alike are supported")
         if fam is None:
             return _generic(config, model_type, dims, layer_types)
         layer = meta_decoder_layer(config)
