@@ -583,3 +583,56 @@ def test_plan_and_quantize_flags_have_the_same_defaults_and_help():
     for dest in sorted(shared):
         assert q[dest] == p[dest], dest
 
+
+@pytest.mark.parametrize("family", ["phi3", "gemma2", "gemma3_text", "olmo2", "qwen3"])
+@pytest.mark.parametrize("method,let_down", [("lwc-let-round", True), ("lsi", False)])
+def test_planned_trainable_parameters_on_every_family(family, method, let_down, monkeypatch):
+    """The plan's learned-parameter count equals what the calibration optimizes on every family's
+    block: LET's pairs (none folded into OLMo 2's post-norms, no rotary pair beside q/k norms, Phi-3's
+    row ranges), LWC's groups and the rounding offsets of its fused linears."""
+    from lsiq.archs import BlockArch as Arch
+    from lsiq.block import calibrate_block
+    from lsiq.capture import capture_first_layer_inputs
+    from lsiq.forward import block_forward
+    from tests.conftest import tiny_family_model
+
+    model = tiny_family_model(family)
+    arch = Arch.from_config(model.config)
+    x, kw = capture_first_layer_inputs(model, torch.randint(0, 1000, (2, 16)))
+    layer = model.model.layers[0]
+    calib = CalibConfig(method=method, wbits=3, group_size=16, steps=1, batch_size=2, lsi_block_k=4, let_down=let_down)
+    optimized: dict[int, int] = {}
+    init = torch.optim.Optimizer.__init__
+
+    def recording_init(self, params, defaults):
+        params = list(params)
+        for g in params:
+            for t in (g["params"] if isinstance(g, dict) else [g]):
+                optimized[id(t)] = t.numel()
+        init(self, params, defaults)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "__init__", recording_init)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    res = calibrate_block(layer, kw, x, y, arch, calib, fp_inputs=x)
+    assert sum(optimized.values()) == plan.trainable_params(arch, calib) == res.trainable_params
+    let = sum(math.prod(p.shape) for p in arch.let_pairs if let_down or not p.optional)
+    assert let == arch.let_parameters(let_down) > 0
+
+
+def test_every_family_is_planned_from_its_config(plan_cli):
+    """Qwen3-32B and Gemma-3-27B (its language model, from the published multimodal config) are
+    planned from their config.json: the family's linears, input groups and LET pairs."""
+    rc, qwen, err = plan_cli("--model-config", str(MODELS / "qwen3-32b"), "--gpus", "8", "--gpu-mem", "80GB")
+    assert rc == 0, err
+    a = qwen["architecture"]
+    assert qwen["blocks"] == 64 and a["family"] == "qwen3" and a["let_pairs"] == ["qkv", "fc1", "out"]
+    assert a["linears"]["self_attn.q_proj"] == [8192, 5120] and a["linears"]["mlp.down_proj"] == [5120, 25600]
+    rc, gemma, err = plan_cli("--model-config", str(MODELS / "gemma-3-27b"), "--gpus", "8", "--gpu-mem", "80GB",
+                              "--method", "gptq")
+    assert rc == 0, err
+    a = gemma["architecture"]
+    assert gemma["blocks"] == 62 and a["family"] == "gemma3" and a["model_type"] == "gemma3_text"
+    assert a["linears"]["self_attn.q_proj"] == [4096, 5376] and a["linears"]["mlp.gate_proj"] == [21504, 5376]
+    # float32 Hessians, one per input: q/k/v's and gate/up's 5376 wide, o's 32 x 128, down's 21504
+    assert len(a["input_groups"]) == 4 and gemma["memory"]["hessians"] == 4 * (2 * 5376**2 + 4096**2 + 21504**2)
