@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from lsiq import methods
 from lsiq.arch import BlockArch, UnsupportedArchitecture
+from lsiq.archs import block_linears
 from lsiq.block import calibrate_block
 from lsiq.capture import capture_first_layer_inputs
 from lsiq.config import CalibConfig
@@ -16,17 +17,24 @@ from lsiq.lsi import SVDIncrement, svd_factors
 from lsiq.lwc import LWC
 from lsiq.quantizer import QuantSpec, fake_quant, minmax_scale_zero, quantize_codes
 from lsiq.trainable import BlockQuantizer
-from tests.conftest import LINEARS, tiny_llama_config
+from tests.conftest import LINEARS, tiny_family_model, tiny_llama_config
 
 
 def _block(cfg, n=6, seqlen=32, seed=0):
+    """A random model of ``cfg`` (or of a family named as in tests.conftest.FAMILY_CONFIGS), its first
+    block, the block's inputs and keyword arguments."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if isinstance(cfg, str):
+        model = tiny_family_model(cfg, seed)
+        cfg = model.config
+    else:
+        model = AutoModelForCausalLM.from_config(cfg).eval()
     # non-trivial norms so that LET's folding is exercised
-    for layer in model.model.layers:
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight.data.uniform_(0.5, 1.5)
-    x, kw = capture_first_layer_inputs(model, torch.randint(0, cfg.vocab_size, (n, seqlen)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    x, kw = capture_first_layer_inputs(model, torch.randint(0, min(cfg.vocab_size, 1000), (n, seqlen)))
     return model, model.model.layers[0], x, kw
 
 
@@ -228,19 +236,20 @@ def test_solve_dtype_setting():
         CalibConfig(solve_dtype="float16")
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "olmo2"])  # (1 + w) norms and q/k norms; post-norms only
 @pytest.mark.parametrize("method", [m for m in methods.names() if methods.get(m).trains])
-def test_calibration_lowers_block_loss(method):
-    cfg = tiny_llama_config()
-    _, layer, x, kw = _block(cfg, n=8)
+def test_calibration_lowers_block_loss(method, family):
+    model, layer, x, kw = _block(tiny_llama_config() if family == "llama" else family, n=8)
     with torch.no_grad():
         y = block_forward(layer, x, kw)
     ccfg = CalibConfig(method=method, wbits=3, group_size=32, epochs=4, batch_size=2)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    res = calibrate_block(layer, kw, x, y, BlockArch.from_config(cfg), ccfg)
+    arch = BlockArch.from_config(model.config)
+    res = calibrate_block(layer, kw, x, y, arch, ccfg)
     assert res.loss_after < res.loss_before
     assert len(res.losses) == 4 * 4 and res.trainable_params > 0
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())  # layer untouched
-    assert set(res.linears) == set(LINEARS)
+    assert set(res.linears) == set(arch.linears) == set(block_linears(layer))
 
 
 def test_bf16_precision_calibrates_like_fp32():
@@ -356,20 +365,20 @@ def test_weight_activation_calibration_runs():
     assert res.loss_after < res.loss_before
 
 
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # Phi-3: fused qkv_proj and gate_up_proj
 @pytest.mark.parametrize("method", ["rtn", "gptq", "lwc-let-round"])
-def test_activation_quantizer_reaches_every_linear_of_the_block(method):
+def test_activation_quantizer_reaches_every_linear_of_the_block(method, family):
     """W4A4 must see its activations quantized: the full-precision block gives a non-zero loss with
     4-bit inputs to its linears and exactly zero without, and every method starts and ends its
     calibration further from the target at A4 than at A16 (a no-op hook fails both)."""
     from lsiq.forward import mean_loss
 
-    cfg = tiny_llama_config()
-    _, layer, x, kw = _block(cfg, n=4)
+    model, layer, x, kw = _block(tiny_llama_config() if family == "llama" else family, n=4)
     with torch.no_grad():
         y = block_forward(layer, x, kw)
     assert mean_loss(layer, x, y, kw, 2, None, abits=16) == 0.0
     assert mean_loss(layer, x, y, kw, 2, None, abits=4) > 0.0
-    arch = BlockArch.from_config(cfg)
+    arch = BlockArch.from_config(model.config)
     res = {a: calibrate_block(layer, kw, x, y, arch, CalibConfig(method=method, wbits=4, abits=a, group_size=32,
                                                                 steps=4, batch_size=2))
            for a in (16, 4)}
