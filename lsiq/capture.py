@@ -76,30 +76,41 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, LayerInputs]:
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, LayerInputs]:
     """Return (hidden states [B, L, H] entering layer 0, every layer's keyword arguments).
 
     The KV cache is switched off and dropped: calibration runs each block on whole sequences.
     Masks come out with a batch dimension of 1 (every sample gets the same one: no padding), so any
     micro-batch of the cached samples can use them. Layers are grouped by config.layer_types when
     the model has them (one set of tensors per type), else all share layer 0's inputs; a model that
-    passes layers of one group different inputs gets one set per layer."""
+    passes layers of one group different inputs gets one set per layer. The samples go through
+    ``chunk`` at a time (a model builds its masks for the whole batch: [B, 1, L, L])."""
     layers = decoder_layers(model)
-    sink: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
     originals = list(layers)
-    for i, layer in enumerate(originals):
-        layers[i] = _Catcher(layer, i, i == len(originals) - 1, sink)
-    try:
-        model.model(input_ids=input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-    if len(sink) != len(originals):
-        raise RuntimeError(f"the model called {len(sink)} of its {len(originals)} decoder layers")
-    n = input_ids.shape[0]
-    per_layer = [_batch_free({k: v for k, v in sink[i][1].items() if k not in DROPPED}, n) for i in range(len(originals))]
+    hidden = []
+    for start in range(0, input_ids.shape[0], chunk):
+        ids = input_ids[start:start + chunk]
+        sink: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+        # every layer's inputs from the first chunk; only the hidden states entering layer 0 after it
+        catching = originals if start == 0 else originals[:1]
+        for i, layer in enumerate(catching):
+            layers[i] = _Catcher(layer, i, i == len(catching) - 1, sink)
+        try:
+            model.model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for i, layer in enumerate(catching):
+                layers[i] = layer
+        if len(sink) != len(catching):
+            raise RuntimeError(f"the model called {len(sink)} of its {len(originals)} decoder layers")
+        hidden.append(sink[0][0])
+        if start == 0:
+            first = sink
+    n = min(chunk, input_ids.shape[0])
+    memo: dict[int, Any] = {}  # the model hands every layer of a type the same tensors: cut each once
+    per_layer = [_batch_free({k: v for k, v in first[i][1].items() if k not in DROPPED}, n, memo)
+                 for i in range(len(originals))]
     config_types = tuple(getattr(getattr(model, "config", None), "layer_types", None) or ())
     names = config_types if len(config_types) == len(originals) else ("all",) * len(originals)
     by_type: dict[str, dict[str, Any]] = {}
@@ -109,7 +120,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[tor
             by_type = dict(zip(names, per_layer, strict=True))
             break
         by_type.setdefault(name, kw)
-    return sink[0][0], LayerInputs(by_type, names)
+    return torch.cat(hidden) if len(hidden) > 1 else hidden[0], LayerInputs(by_type, names)
 
 
 def capture_first_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -118,19 +129,23 @@ def capture_first_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tup
     return hidden, inputs[0]
 
 
-def _batch_free(obj: Any, n: int) -> Any:
-    """Tensors with a leading batch dimension of ``n`` identical entries cut to one entry."""
+def _batch_free(obj: Any, n: int, memo: dict[int, Any]) -> Any:
+    """Tensors with a leading batch dimension of ``n`` identical entries cut to one entry (each
+    tensor once: ``memo`` by identity)."""
     if isinstance(obj, torch.Tensor):
-        if n > 1 and obj.dim() >= 1 and obj.shape[0] == n:
-            if not bool((obj == obj[:1]).all()):
-                raise ValueError("the model built a different layer input for each sample (a padding mask?); "
-                                 "calibration needs one that every sample shares")
-            return obj[:1].clone()
-        return obj
+        if id(obj) not in memo:
+            out = obj
+            if n > 1 and obj.dim() >= 1 and obj.shape[0] == n:
+                if not bool((obj == obj[:1]).all()):
+                    raise ValueError("the model built a different layer input for each sample (a padding mask?); "
+                                     "calibration needs one that every sample shares")
+                out = obj[:1].clone()
+            memo[id(obj)] = (obj, out)  # the original kept alive: its id stays unique
+        return memo[id(obj)][1]
     if isinstance(obj, tuple | list):
-        return type(obj)(_batch_free(o, n) for o in obj)
+        return type(obj)(_batch_free(o, n, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _batch_free(v, n) for k, v in obj.items()}
+        return {k: _batch_free(v, n, memo) for k, v in obj.items()}
     return obj
 
 

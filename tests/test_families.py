@@ -158,6 +158,21 @@ def test_blocks_beyond_the_sliding_window_match_the_models_forward(family):
         x = outs[i]
 
 
+def test_capture_in_chunks_gives_what_one_pass_gives():
+    """The samples go through the capture a few at a time (masks are built per batch): the same
+    hidden states and per-layer inputs bit for bit, masks with a batch dimension of one."""
+    model = tiny_family_model("gemma2")  # eager: both layer types get a float mask
+    ids = _ids(5, 3 * WINDOW, seed=4)
+    x1, in1 = capture_layer_inputs(model, ids, chunk=8)
+    x2, in2 = capture_layer_inputs(model, ids, chunk=2)
+    assert torch.equal(x1, x2) and in1.types == in2.types == ("sliding_attention", "full_attention")
+    for t in in1.kwargs:
+        assert in1.kwargs[t].keys() == in2.kwargs[t].keys()
+        assert in1.kwargs[t]["attention_mask"].shape == (1, 1, 3 * WINDOW, 3 * WINDOW)
+        assert torch.equal(in1.kwargs[t]["attention_mask"], in2.kwargs[t]["attention_mask"])
+    assert not torch.equal(in1[0]["attention_mask"], in1[1]["attention_mask"])
+
+
 # ---------------------------------------------------------------------------------------- quantize, export, load
 def quantize_in_process(ck: Path, out: Path, method: str, fmt: str, wbits: int, sym: bool = False) -> list[dict]:
     """The pipeline's per-block path without Ray: the reader's Checkpoint, every layer type's captured
