@@ -104,8 +104,8 @@ def smooth_let_init(layer: nn.Module, arch: BlockArch, inputs: torch.Tensor, lay
         if isinstance(pair, NormPair):
             out[pair.name] = smooth_scale(acts[name], wmax(pair.linears), alpha)
         else:
-            # o_proj reads n_heads * head_dim channels; the scale lives on the KV heads' channels, so
-            # take the max over the query heads that share a KV head.
+            # v -> o: o reads n_heads * head_dim channels; the scale lives on the KV heads' channels,
+            # so take the max over the query heads that share a KV head (groups = 1: one to one).
             g, w = pair.groups, pair.width
             act = acts[name].view(-1, g, w).amax(1).reshape(-1)
             wm = sd[f"{name}.weight"].abs().amax(0).view(-1, g, w).amax(1).reshape(-1)

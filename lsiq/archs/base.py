@@ -412,10 +412,12 @@ class BlockArch:
         if self.family is None:
             return tuple((n,) for n in self._shapes)
         fam = self.family
+        has = {r for roles in fam.linears.values() for r in roles}
         groups: list[tuple[str, ...]] = []
         for roles in (ATTN_INPUT, ("o",), MLP_INPUT, ("down",)):
-            names = tuple(dict.fromkeys(fam.role_linear(r) for r in roles))
-            groups.append(names)
+            names = tuple(dict.fromkeys(fam.role_linear(r) for r in roles if r in has))
+            if names:
+                groups.append(names)
         covered = [n for g in groups for n in g]
         return tuple(groups) + tuple((n,) for n in self._shapes if n not in covered)
 
