@@ -2,7 +2,7 @@
 
 Adding a family is one module here that calls :func:`register` with its :class:`Family`, plus its
 name in :data:`MODULES` (README, "Adding a model family"). A model_type with no family gets the
-generic fallback (lsiq.archs.base.generic's rules: every nn.Linear, no LET pairs, a warning).
+generic fallback (lsiq.archs.base._generic: every nn.Linear, no LET pairs, a warning).
 """
 
 from __future__ import annotations

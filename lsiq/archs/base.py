@@ -8,7 +8,7 @@ Phi-3's ``qkv_proj`` stacks several roles), its norms, the LET pairs that are ex
 :class:`BlockArch` is a family applied to one config: shapes, concrete LET pairs (row ranges,
 head widths), the groups of linears that read one input, and the per-layer attention types.
 
-A model_type with no family falls back to :func:`generic`: every ``nn.Linear`` inside the
+A model_type with no family falls back to the generic rules (:func:`_generic`): every ``nn.Linear`` inside the
 decoder layer is quantized, nothing is paired (RTN, GPTQ, OAC, LWC run as they are; the LET-based
 methods run without LET's pairs), and ``BlockArch.unpaired`` says so. Mixture-of-experts blocks
 have their own fields (:class:`Experts`) that the next issue fills in; until then a family with
