@@ -29,11 +29,13 @@ def _block(cfg, n=6, seqlen=32, seed=0):
         cfg = model.config
     else:
         model = AutoModelForCausalLM.from_config(cfg).eval()
-    # non-trivial norms so that LET's folding is exercised
+    # non-trivial norms so that LET's folding is exercised (the blocks' own, in order: the same draws
+    # as before the families came)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
+        for layer in model.model.layers:
+            for name, p in layer.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
     x, kw = capture_first_layer_inputs(model, torch.randint(0, min(cfg.vocab_size, 1000), (n, seqlen)))
     return model, model.model.layers[0], x, kw
 
