@@ -40,7 +40,7 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                     fp_inputs: torch.Tensor | None = None,
                     on_step: Callable[[int, int, float], None] | None = None,
                     shard: SampleShard | None = None, next_layer: nn.Module | None = None,
-                    output_grads: torch.Tensor | None = None) -> BlockResult:
+                    output_grads: torch.Tensor | None = None, measure_after: bool = True) -> BlockResult:
     """Quantize one block with ``cfg.method``.
 
     ``inputs``: [N, L, hidden], the previous quantized blocks' outputs; ``targets``: the FP block's
@@ -50,7 +50,9 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
     with the FP targets (computed per batch: no extra cache). The reported losses before and after
     stay this block's own output MSE. ``output_grads`` (methods that need them, OAC): dL/d(block
     output) of the model's loss for the FP stream's samples, [N, L, hidden] like ``fp_inputs``.
-    ``layer`` is left unchanged. Deterministic for a given ``cfg.seed`` and ``block_index``.
+    ``measure_after=False`` leaves the errors after calibration to the caller (NaN here): a caller
+    that runs the quantized block over every sample anyway (the next block's inputs) measures them
+    there, one pass fewer. ``layer`` is left unchanged. Deterministic for a given ``cfg.seed`` and ``block_index``.
     With ``shard``, this is one of several data-parallel workers holding some of the samples.
     """
     shard = shard or SampleShard.whole(inputs.shape[0])
@@ -74,7 +76,8 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
         out = None  # the solves need only the FP targets and the codes
         add_lowrank(layer, inputs, layer_kwargs, cfg, result, fp, shard, groups=arch.input_groups)
     out = None
-    result.loss_after, result.rel_after = output_errors(layer, inputs, targets, layer_kwargs, fb,
-                                                        result.dequantized_params(), cfg.abits, shard)
+    if measure_after:
+        result.loss_after, result.rel_after = output_errors(layer, inputs, targets, layer_kwargs, fb,
+                                                            result.dequantized_params(), cfg.abits, shard)
     result.seconds = time.perf_counter() - t0
     return result

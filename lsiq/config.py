@@ -66,6 +66,9 @@ class CalibConfig:
                                   choices=LR_SCHEDULES)
     keep_best: bool | None = opt(None, "keep the parameters of the step with the lowest training-batch loss "
                                  "(checked before each update; the first step's is the method's starting point)")
+    average_tail: float | None = opt(None, "end on the mean of the parameters after each step of this last fraction "
+                                     "of the steps (0 = off: the last step's, or the best one's with --keep-best, "
+                                     "which it overrides)")
     loss: str | None = opt(None, "block-output loss: mse; token = each token's squared error over its FP output's mean "
                     "square (the massive activations of a few positions do not dominate it)", choices=LOSSES)
     lr_lwc: float | None = opt(None, "learning rate of the clipping factors (LWC); 0 with signsgd = 1 / steps")
@@ -145,6 +148,8 @@ class CalibConfig:
         if self.forward_batch_size < 0:
             raise ValueError(f"forward_batch_size must be >= 0 (0: a worker's share of batch_size), "
                              f"got {self.forward_batch_size}")
+        if not 0 <= self.average_tail <= 1:
+            raise ValueError(f"average_tail must be between 0 and 1, got {self.average_tail}")
         if self.sde_band < 0:
             raise ValueError(f"sde_band must be >= 0, got {self.sde_band}")
         if self.cross_layer and not self.trains:

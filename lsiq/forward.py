@@ -86,18 +86,42 @@ def output_errors(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     tokens: the "token" loss's measure. The MSE is dominated by the few positions that carry massive
     activations; the relative error weighs every token alike."""
     device = device_of(layer)
-    sq = rel = 0.0
+    acc = _ErrorSums()
     with act_quant_hooks(layer, abits):
         for idx in batches(inputs.shape[0], batch_size):
-            out = block_forward(layer, inputs[idx].to(device), layer_kwargs, params)
-            target = targets[idx].to(device)
-            err = (out - target).pow(2)
-            sq += err.sum().item()
-            rel += (err.mean(-1) / target.pow(2).mean(-1).clamp_min(1e-30)).sum().item()
-    acc = torch.tensor([sq, float(targets.numel()), rel, float(targets[..., 0].numel())], dtype=torch.float64)
-    if shard is not None:
-        shard.all_reduce(acc, "sum")
-    return (acc[0] / acc[1]).item(), (acc[2] / acc[3]).item()
+            acc.add(block_forward(layer, inputs[idx].to(device), layer_kwargs, params), targets[idx].to(device))
+    return acc.result(shard)
+
+
+@torch.no_grad()
+def stream_errors(outputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
+                  shard: SampleShard | None = None, device: torch.device | None = None) -> tuple[float, float]:
+    """:func:`output_errors` of outputs already computed (the quantized block's, cached for the next block)."""
+    acc = _ErrorSums()
+    for idx in batches(outputs.shape[0], batch_size):
+        acc.add(outputs[idx].to(device), targets[idx].to(device))
+    return acc.result(shard)
+
+
+class _ErrorSums:
+    """Running sums of squared errors and per-token relative errors over micro-batches."""
+
+    def __init__(self) -> None:
+        self.sq = self.rel = 0.0
+        self.n = self.tokens = 0
+
+    def add(self, out: torch.Tensor, target: torch.Tensor) -> None:
+        err = (out - target).pow(2)
+        self.sq += err.sum().item()
+        self.rel += (err.mean(-1) / target.pow(2).mean(-1).clamp_min(1e-30)).sum().item()
+        self.n += target.numel()
+        self.tokens += target[..., 0].numel()
+
+    def result(self, shard: SampleShard | None) -> tuple[float, float]:
+        acc = torch.tensor([self.sq, float(self.n), self.rel, float(self.tokens)], dtype=torch.float64)
+        if shard is not None:
+            shard.all_reduce(acc, "sum")
+        return (acc[0] / acc[1]).item(), (acc[2] / acc[3]).item()
 
 
 def mean_loss(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, layer_kwargs: dict[str, Any],

@@ -104,15 +104,63 @@ def minmax_scale_zero(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
     return scale_zero_from_range(g.amin(-1), g.amax(-1), spec)
 
 
+def _codes(g: torch.Tensor, s: torch.Tensor, z: torch.Tensor, v: torch.Tensor | None, qmax: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clamp(round(g / s + v) + z, 0, qmax), the mask of codes inside [0, qmax] before clamping):
+    one temporary, updated in place, in the order of the op-by-op formula (the same bits)."""
+    x = g / s
+    if v is not None:
+        x.add_(v)
+    x.round_().add_(z)
+    inside = (x >= 0) & (x <= qmax)
+    return x.clamp_(0, qmax), inside
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Fake quantization of grouped weights ``g`` [out, groups, len] on the grid (s, z) [out, groups, 1]
+    with optional offsets ``v`` (like ``g``), straight-through for rounding: the same values as the
+    op-by-op formula, with one hand-written backward instead of autograd's chain of a dozen
+    full-size kernels and their saved intermediates (the weight side of a training step).
+
+    y = (q - z) s with q = clamp(round(g/s + v) + z, 0, qmax); with m the mask of unclamped codes:
+    dy/dg = m, dy/dv = m s, dy/ds = (q - z) - m g / s, dy/dz = s (m - 1). Saved for the backward:
+    the codes (one byte each) and the mask besides g, s and z."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, s: torch.Tensor, z: torch.Tensor, v: torch.Tensor | None,
+                qmax: int) -> torch.Tensor:
+        q, inside = _codes(g, s, z, v, qmax)
+        ctx.save_for_backward(g, s, z, q.to(torch.uint8), inside)
+        ctx.has_v = v is not None
+        return q.sub_(z).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g, s, z, codes, inside = ctx.saved_tensors
+        need_g, need_s, need_z, need_v = ctx.needs_input_grad[:4]
+        gm = torch.where(inside, grad, 0.0)
+        grad_s = grad_z = None
+        if need_s:
+            qz = codes.to(grad.dtype).sub_(z)
+            grad_s = (grad * qz).sum(-1, keepdim=True) - (gm * g).sum(-1, keepdim=True) / s
+        if need_z:
+            grad_z = (gm.sum(-1, keepdim=True) - grad.sum(-1, keepdim=True)) * s
+        grad_v = gm * s if need_v and ctx.has_v else None
+        return gm if need_g else None, grad_s, grad_z, grad_v, None
+
+
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
                offset: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize ``w`` on the grid given by (scale, zero), straight-through for rounding.
     ``offset`` ([out, in], in grid steps) is added before rounding: learned rounding (lsiq.rounding)."""
     g = grouped(w, spec)
+    v = grouped(offset, spec) if offset is not None else None
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    x = g / s if offset is None else g / s + grouped(offset, spec)
-    q = (round_ste(x) + z).clamp(0, spec.qmax)
-    return ((q - z) * s).reshape(w.shape)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (g, s, z, v)):
+        return _FakeQuant.apply(g, s, z, v, spec.qmax).reshape(w.shape)
+    with torch.no_grad():
+        q, _ = _codes(g, s, z, v, spec.qmax)
+        return q.sub_(z).mul_(s).reshape(w.shape)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,

@@ -195,13 +195,14 @@ def trainable_count(arch: BlockArch, cfg: CalibConfig) -> int:
 
 def state_floats(arch: BlockArch, cfg: CalibConfig) -> int:
     """Floats per block that training holds besides the saved activations: every learned parameter,
-    its gradient, AdamW's two moments (signsgd keeps none) and, with keep_best, the best step's copy."""
+    its gradient, AdamW's two moments (signsgd keeps none) and, with keep_best or average_tail, a copy
+    (the best step's, or the running mean)."""
     n = trainable_count(arch, cfg)
     grid = 0  # the parameters that cfg.optimizer trains (clipping factors, rounding offsets)
     for out_f, in_f in arch.linear_shapes().values():
         grid += (2 * out_f * cfg.spec.groups(in_f) if cfg.uses_lwc else 0) + (out_f * in_f if cfg.uses_rounding else 0)
     adam = (n - grid) + (grid if cfg.optimizer == "adamw" else 0)
-    return 2 * n + 2 * adam + (n if cfg.keep_best else 0)
+    return 2 * n + 2 * adam + (n if cfg.keep_best or cfg.average_tail > 0 else 0)
 
 
 def _block_svds(weights: dict[str, torch.Tensor], cfg: CalibConfig, shard: SampleShard | None

@@ -49,9 +49,11 @@ def train(bq: BlockQuantizer, layer: nn.Module, layer_kwargs: dict[str, Any], in
           next_layer: nn.Module | None = None, on_step: Callable[[int, int, float], None] | None = None) -> list[float]:
     """Train ``bq`` for ``cfg.steps_for(shard.total)`` steps; returns the loss of every step.
 
-    With ``cfg.keep_best``, ``bq`` ends with the parameters of the step whose training-batch loss
-    was lowest (each step's loss is taken before its update, so the first candidate is where
-    training started). Deterministic for a given ``cfg.seed`` and ``block_index``."""
+    With ``cfg.average_tail`` > 0, ``bq`` ends with the mean of its parameters after each of the last
+    ``ceil(average_tail * steps)`` steps (tail averaging: the last steps' one-sample noise averages
+    out). Otherwise, with ``cfg.keep_best``, it ends with the parameters of the step whose
+    training-batch loss was lowest (each step's loss is taken before its update, so the first
+    candidate is where training started). Deterministic for a given ``cfg.seed`` and ``block_index``."""
     device = device_of(layer)
     n = shard.total
     steps = cfg.steps_for(n)
@@ -63,6 +65,10 @@ def train(bq: BlockQuantizer, layer: nn.Module, layer_kwargs: dict[str, Any], in
     learnable = [p for o in opts for g in o.param_groups for p in g["params"]]
     losses: list[float] = []
     best_loss, best_state = math.inf, None
+    # tail averaging: the running mean of the parameters after each of the last steps (every
+    # data-parallel worker holds the same parameters, so the same mean)
+    avg_from = steps - math.ceil(cfg.average_tail * steps) if cfg.average_tail > 0 else steps
+    avg_state: list[torch.Tensor] | None = None
 
     def order() -> Iterator[torch.Tensor]:
         while True:  # one seeded shuffle per pass over the samples
@@ -97,7 +103,7 @@ def train(bq: BlockQuantizer, layer: nn.Module, layer_kwargs: dict[str, Any], in
                 shard.all_reduce(loss_sum, "sum")
             if not torch.isfinite(loss_sum):
                 raise FloatingPointError(f"block {block_index}: loss became {loss_sum.item()} at step {step}")
-            if cfg.keep_best and loss_sum.item() < best_loss:
+            if cfg.keep_best and avg_from == steps and loss_sum.item() < best_loss:
                 best_loss = loss_sum.item()
                 best_state = [p.detach().clone() for p in learnable]  # parameters only, not LSI's factors
             for o in opts:
@@ -105,9 +111,18 @@ def train(bq: BlockQuantizer, layer: nn.Module, layer_kwargs: dict[str, Any], in
             for sc in scheds:
                 sc.step()
             bq.project()
+            if step >= avg_from:
+                with torch.no_grad():
+                    if avg_state is None:
+                        avg_state = [p.detach().clone() for p in learnable]
+                    else:
+                        for a, p in zip(avg_state, learnable, strict=True):
+                            a.add_(p.detach() - a, alpha=1.0 / (step - avg_from + 1))
             losses.append(loss_sum.item())
             if on_step is not None:
                 on_step(step + 1, steps, losses[-1])
+    if avg_state is not None:
+        best_state = avg_state
     if best_state is not None:
         with torch.no_grad():
             for p, best in zip(learnable, best_state, strict=True):

@@ -22,7 +22,7 @@ from lsiq.archs import BlockArch
 from lsiq.block import calibrate_block
 from lsiq.capture import LayerInputs
 from lsiq.config import CalibConfig
-from lsiq.forward import WithInputs, forward_all
+from lsiq.forward import WithInputs, forward_all, stream_errors
 from lsiq.parallel import SampleShard, shard_range
 from pipeline import formats
 from pipeline.actors import peak_rss_bytes
@@ -196,8 +196,10 @@ class BlockCalibrator:
         grads = self.oac_g.pop(index, None)
         if methods.get(self.cfg.method).needs_output_grads and grads is None:
             raise RuntimeError(f"no OAC gradients for block {index}: the OAC pass must run first")
+        shard = self._shard()
         result = calibrate_block(layer, kwargs, self.q_in, targets, self.arch, self.cfg, index,
-                                 fp_inputs=self.fp_in, shard=self._shard(), next_layer=next_layer, output_grads=grads)
+                                 fp_inputs=self.fp_in, shard=shard, next_layer=next_layer, output_grads=grads,
+                                 measure_after=False)
         del next_layer, grads
         self.fp_in = None  # at most three caches at once: FP targets, quantized inputs, next inputs
         # the next block sees the weights as stored (GPTQ rounds scales to float16), the same ones a
@@ -205,6 +207,8 @@ class BlockCalibrator:
         stored = formats.block_tensors(self.fmt, layer_prefix(index), result)
         q_next = forward_all(layer, self.q_in, kwargs, bs, params=self._params(index, stored),
                              abits=self.cfg.abits, out=self.cache.empty_like(self.q_in))
+        # the error after calibration: of the weights as stored, on the outputs just computed
+        result.loss_after, result.rel_after = stream_errors(q_next, targets, bs, shard, self.device)
         self.fp_in, self.q_in = targets, q_next
         self.position = index + 1
         seconds = time.perf_counter() - t0

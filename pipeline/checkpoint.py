@@ -19,11 +19,12 @@ from transformers import AutoConfig, PretrainedConfig
 
 from lsiq.archs import BlockArch
 from pipeline import storage
+from pipeline.source_quant import FLOAT8, SourceQuant, SourceQuantError, is_aux
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, **FLOAT8,
 }
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -69,7 +70,13 @@ class Checkpoint:
         if "model_type" not in cfg:
             raise CheckpointError(f"{cfg_path} has no model_type")
         self.config_dict = cfg
-        self.config: PretrainedConfig = AutoConfig.for_model(**cfg)
+        try:  # an FP8 source is read as full precision (pipeline.source_quant); other quantized ones refused
+            self.source_quant = SourceQuant.from_config(cfg)
+        except SourceQuantError as e:
+            raise CheckpointError(f"{cfg_path}: {e}") from None
+        # the model as calibrated and written: full precision, whatever the source's storage
+        self.model_config_dict = {k: v for k, v in cfg.items() if k != "quantization_config"}
+        self.config: PretrainedConfig = AutoConfig.for_model(**self.model_config_dict)
         self.arch = BlockArch.from_config(self.config)
         self.tensors = self._locate_tensors()
 
@@ -116,8 +123,23 @@ class Checkpoint:
                     raise CheckpointError(f"shard {shard} is truncated: {name} ends at byte {data_end + end}, "
                                           f"file has {size}")
                 out[name] = TensorInfo(shard, meta["dtype"], tuple(meta["shape"]), data_end + begin, data_end + end)
+        self._check_float8(out)
         self._check_blocks(out)
         return out
+
+    def _check_float8(self, tensors: dict[str, TensorInfo]) -> None:
+        """Every float8 tensor is a weight whose scales the source's quantization_config locates."""
+        for name, info in tensors.items():
+            if info.dtype not in FLOAT8:
+                continue
+            if self.source_quant is None:
+                raise CheckpointError(f"{name} in {info.shard} is {info.dtype} but config.json declares no "
+                                      "quantization_config: its scales are unknown")
+            scale = self.source_quant.scale_name(name) if name.endswith(".weight") else None
+            if scale is None or scale not in tensors:
+                raise CheckpointError(f"{name} in {info.shard} is {info.dtype} without its scales "
+                                      f"({scale or 'not a .weight'}); the source's quantization_config says "
+                                      f"{self.source_quant.method}")
 
     def _check_blocks(self, tensors: dict[str, TensorInfo]) -> None:
         """Every block holds every tensor its architecture's decoder layer has (the descriptor's
@@ -142,14 +164,25 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ reads
     def block_names(self, i: int) -> list[str]:
+        """Block i's tensors as the full-precision model names them (an FP8 source's scales left out)."""
         p = layer_prefix(i)
-        return sorted(n for n in self.tensors if n.startswith(p))
+        return sorted(n for n in self.tensors if n.startswith(p) and not self._aux(n))
 
     def other_names(self) -> list[str]:
-        return sorted(n for n in self.tensors if not n.startswith("model.layers."))
+        return sorted(n for n in self.tensors if not n.startswith("model.layers.") and not self._aux(n))
 
     def nbytes(self, names: list[str]) -> int:
-        return sum(self.tensors[n].end - self.tensors[n].begin for n in names)
+        """Bytes read for ``names``: the scales of an FP8 source's weights included."""
+        return sum(self.tensors[n].end - self.tensors[n].begin for n in self._with_scales(names))
+
+    def _aux(self, name: str) -> bool:
+        return self.source_quant is not None and is_aux(name)
+
+    def _with_scales(self, names: list[str]) -> list[str]:
+        """``names`` plus the scale tensor of each float8 weight among them."""
+        extra = [self.source_quant.scale_name(n) for n in names
+                 if n in self.tensors and self.tensors[n].dtype in FLOAT8]
+        return list(names) + extra
 
     def read(self, names: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         """Read the named tensors (byte ranges), check they are finite, cast floats to ``dtype``."""
@@ -161,6 +194,8 @@ class Checkpoint:
         out = {}
         digests: dict[str, str] = {}
         by_shard: dict[str, list[str]] = {}
+        wanted = names
+        names = self._with_scales(names)
         for n in names:
             if n not in self.tensors:
                 raise CheckpointError(f"missing tensor {n}")
@@ -182,6 +217,14 @@ class Checkpoint:
                     out[n] = _to_tensor(n, raw, info, dtype)
                 del view
                 del buf
+        for n in wanted:  # an FP8 source's weights, dequantized with their scales (read above)
+            if self.tensors[n].dtype in FLOAT8:
+                scale = out.pop(self.source_quant.scale_name(n))
+                try:
+                    w = self.source_quant.dequantize(n, out[n], scale)
+                except SourceQuantError as e:
+                    raise CheckpointError(str(e)) from None
+                out[n] = w.to(dtype) if dtype is not None else w
         summary = [(n, self.tensors[n].dtype, list(self.tensors[n].shape), digests[n]) for n in sorted(digests)]
         return out, hashlib.sha256(json.dumps(summary).encode()).hexdigest()[:16]
 
@@ -213,6 +256,8 @@ def _to_tensor(name: str, raw: memoryview, info: TensorInfo, dtype: torch.dtype 
     src = DTYPES[info.dtype]
     if not len(raw):
         return torch.empty(info.shape, dtype=src)
+    if info.dtype in FLOAT8:  # no isfinite for float8: cast first (float32; the scales multiply in float32)
+        dtype = torch.float32
     cast = dtype is not None and src.is_floating_point and src != dtype
     if cast:
         with warnings.catch_warnings():  # read-only view of the buffer: the cast below makes the copy
@@ -220,6 +265,9 @@ def _to_tensor(name: str, raw: memoryview, info: TensorInfo, dtype: torch.dtype 
             t = torch.frombuffer(raw, dtype=src).reshape(info.shape)
     else:
         t = torch.frombuffer(bytearray(raw), dtype=src).reshape(info.shape)
+    if info.dtype in FLOAT8:
+        t = t.to(dtype)
+        cast = False
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise CheckpointError(f"tensor {name} contains NaN or Inf values")
     return t.to(dtype) if cast else t

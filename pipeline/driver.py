@@ -160,7 +160,7 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
             head_ref = ray.put(head)
             del head
             ids_refs = [ray.put(ids[shard_range(cfg.nsamples, workers, r)]) for r in range(workers)]
-        calibrators = remote_calibrators(ckpt.config_dict, ccfg, device, cpus, gpus, workers, cfg.nsamples,
+        calibrators = remote_calibrators(ckpt.model_config_dict, ccfg, device, cpus, gpus, workers, cfg.nsamples,
                                          cfg.activation_budget, cfg.spill_dir, cfg.max_restarts, cfg.format)
         dag = BlockDAG(remote_reader(ckpt), calibrators, remote_writer(cfg.output, cfg.out_storage_options,
                                                                         fingerprint, cfg.max_shard_bytes),
@@ -233,8 +233,9 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     out.write_json(INDEX_FILE, {"metadata": {"format": fmt.FORMAT}, "weight_map": dict(sorted(weight_map.items()))})
     for name in COPIED_FILES:
         src = storage.join(ckpt.root, name)
-        if name == "config.json" and qconfig is not None:
-            out.write_json(name, ckpt.config_dict | {"quantization_config": qconfig})
+        if name == "config.json" and (qconfig is not None or ckpt.source_quant is not None):
+            # an FP8 source's quantization_config describes the source, not this output
+            out.write_json(name, ckpt.model_config_dict | ({"quantization_config": qconfig} if qconfig else {}))
         elif storage.exists(ckpt.fs, src):
             out.write_bytes(name, storage.read_all(ckpt.fs, src))
     if fmt is formats.gptq_format:  # AutoGPTQ's own file, which older loaders read instead of config.json

@@ -23,8 +23,9 @@ long, not run by default), ours-gptq, ours-lsi (LSI+LET+LWC, 3 epochs at batch 1
 per block), ours (`pipeline.quantize` with no method or budget flag: the default method for the
 bit width with its default 100 steps of one sample, AutoRound's 100 sample passes per block; one
 row per --seeds value; seed 0 uses the peers' ids, seed s > 0 trains with seed s on the same ids),
-ours-last (the same, keeping the last step's parameters instead of those of the step with the
-lowest one-sample loss: --no-keep-best; not run by default). Settings whose group size does not
+ours-last and ours-best (the same, ending on the last step's parameters, or on those of the step
+with the lowest one-sample loss, instead of the mean of the last quarter of the steps; not run by
+default). Settings whose group size does not
 divide SmolLM2's widths (g128: hidden 576) are run too: each tool's answer is recorded (ours and
 llm-compressor refuse, AutoRound pads the last group with zeros).
 """
@@ -49,19 +50,22 @@ PEERS = {  # venv name -> (pip requirement, worker --tool)
     "llmcompressor": ("llmcompressor==0.14.0.1", "llmcompressor"),
 }
 SETTINGS = {"w2g64": (2, 64), "w3g64": (3, 64), "w4g64": (4, 64), "w4g128": (4, 128)}
-ROWS = ["fp", "rtn", "llmcompressor", "autoround", "autoround-200", "ours-gptq", "ours-lsi", "ours", "ours-last"]
-DEFAULT_ROWS = [r for r in ROWS if r not in ("autoround-200", "ours-last")]
+ROWS = ["fp", "rtn", "llmcompressor", "autoround", "autoround-200", "ours-gptq", "ours-lsi", "ours", "ours-last",
+        "ours-best"]
+VARIANTS = ("ours-last", "ours-best")  # the default with another choice of the parameters it ends on
+DEFAULT_ROWS = [r for r in ROWS if r not in ("autoround-200", *VARIANTS)]
 OURS = {  # row -> pipeline.quantize flags beyond the setting and budget
     "rtn": ["--method", "rtn"],
     "ours-gptq": ["--method", "gptq"],
     "ours-lsi": ["--method", "lsi", "--epochs", "3", "--batch-size", "1"],
     "ours": [],  # the default method with its default budget: 100 steps of 1 sample
-    "ours-last": ["--no-keep-best"],  # the same, keeping the last step instead of the best one
+    "ours-last": ["--average-tail", "0", "--no-keep-best"],  # the same, ending on the last step's parameters
+    "ours-best": ["--average-tail", "0", "--keep-best"],  # ... on the step with the lowest one-sample loss
 }
 LABELS = {"fp": "FP32", "rtn": "RTN (ours, min/max)", "llmcompressor": "llm-compressor GPTQ",
           "autoround": "AutoRound, 50 iters x 2", "autoround-200": "AutoRound, 200 iters x 2",
           "ours-gptq": "ours, GPTQ", "ours-lsi": "ours, LSI (96 passes)", "ours": "ours, default",
-          "ours-last": "ours, default, last step"}
+          "ours-last": "ours, default, last step", "ours-best": "ours, default, best step"}
 
 
 def ensure_venv(out: Path, name: str) -> Path:
@@ -140,7 +144,8 @@ def run_ours(out: Path, row: str, setting: str, seed: int, model: Path, calib: P
             "calib_s": round(rep["calib_seconds"], 1), "peak_rss_mb": round(max(rep["peak_rss"].values()) / 2**20),
             "method": rep["config"]["method"], "steps": rep["config"]["steps"],
             "batch_size": rep["config"]["batch_size"], "loss": rep["config"]["loss"],
-            "keep_best": rep["config"].get("keep_best"), "format": rep.get("format"),
+            "keep_best": rep["config"].get("keep_best"), "average_tail": rep["config"].get("average_tail"),
+            "format": rep.get("format"),
             "evaluated": "written checkpoint (python -m pipeline.evaluate)", "command": shlex.join(cmd)}
 
 
@@ -172,7 +177,9 @@ def table(results: Path) -> str:
         note = r.get("evaluated", "")
         if r.get("method"):
             budget = f", {r['steps']} steps x {r['batch_size']}, loss {r['loss']}" if r.get("steps") else ""
-            if r.get("keep_best") is not None:
+            if r.get("average_tail"):
+                budget += f", mean of the last {100 * r['average_tail']:g} % of steps"
+            elif r.get("keep_best") is not None:
                 budget += ", best step kept" if r["keep_best"] else ", last step kept"
             note = f"method {r['method']}{budget}; {note}"
         out.append(f"| {r['budget']} | {r['setting']} | {LABELS[r['row']]} | {seed} | {r['ppl_eval']:.2f} | "
@@ -210,7 +217,7 @@ def main() -> int:
         for row in a.rows:
             if row == "fp" and setting != a.settings[0]:
                 continue
-            runs = [(s, n) for n in (a.steps or [None]) for s in a.seeds] if row in ("ours", "ours-last") else [(None, None)]
+            runs = [(s, n) for n in (a.steps or [None]) for s in a.seeds] if row in ("ours", *VARIANTS) else [(None, None)]
             for seed, steps in runs:
                 t0 = time.perf_counter()
                 if row == "fp":

@@ -38,7 +38,7 @@ from pipeline.model_io import skeleton, with_tensors  # noqa: E402
 def run_config(ckpt: Checkpoint, hidden: torch.Tensor, kwargs: dict, cfg: CalibConfig, block: int, workers: int,
                cpus: int) -> dict:
     n = hidden.shape[0]
-    cals = remote_calibrators(ckpt.config_dict, cfg, "cpu", cpus, 0, workers, n)
+    cals = remote_calibrators(ckpt.model_config_dict, cfg, "cpu", cpus, 0, workers, n)
     try:
         form_group(cals)
         ray.get([c.set_inputs.remote((hidden[shard_range(n, workers, r)], kwargs), block) for r, c in enumerate(cals)])

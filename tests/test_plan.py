@@ -313,9 +313,9 @@ def test_time_formula_by_hand(svd):
     lin = sum(m * n for m, n in shapes)
     tokens = (4 + 3 * 2) * 4 * 32 * (2 * lin + 2 * 32 * 256) / 1e12
     steps = 2 * 4
-    # LSI's recomposition and its gradient at 1 TFLOP/s; the weight side's traffic, 70.1 fp32 weights
-    # of the linears per step (plan.WEIGHT_TRAFFIC), at 100 GB/s
-    weight = steps * (2 * sum(2 * m * n * min(m, n) for m, n in shapes) / 1e12 + 70.1 * 4 * lin / 100e9)
+    # LSI's recomposition and its gradient at 1 TFLOP/s; the weight side's traffic, 62.6 fp32 weights
+    # of the linears per step (the method's weight_traffic), at 100 GB/s
+    weight = steps * (2 * sum(2 * m * n * min(m, n) for m, n in shapes) / 1e12 + 62.6 * 4 * lin / 100e9)
     comm = steps * (4 * plan.trainable_params(arch, calib) * 8 / 1e9)  # 2 (N-1)/N = 1 for N = 2
 
     def factor_bytes(m, n):

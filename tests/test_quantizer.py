@@ -145,3 +145,38 @@ def test_round_ste_is_the_detach_form_bit_for_bit():
     (ya * w).sum().backward()
     (yb * w).sum().backward()
     assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, w)
+
+
+@pytest.mark.parametrize("bits,group_size,offsets", [(2, 64, True), (4, 32, False), (3, 0, True)])
+def test_fake_quant_backward_is_autograds(bits, group_size, offsets):
+    """fake_quant's hand-written backward gives autograd's gradients of the op-by-op formula (to
+    float64 rounding) for the weight, the clipping factors behind the grid and the rounding
+    offsets, clamped codes included; the forward is the same bit for bit."""
+    from lsiq.quantizer import grouped, round_ste, scale_zero_from_range
+
+    def op_by_op(w, scale, zero, spec, offset=None):
+        g, s, z = grouped(w, spec), scale.unsqueeze(-1), zero.unsqueeze(-1)
+        x = g / s if offset is None else g / s + grouped(offset, spec)
+        return (((round_ste(x) + z).clamp(0, spec.qmax) - z) * s).reshape(w.shape)
+
+    spec = QuantSpec(bits, group_size)
+    gen = torch.Generator().manual_seed(bits)
+    w0 = torch.randn(24, 128, generator=gen, dtype=torch.float64)
+    v0 = torch.rand(24, 128, generator=gen, dtype=torch.float64) - 0.5
+    dy = torch.randn(24, 128, generator=gen, dtype=torch.float64)
+    grads = []
+    for f in (op_by_op, fake_quant):
+        w = w0.clone().requires_grad_()
+        # factors below 1 clip the range: some codes clamp, so every branch of the backward runs
+        lo, hi = (torch.full((24, spec.groups(128)), c, dtype=torch.float64, requires_grad=True) for c in (0.8, 0.7))
+        v = v0.clone().requires_grad_() if offsets else None
+        g = grouped(w, spec)
+        s, z = scale_zero_from_range(lo * g.amin(-1), hi * g.amax(-1), spec, ste=True)
+        y = f(w, s, z, spec, v)
+        (y * dy).sum().backward()
+        grads.append([y.detach(), w.grad, lo.grad, hi.grad] + ([v.grad] if offsets else []))
+    ref, got = grads
+    assert torch.equal(ref[0], got[0])
+    assert (ref[1] == 0).any()  # some codes were clamped
+    for a, b in zip(ref[1:], got[1:], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)

@@ -100,6 +100,29 @@ def test_keep_best_ends_on_the_best_steps_parameters():
     assert no_best.losses == res.losses  # the same steps; only the parameters kept at the end differ
 
 
+def test_average_tail_ends_on_the_mean_of_the_last_steps(monkeypatch):
+    """With average_tail the block ends with the mean of the parameters after each of the last
+    steps (here the last 3 of 6), not with the last or the best step's."""
+    seen: list[list[torch.Tensor]] = []
+    project = BlockQuantizer.project
+
+    def recording_project(self):
+        project(self)
+        seen.append([p.detach().clone() for p in self.parameters() if p.requires_grad])
+
+    monkeypatch.setattr(BlockQuantizer, "project", recording_project)
+    finals: list[list[torch.Tensor]] = []
+    finalize = BlockQuantizer.finalize
+    monkeypatch.setattr(BlockQuantizer, "finalize",
+                        lambda self: (finals.append([p.detach().clone() for p in self.parameters() if p.requires_grad]),
+                                      finalize(self))[1])
+    res, *_ = _calibrated({"method": "lwc-let-round", "steps": 6, "average_tail": 0.5, "lr_round": 0.3}, n=4)
+    assert len(seen) == 6 and len(finals) == 1
+    for got, *tail in zip(finals[0], *seen[3:], strict=True):
+        torch.testing.assert_close(got, torch.stack(tail).mean(0))
+    assert any(not torch.equal(a, b) for a, b in zip(finals[0], seen[-1], strict=True))  # not the last step's
+
+
 def test_gptq_start_with_no_training_is_gptq():
     """Rounding offsets that start at GPTQ's choices give GPTQ's codes bit for bit before training."""
     gptq, *_ = _calibrated({"method": "gptq", "wbits": 3})

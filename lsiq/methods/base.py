@@ -70,7 +70,7 @@ class Method:
     needs_output_grads: ClassVar[bool] = False  # the model loss's gradient at every block (OAC's pass)
     # Defaults of the CalibConfig fields left None (its budget and how it learns)
     defaults: ClassVar[dict[str, Any]] = {
-        "epochs": 5, "batch_size": 1, "optimizer": "adamw", "lr_schedule": "constant", "keep_best": False,
+        "epochs": 5, "batch_size": 1, "optimizer": "adamw", "lr_schedule": "constant", "keep_best": False, "average_tail": 0.0,
         "lr_lwc": 1e-2, "lwc_param": "sigmoid", "let_down": False, "round_init": "zero", "steps": 0,
         "loss": "mse",
     }

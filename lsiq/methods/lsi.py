@@ -9,8 +9,8 @@ from lsiq.methods.trained import TrainedMethod
 class LSIMethod(TrainedMethod):
     name = "lsi"
     components = frozenset({"lsi", "let", "lwc"})
-    saved_weights = {"fp32": 6.5, "bf16": 5.75}
-    weight_traffic = {"fp32": (70.1, 89.1), "bf16": (77.5, 98.1)}
+    saved_weights = {"fp32": 4.9, "bf16": 4.1}
+    weight_traffic = {"fp32": (62.6, 88.2), "bf16": (70.0, 97.2)}
 
 
 register(LSIMethod())

@@ -9,8 +9,8 @@ from lsiq.methods.trained import TrainedMethod
 class LWCMethod(TrainedMethod):
     name = "lwc"
     components = frozenset({"lwc"})
-    saved_weights = {"fp32": 4.1, "bf16": 3.6}
-    weight_traffic = {"fp32": (41.2, 53.7), "bf16": (44.2, 56.7)}
+    saved_weights = {"fp32": 2.55, "bf16": 2.1}
+    weight_traffic = {"fp32": (35.7, 54.8), "bf16": (38.7, 57.8)}
 
 
 register(LWCMethod())

@@ -9,8 +9,8 @@ from lsiq.methods.trained import TrainedMethod
 class LWCLET(TrainedMethod):
     name = "lwc-let"
     components = frozenset({"lwc", "let"})
-    saved_weights = {"fp32": 5.0, "bf16": 4.6}
-    weight_traffic = {"fp32": (57.4, 71.8), "bf16": (60.4, 74.8)}
+    saved_weights = {"fp32": 3.55, "bf16": 3.05}
+    weight_traffic = {"fp32": (50.4, 71.4), "bf16": (53.4, 74.4)}
 
 
 register(LWCLET())

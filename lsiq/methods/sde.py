@@ -11,8 +11,8 @@ class SDEMethod(TrainedMethod):
     name = "sde"
     components = frozenset({"lsi", "bands", "let", "lwc"})
     # SDE keeps what LSI keeps: its bands' products save views of U, and their sum replaces U diag(dS)
-    saved_weights = {"fp32": 6.5, "bf16": 5.75}
-    weight_traffic = {"fp32": (94.6, 128.5), "bf16": (101.9, 137.6)}
+    saved_weights = {"fp32": 4.9, "bf16": 4.1}
+    weight_traffic = {"fp32": (87.0, 127.5), "bf16": (94.4, 136.5)}
 
 
 register(SDEMethod())

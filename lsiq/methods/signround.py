@@ -15,8 +15,8 @@ class SignRound(TrainedMethod):
     name = "signround"
     components = frozenset({"lwc", "rounding"})
     defaults = SIGNROUND_DEFAULTS
-    saved_weights = {"fp32": 4.0, "bf16": 3.57}
-    weight_traffic = {"fp32": (44.0, 59.5), "bf16": (47.0, 62.5)}
+    saved_weights = {"fp32": 2.5, "bf16": 2.1}
+    weight_traffic = {"fp32": (40.6, 62.6), "bf16": (43.6, 65.6)}
 
 
 register(SignRound())
