@@ -538,16 +538,8 @@ if __name__ == "__main__":  # python -m tests.test_plan: the measured WEIGHT_TRA
             print(f"{prec} {meth:8s} without / with --recompute-weights, by shape {TRAFFIC_SHAPES}: {got[0]} / {got[1]}")
 
 
-@pytest.mark.parametrize("method", methods.names())
-def test_planned_trainable_parameters_are_what_the_calibrator_optimizes(method, monkeypatch):
-    """Every method: the plan's learned-parameter count (its optimizer state and all-reduce bytes
-    follow from it) equals the parameters the real calibration hands its optimizers (none for the
-    closed-form methods)."""
-    from lsiq.block import calibrate_block
-    from lsiq.forward import block_forward
-
-    layer, arch, cfg = _block(128, 256)
-    calib = CalibConfig(method=method, wbits=3, group_size=64, steps=1, batch_size=2, lsi_block_k=4)
+def _record_optimized(monkeypatch) -> dict[int, int]:
+    """Every tensor handed to a torch optimizer from now on, by id: its element count."""
     optimized: dict[int, int] = {}
     init = torch.optim.Optimizer.__init__
 
@@ -559,6 +551,20 @@ def test_planned_trainable_parameters_are_what_the_calibrator_optimizes(method, 
         init(self, params, defaults)
 
     monkeypatch.setattr(torch.optim.Optimizer, "__init__", recording_init)
+    return optimized
+
+
+@pytest.mark.parametrize("method", methods.names())
+def test_planned_trainable_parameters_are_what_the_calibrator_optimizes(method, monkeypatch):
+    """Every method: the plan's learned-parameter count (its optimizer state and all-reduce bytes
+    follow from it) equals the parameters the real calibration hands its optimizers (none for the
+    closed-form methods)."""
+    from lsiq.block import calibrate_block
+    from lsiq.forward import block_forward
+
+    layer, arch, cfg = _block(128, 256)
+    calib = CalibConfig(method=method, wbits=3, group_size=64, steps=1, batch_size=2, lsi_block_k=4)
+    optimized = _record_optimized(monkeypatch)
     x, kw = _step_inputs(arch, cfg, 2, 16)
     with torch.no_grad():
         y = block_forward(layer, x, kw)
@@ -601,17 +607,7 @@ def test_planned_trainable_parameters_on_every_family(family, method, let_down, 
     x, kw = capture_first_layer_inputs(model, torch.randint(0, 1000, (2, 16)))
     layer = model.model.layers[0]
     calib = CalibConfig(method=method, wbits=3, group_size=16, steps=1, batch_size=2, lsi_block_k=4, let_down=let_down)
-    optimized: dict[int, int] = {}
-    init = torch.optim.Optimizer.__init__
-
-    def recording_init(self, params, defaults):
-        params = list(params)
-        for g in params:
-            for t in (g["params"] if isinstance(g, dict) else [g]):
-                optimized[id(t)] = t.numel()
-        init(self, params, defaults)
-
-    monkeypatch.setattr(torch.optim.Optimizer, "__init__", recording_init)
+    optimized = _record_optimized(monkeypatch)
     with torch.no_grad():
         y = block_forward(layer, x, kw)
     res = calibrate_block(layer, kw, x, y, arch, calib, fp_inputs=x)
