@@ -146,3 +146,24 @@ def to_module(ex: Experts, tensors: dict[str, torch.Tensor], n_experts: int) -> 
     if per:
         out.update(fuse(ex, per, n_experts))
     return out
+
+
+def checkpoint_layouts(ex: Experts, name: str, shape: tuple[int, ...], n_experts: int) -> list[dict[str, tuple[int, ...]]]:
+    """The ways a checkpoint may hold the module's tensor ``name`` of ``shape``, each a set of
+    checkpoint names and shapes: for the experts' fused parameters (and biases) one tensor per
+    expert and role (the Hub's layout, first) or the fused tensor; under the checkpoint's prefix or
+    the module's (transformers reads both)."""
+    alts: list[dict[str, tuple[int, ...]]] = []
+    for param, rs in ex.linears.items():
+        for kind, suffix in (("weight", ""), ("bias", "_bias")):
+            if name != f"{ex.module}.{param}{suffix}":
+                continue
+            if kind == "weight":
+                out_total, width = (shape[2], shape[1]) if ex.transposed else (shape[1], shape[2])
+                per = (out_total // len(rs), width)
+            else:
+                per = (shape[1] // len(rs),)
+            for prefix in dict.fromkeys((expert_prefix(ex), ex.module + ".")):
+                alts.append({f"{prefix}{e}.{ex.names[r]}.{kind}": per for e in range(n_experts) for r in rs})
+    alts += [{n: shape} for n in dict.fromkeys((checkpoint_name(ex, name), name))]
+    return alts

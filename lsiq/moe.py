@@ -12,7 +12,8 @@ a block's experts need not be on the device together.
    low-rank statistics and its loss come from all of the block's tokens, not only from those the
    router sends it; with ``cfg.routed_only`` each expert sees its routed tokens only (GPTQModel's
    way). Either way, an expert the router sends fewer than ``cfg.expert_min_tokens`` of the tokens
-   is rounded to nearest instead and named in the result (``BlockResult.moe``).
+   (routed only: or none at all) is rounded to nearest instead and named in the result
+   (``BlockResult.moe``).
 The block's output, its error and the next block's inputs always come from the model's own layer
 with the real routed combination of the quantized experts.
 
@@ -386,7 +387,8 @@ def calibrate_moe_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: 
     counts = routed_counts(top, arch.experts, shard)
     total_tokens = shard.total * inputs.shape[1]
     floor = cfg.expert_min_tokens * total_tokens
-    fallback = [e for e in range(arch.experts) if counts[e] < floor]
+    # routed only, an expert with no token has no data at all (GPTQ would zero it): rounded to nearest too
+    fallback = [e for e in range(arch.experts) if counts[e] < floor or (cfg.routed_only and counts[e] == 0)]
     xs, top = gather_samples(xs, shard), gather_samples(top, shard)
     units = _mlp_units(layer, arch, cfg, [e for e in range(arch.experts) if e not in fallback], shard.world)
     owners = unit_owners([sum(m * n for m, n in u.arch.shapes.values()) for u in units], shard.world)
@@ -434,6 +436,7 @@ def calibrate_moe_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: 
                          trainable_params=first.trainable_params + sum(r.trainable_params for r in results),
                          rel_before=rel_rtn)
     result.moe = {"tokens": total_tokens, "routed_tokens": counts.tolist(), "rtn_fallback": fallback,
+                  "min_tokens": cfg.expert_min_tokens,
                   "all_experts": not cfg.routed_only, "units": [u.name for u in units], "owners": owners,
                   "unit_losses": unit_losses}
     if measure_after:

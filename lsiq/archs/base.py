@@ -123,7 +123,8 @@ class Family:
     pairs exact for this block (lsiq.let applies them; :func:`standard_pairs` builds the usual ones).
     ``attn_implementation``: what the skeleton and every calibrator use (Gemma 2 needs eager for
     its logit soft-capping). ``keep_fp``: modules never quantized (MoE routers). ``unsupported``:
-    when set, the reason the family is refused."""
+    when set, the reason the family is refused. ``native_only``: when set, why no serving stack loads
+    this family's quantized output in the gptq or compressed-tensors layouts (only ``native`` is written)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -137,6 +138,7 @@ class Family:
     keep_fp: tuple[str, ...] = ()
     experts: Experts | None = None
     unsupported: str = ""
+    native_only: str = ""
 
     def role_linear(self, role: str) -> str:
         for name, roles in self.linears.items():
@@ -478,6 +480,14 @@ class BlockArch:
         if self.family is None or self.family.experts is None:
             return tensors
         return expert_layout.to_module(self.family.experts, tensors, self.experts)
+
+    def checkpoint_layouts(self) -> dict[str, list[dict[str, tuple[int, ...]]]]:
+        """For every tensor of the layer (module name), the sets of checkpoint tensors (names and
+        shapes) that can hold it, the Hub's layout first (lsiq.expert_layout.checkpoint_layouts)."""
+        shapes = self.tensor_shapes()
+        if self.family is None or self.family.experts is None:
+            return {n: [{n: s}] for n, s in shapes.items()}
+        return {n: expert_layout.checkpoint_layouts(self.family.experts, n, s, self.experts) for n, s in shapes.items()}
 
     def checkpoint_name(self, name: str) -> str:
         """A tensor of the layer (module name) as checkpoints and our output name it."""

@@ -60,4 +60,6 @@ GPT_OSS = register(Family(
     let_pairs=(*ATTENTION_PAIRS, ROTARY_PAIR), keep_fp=("mlp.router",), attn_implementation="eager",
     experts=Experts(module="mlp.experts", linears=FUSED_EXPERTS, router="mlp.router", count="num_local_experts",
                     width="intermediate_size", transposed=True, interleaved=True, down_pair=False, mlp_tuple=True),
+    native_only=("transformers 5.25 has no loader for gpt-oss experts stored one linear per expert (no conversion "
+                 "mapping for gpt_oss), and vLLM's gpt-oss loader reads fused bf16 or MXFP4 experts"),
 ))
