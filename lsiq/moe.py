@@ -367,7 +367,6 @@ def calibrate_moe_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: 
     t0 = time.perf_counter()
     for p in layer.parameters():
         p.requires_grad_(False)
-    ex = arch.family.experts
     fb = cfg.forward_batch(shard.world)
     with swapped(layer, arch, rtn_weights(arch, layer, cfg.spec)):
         loss_rtn, rel_rtn = output_errors(layer, inputs, targets, layer_kwargs, fb, None, cfg.abits, shard)
@@ -384,8 +383,36 @@ def calibrate_moe_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: 
 
     # ---- stage 2: the MLP on its own inputs through the quantized attention
     xs, top = mlp_inputs(layer, arch, inputs, layer_kwargs, fb, att_params)
+    mlp = calibrate_mlp(layer, arch, cfg, xs, top, shard, block_index)
+    del xs, top
+
+    # ---- the block's result, under checkpoint names
+    linears = dict(first.linears) | mlp.linears
+    linears = {n: linears[n] for n in arch.linears}  # the block's order
+    tensors = {arch.checkpoint_name(k): v for k, v in first.tensors.items()} | mlp.tensors
+    result = BlockResult(linears, tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=list(first.losses),
+                         trainable_params=first.trainable_params + mlp.trainable_params, rel_before=rel_rtn,
+                         moe=mlp.moe)
+    if measure_after:
+        result.loss_after, result.rel_after = block_errors(layer, arch, inputs, targets, layer_kwargs, fb, result,
+                                                           cfg.abits, shard)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def calibrate_mlp(layer: nn.Module, arch: BlockArch, cfg: CalibConfig, xs: torch.Tensor, top: torch.Tensor,
+                  shard: SampleShard, block_index: int = 0) -> BlockResult:
+    """Stage 2 of a mixture-of-experts block: its MLP's linears from ``xs`` (this worker's samples'
+    MLP inputs, [n, L, hidden]) and ``top`` (the router's top-k experts of each token). The shared
+    experts and the routed experts' groups are calibrated by their owners on every worker's samples
+    and broadcast; an expert under ``cfg.expert_min_tokens`` of the routed tokens is rounded to
+    nearest. Returns the MLP's linears and tensors (the router in full precision) under checkpoint
+    names, with ``moe`` set; the losses and errors are NaN (the block's are measured on the block)."""
+    from lsiq.block import calibrate_block
+
+    ex = arch.family.experts
     counts = routed_counts(top, arch.experts, shard)
-    total_tokens = shard.total * inputs.shape[1]
+    total_tokens = shard.total * xs.shape[1]
     floor = cfg.expert_min_tokens * total_tokens
     # routed only, an expert with no token has no data at all (GPTQ would zero it): rounded to nearest too
     fallback = [e for e in range(arch.experts) if counts[e] < floor or (cfg.routed_only and counts[e] == 0)]
@@ -405,17 +432,13 @@ def calibrate_moe_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: 
                                        shard=whole, measure_before=False, measure_after=False))
     if any(o != shard.rank for o in owners):
         results = [_broadcast_result(r, u, cfg, o, shard) for r, u, o in zip(results, units, owners, strict=True)]
-
-    # ---- the block's result, under checkpoint names
-    linears = {n: q for n, q in first.linears.items()}
-    tensors = {arch.checkpoint_name(k): v for k, v in first.tensors.items()}
+    linears: dict[str, QuantizedLinear] = {}
+    tensors: dict[str, torch.Tensor] = {}
     mlp_prefix = ex.mlp + "."
-    quantized = {f"{ex.module}.{p}" for p in ex.linears} | {f"{n}.weight" for n in ex.shared}
-    for k, v in layer.state_dict().items():  # the router (and its bias) in full precision
-        if k.startswith(mlp_prefix) and not k.startswith(ex.module + ".") and k not in quantized \
-                and not any(k.startswith(s.rsplit(".", 1)[0] + ".") for s in ex.shared):
+    shared = {n.rsplit(".", 1)[0] + "." for n in ex.shared}
+    for k, v in layer.state_dict().items():  # the router (and its bias, DeepSeek's score correction) as they are
+        if k.startswith(mlp_prefix) and not k.startswith(ex.module + ".") and not k.startswith(tuple(shared)):
             tensors[arch.checkpoint_name(k)] = v.detach().clone()
-    losses = list(first.losses)
     unit_losses = {}
     for unit, res in zip(units, results, strict=True):
         linears.update({unit.prefix + n: q for n, q in res.linears.items()})
@@ -423,27 +446,19 @@ def calibrate_moe_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: 
         unit_losses[unit.name] = res.losses[-1] if res.losses else None
     if fallback:
         weights = arch.weights(layer)
-        split = expert_layout.split(ex, {f"{ex.module}.{p}": t.detach() for p, t in _fused(layer, ex).items()}, fallback)
+        biases = expert_layout.split(ex, {f"{ex.module}.{p}": t.detach() for p, t in _fused(layer, ex).items()}, fallback)
         for name, (e, _role) in arch.expert_linears().items():
             if e in fallback:
                 w = weights[name]
                 scale, zero = minmax_scale_zero(w, cfg.spec)
                 linears[name] = QuantizedLinear(quantize_codes(w, scale, zero, cfg.spec), scale, zero, cfg.spec)
-                if f"{name}.bias" in split:
-                    tensors[f"{name}.bias"] = split[f"{name}.bias"].clone()
-    linears = {n: linears[n] for n in arch.linears}  # the block's order
-    result = BlockResult(linears, tensors, loss_before=loss_rtn, loss_after=float("nan"), losses=losses,
-                         trainable_params=first.trainable_params + sum(r.trainable_params for r in results),
-                         rel_before=rel_rtn)
-    result.moe = {"tokens": total_tokens, "routed_tokens": counts.tolist(), "rtn_fallback": fallback,
-                  "min_tokens": cfg.expert_min_tokens,
-                  "all_experts": not cfg.routed_only, "units": [u.name for u in units], "owners": owners,
-                  "unit_losses": unit_losses}
-    if measure_after:
-        result.loss_after, result.rel_after = block_errors(layer, arch, inputs, targets, layer_kwargs, fb, result,
-                                                           cfg.abits, shard)
-    result.seconds = time.perf_counter() - t0
-    return result
+                if f"{name}.bias" in biases:
+                    tensors[f"{name}.bias"] = biases[f"{name}.bias"].clone()
+    moe = {"tokens": total_tokens, "routed_tokens": counts.tolist(), "rtn_fallback": fallback,
+           "min_tokens": cfg.expert_min_tokens, "all_experts": not cfg.routed_only, "units": [u.name for u in units],
+           "owners": owners, "unit_losses": unit_losses}
+    return BlockResult(linears, tensors, float("nan"), float("nan"),
+                       trainable_params=sum(r.trainable_params for r in results), moe=moe)
 
 
 def block_errors(layer: nn.Module, arch: BlockArch, inputs: torch.Tensor, targets: torch.Tensor,

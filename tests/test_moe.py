@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from lsiq.config import CalibConfig
 from lsiq.forward import block_forward, forward_all
 from lsiq.let import LET
 from lsiq.moe import ExpertGroup, group_unit, mlp_inputs, swapped
+from lsiq.parallel import SampleShard, shard_range
 from pipeline import formats
 from pipeline.checkpoint import Checkpoint
 from pipeline.model_io import load_quantized
@@ -244,3 +246,81 @@ def test_every_moe_family_quantizes_exports_and_loads(family, moe_checkpoints, t
     if family == "gpt_oss":
         with pytest.raises(ValueError, match="cannot hold gpt_oss models.*use --format native"):
             formats.check("gptq", CalibConfig(wbits=4).spec, 16, arch)
+
+
+# ---------------------------------------------------------------------------------------- data-parallel workers
+@pytest.mark.parametrize("method,lowrank", [("gptq", None), ("lsi", "qera")])
+def test_workers_share_the_experts_out_and_give_one_workers_bytes(method, lowrank):
+    """Two data-parallel workers (threads, collectives by shared memory as in test_parallel) each hold
+    half of the samples' MLP inputs: they gather them, calibrate the units they own (DeepSeek's
+    shared experts and two groups of two experts), and broadcast the results. Every expert's codes,
+    grids, low-rank factors and biases are the single worker's, bit for bit."""
+    from lsiq.moe import calibrate_mlp
+    from tests.test_parallel import ThreadCollective
+
+    model = tiny_family_model("deepseek_v3")
+    layer, x, kw, last = _layer_inputs(model, n=4)
+    arch = BlockArch.from_config(model.config).for_layer(last)
+    xs, top = mlp_inputs(layer, arch, x, kw, 2, None)
+    cfg = CalibConfig(method=method, wbits=3, group_size=16, epochs=1, batch_size=2, expert_group=2,
+                      expert_min_tokens=0.0, lowrank=lowrank, rank=4)
+    one = calibrate_mlp(copy.deepcopy(layer), arch, cfg, xs, top, SampleShard.whole(4), last)
+    coll, two, errors = ThreadCollective(2), [None, None], []
+
+    def work(rank):
+        try:
+            owned = shard_range(4, 2, rank)
+            shard = SampleShard(owned, 4, coll.reducer(rank), rank=rank, world=2, broadcast=coll.broadcaster(rank))
+            two[rank] = calibrate_mlp(copy.deepcopy(layer), arch, cfg, xs[owned], top[owned], shard, last)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+            coll.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert one.moe["units"] == two[0].moe["units"] == ["shared experts", "experts 0-1", "experts 2-3"]
+    assert sorted(set(two[0].moe["owners"])) == [0, 1]  # the units were shared out
+    for res in two:
+        assert res.linears.keys() == one.linears.keys() and res.tensors.keys() == one.tensors.keys()
+        for name, q in one.linears.items():
+            r = res.linears[name]
+            assert torch.equal(q.codes, r.codes) and torch.equal(q.scale, r.scale) and torch.equal(q.zero, r.zero), name
+            if lowrank:
+                assert torch.equal(q.lowrank_a, r.lowrank_a) and torch.equal(q.lowrank_b, r.lowrank_b), name
+        assert all(torch.equal(one.tensors[k], res.tensors[k]) for k in one.tensors)
+        assert res.trainable_params == one.trainable_params and res.moe["routed_tokens"] == one.moe["routed_tokens"]
+
+
+# ---------------------------------------------------------------------------------------- through the Ray pipeline
+def test_deepseek_v3_through_the_ray_pipeline_with_two_workers(moe_checkpoints, texts_dir, tmp_path, ray_local):
+    """LSI through pipeline.quantize's driver on DeepSeek-V3 (a dense first block, then a routed one
+    with a shared expert and multi-head latent attention) with two calibrator actors that share the
+    experts out: a symmetric 4-bit compressed-tensors output that transformers loads with our
+    evaluator's logits; the report and the progress line carry each expert's routed tokens."""
+    from pipeline.config import QuantizeConfig
+    from pipeline.driver import run
+
+    ck = moe_checkpoints("deepseek_v3")
+    calib = CalibConfig(method="lsi", wbits=4, sym=True, group_size=32, epochs=2, batch_size=2, lsi_block_k=4,
+                        expert_group=1, expert_min_tokens=0.45)
+    lines: list[str] = []
+    cfg = QuantizeConfig(model=str(ck), output=str(tmp_path / "out"), calib=[str(texts_dir / "calib.txt")],
+                         calib_cfg=calib, nsamples=4, seqlen=32, workers=2, cpus_per_worker=1,
+                         report=str(tmp_path / "report.json"))
+    report = run(cfg, log=lines.append)
+    assert report["format"] == "compressed-tensors" and report["workers"] == 2 and len(report["blocks"]) == 2
+    dense, routed = report["blocks"]
+    assert "experts" not in dense
+    moe = routed["experts"]
+    assert sorted(set(moe["owners"])) == [0, 1] and sum(moe["routed_tokens"]) == 4 * 32 * 2
+    low = [e for e, n in enumerate(moe["routed_tokens"]) if n < 0.45 * 4 * 32]
+    assert moe["rtn_fallback"] == low and low  # this seed's router sends expert 1 50 of 128 tokens: rounded to nearest
+    assert moe["units"] == ["shared experts"] + [f"experts {e}-{e}" for e in range(4) if e not in low]
+    block_line = next(line for line in lines if line.startswith("block 2/2"))
+    assert "RTN for experts under 45% of the tokens" in block_line, block_line
+    assert json.loads((tmp_path / "report.json").read_text())["blocks"][1]["experts"]["routed_tokens"] == moe["routed_tokens"]
+    _loads_like_ours(tmp_path / "out", 1e-4)
