@@ -75,13 +75,18 @@ MOE_CONFIGS = {
 MOE_FAMILIES = tuple(MOE_CONFIGS)
 
 
-def tiny_family_model(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny_family_model(family: str, seed: int = 0, layers: int | None = None) -> torch.nn.Module:
     """A random tiny model of ``family`` (transformers' own classes) with random norm weights and
     biases, so that a wrong treatment of a norm (Gemma's 1 + w), a q/k norm or a bias shows. A
-    mixture-of-experts model runs its experts eagerly, as the pipeline's calibrator does."""
+    mixture-of-experts model runs its experts eagerly, as the pipeline's calibrator does. ``layers``
+    deepens a family whose config has no per-layer types (a run long enough to be killed midway)."""
     torch.manual_seed(seed)
     moe = family in MOE_CONFIGS
     config = (MOE_CONFIGS if moe else FAMILY_CONFIGS)[family]()
+    if layers is not None:
+        if getattr(config, "layer_types", None):
+            raise ValueError(f"{family}'s tiny config lists its layers' types: deepen it there")
+        config.num_hidden_layers = layers
     extra = {"experts_implementation": "eager"} if moe else {}
     model = AutoModelForCausalLM.from_config(config, **extra).eval()
     with torch.no_grad():

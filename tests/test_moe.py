@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from lsiq.moe import ExpertGroup, group_unit, mlp_inputs, swapped
 from lsiq.parallel import SampleShard, shard_range
 from pipeline import formats
 from pipeline.checkpoint import Checkpoint
-from pipeline.model_io import load_quantized
+from pipeline.model_io import MANIFEST, load_quantized
 from tests.conftest import MOE_FAMILIES, WINDOW, copy_tokenizer, tiny_family_model, write_hub_checkpoint
 from tests.test_families import _ids, _loads_like_ours, _rel, quantize_in_process
 
@@ -324,3 +328,48 @@ def test_deepseek_v3_through_the_ray_pipeline_with_two_workers(moe_checkpoints, 
     assert "RTN for experts under 45% of the tokens" in block_line, block_line
     assert json.loads((tmp_path / "report.json").read_text())["blocks"][1]["experts"]["routed_tokens"] == moe["routed_tokens"]
     _loads_like_ours(tmp_path / "out", 1e-4)
+
+
+# ---------------------------------------------------------------------------------------- kill -9 and resume
+def test_qwen3_moe_killed_with_sigkill_resumes_byte_identical(smollm2_dir, texts_dir, tmp_path, ray_local):
+    """pipeline.quantize on a 10-layer Qwen3-MoE (GPTQ, every expert calibrated on all tokens, groups of
+    two experts) killed with SIGKILL, with its embedded Ray, after its second block: the same
+    command resumes after the blocks it finished (the last one replayed for the next block's
+    inputs) and writes the bytes of an uninterrupted run. The killed run is a process of its own;
+    the uninterrupted and the resumed ones run in this process on the session's Ray."""
+    from pipeline.config import parse_quantize_args
+    from pipeline.driver import run
+
+    ck = copy_tokenizer(write_hub_checkpoint(tiny_family_model("qwen3_moe", layers=10), tmp_path / "ck"), smollm2_dir)
+
+    def argv(out: Path) -> list[str]:
+        return ["--model", str(ck), "--output", str(out), "--calib", str(texts_dir / "calib.txt"), "--method", "gptq",
+                "--wbits", "4", "--group-size", "16", "--nsamples", "4", "--seqlen", "32", "--expert-group", "2",
+                "--num-cpus", "1"]
+
+    part, full = tmp_path / "part", tmp_path / "full"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.quantize", *argv(part)], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("block 2/10"):  # eight blocks of about 0.1 s each left: the kill lands midway
+                os.killpg(proc.pid, signal.SIGKILL)  # the job and its embedded Ray die at once
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL and not (part / MANIFEST).exists()
+    done = len(list((part / "checkpoints").glob("block-*.json")))
+    assert 2 <= done < 10
+    run(parse_quantize_args(argv(full)))
+    logs: list[str] = []
+    report = run(parse_quantize_args(argv(part)), log=logs.append)
+    assert report["resumed_blocks"] == done and f"block {done}/10  replayed" in "\n".join(logs)
+    assert all(b["experts"]["all_experts"] and b["experts"]["units"] == ["experts 0-1", "experts 2-3"]
+               for b in report["blocks"][done:])
+    names = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(part)) for p in part.rglob("*") if p.is_file())
+    for name in names:
+        if not name.startswith("checkpoints/"):  # records hold timings
+            assert (full / name).read_bytes() == (part / name).read_bytes(), name
