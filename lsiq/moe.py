@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -347,8 +347,11 @@ def rtn_weights(arch: BlockArch, layer: nn.Module, spec: Any) -> Iterator[tuple[
 # ---------------------------------------------------------------------------------------- the block
 @dataclass
 class _Unit:
+    """One unit of a block's MLP: its module is built when it is calibrated or its result received
+    (:meth:`build`), so that a group's copies of its experts are on the device one group at a time."""
+
     name: str
-    module: nn.Module
+    build: Callable[[], nn.Module]
     arch: UnitArch
     prefix: str  # prepended to its linears' names in the block's result (checkpoint names)
     experts: list[int] = field(default_factory=list)
@@ -427,9 +430,10 @@ def calibrate_mlp(layer: nn.Module, arch: BlockArch, cfg: CalibConfig, xs: torch
         if owner != shard.rank:
             results.append(None)
             continue
-        x = _unit_inputs(xs, top, unit, cfg)
-        results.append(calibrate_block(unit.module, {}, x, FPTargets(unit.module, x), unit.arch, cfg, block_index,
+        x, module = _unit_inputs(xs, top, unit, cfg), unit.build()
+        results.append(calibrate_block(module, {}, x, FPTargets(module, x), unit.arch, cfg, block_index,
                                        shard=whole, measure_before=False, measure_after=False))
+        del x, module
     if any(o != shard.rank for o in owners):
         results = [_broadcast_result(r, u, cfg, o, shard) for r, u, o in zip(results, units, owners, strict=True)]
     linears: dict[str, QuantizedLinear] = {}
@@ -489,14 +493,17 @@ def _mlp_units(layer: nn.Module, arch: BlockArch, cfg: CalibConfig, experts: lis
     shared = shared_unit(arch)
     if shared is not None:
         module, unit_arch = shared
-        units.append(_Unit("shared experts", layer.get_submodule(module), unit_arch, module + "."))
+        units.append(_Unit("shared experts", lambda m=module: layer.get_submodule(m), unit_arch, module + "."))
     experts_module = layer.get_submodule(ex.module)
     fused = {f"{ex.module}.{p}": t.detach() for p, t in _fused(layer, ex).items()}
-    for ids in expert_groups(experts, cfg.expert_group, world):
+
+    def group(ids: list[int]) -> nn.Module:  # copies of these experts' slices, on the layer's device
         weights = expert_layout.split(ex, fused, ids)
-        group = ExpertGroup(experts_module, ex, ids, weights, cfg.routed_only).to(device_of(layer))
-        units.append(_Unit(f"experts {ids[0]}-{ids[-1]}", group, group_unit(arch, ids, cfg.routed_only),
-                           expert_layout.expert_prefix(ex), ids))
+        return ExpertGroup(experts_module, ex, ids, weights, cfg.routed_only).to(device_of(layer))
+
+    for ids in expert_groups(experts, cfg.expert_group, world):
+        units.append(_Unit(f"experts {ids[0]}-{ids[-1]}", lambda ids=ids: group(ids),
+                           group_unit(arch, ids, cfg.routed_only), expert_layout.expert_prefix(ex), ids))
     return units
 
 
@@ -515,7 +522,7 @@ def _broadcast_result(res: BlockResult | None, unit: _Unit, cfg: CalibConfig, ow
     tensors, the step losses and the learned-parameter count, in one fixed order."""
     spec = cfg.spec
     weights = {f"{n}.weight" for n in unit.arch.shapes}
-    others = {k: v for k, v in unit.module.state_dict().items() if k not in weights}
+    others = {k: v for k, v in unit.build().state_dict().items() if k not in weights}
     steps = cfg.steps_for(shard.total) if cfg.trains else 0
     template: list[torch.Tensor] = []
     for m, n in unit.arch.shapes.values():
