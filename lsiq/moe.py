@@ -47,6 +47,19 @@ if TYPE_CHECKING:
     from lsiq.config import CalibConfig
 
 
+def moe_unsupported(cfg: CalibConfig) -> str | None:
+    """What of ``cfg`` a mixture-of-experts block cannot do (one phrase), or None."""
+    from lsiq import methods
+
+    if cfg.abits < 16:
+        return "weight-activation quantization (--abits below 16: the routed experts' inputs are not quantized at inference)"
+    if cfg.cross_layer:
+        return "--cross-layer"
+    if methods.get(cfg.method).needs_output_grads:
+        return f"--method {cfg.method} (it needs the model loss's gradients at every block)"
+    return None
+
+
 # ---------------------------------------------------------------------------------------- units
 @dataclass(frozen=True)
 class UnitArch:

@@ -92,15 +92,11 @@ def _experts_note(stats: dict[str, Any]) -> str:
 def _check_moe(cfg: QuantizeConfig, arch: Any, log: Any) -> None:
     """What a mixture-of-experts model cannot do yet (ValueError, one line), and its output format:
     native where no other is loaded (gpt-oss), a warning where transformers cannot load GPTQ experts."""
-    ccfg = cfg.calib_cfg
-    m = methods.get(ccfg.method)
-    missing = [what for what, on in (("weight-activation quantization (--abits below 16: the routed experts' inputs are "
-                                      "not quantized at inference)", ccfg.abits < 16),
-                                     ("--cross-layer", ccfg.cross_layer),
-                                     (f"--method {ccfg.method} (it needs the model loss's gradients at every block)",
-                                      m.needs_output_grads)) if on]
+    from lsiq.moe import moe_unsupported
+
+    missing = moe_unsupported(cfg.calib_cfg)
     if missing:
-        raise ValueError(f"{arch.name} (mixture of experts): {missing[0]} is not supported for mixture-of-experts models")
+        raise ValueError(f"{arch.name} (mixture of experts): {missing} is not supported for mixture-of-experts models")
     if cfg.format_default and formats.native_only(arch) and cfg.format != formats.native_format.NAME:
         log(f"{arch.name}: writing --format native ({formats.native_only(arch)})")
         cfg.format = formats.native_format.NAME

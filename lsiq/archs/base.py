@@ -729,10 +729,11 @@ def decoder_layer_class(config: Any) -> type[nn.Module]:
 
 
 def meta_decoder_layer(config: Any, index: int = 0) -> nn.Module:
-    """Decoder layer ``index`` of ``config`` on the meta device (its module tree, no memory)."""
+    """Decoder layer ``index`` of ``config`` on the meta device (its module tree, no memory: also the
+    tensors its constructor makes before registering them, such as DeepSeek-V3's 30 GB of fused experts)."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
+    with torch.device("meta"), init_empty_weights():
         return decoder_layer_class(config)(config, index)
 
 
