@@ -57,18 +57,19 @@ FAMILY_CONFIGS = {
     "olmo2": lambda: Olmo2Config(**_TINY),
 }
 FAMILIES = tuple(FAMILY_CONFIGS)
-# one tiny config per mixture-of-experts family: 4 experts, 2 per token, hidden 64, 2 layers (DeepSeek-V3:
+# one tiny config per mixture-of-experts family: 4 experts 32 wide, 2 per token, hidden 64, 2 layers (DeepSeek-V3:
 # a dense first layer, then a routed one with a shared expert and multi-head latent attention whose
 # low-rank widths pack into 32-bit words at 2-4 bits; gpt-oss: sliding and full layers, biases)
 _MOE = _TINY | dict(num_experts_per_tok=2)
 MOE_CONFIGS = {
-    "mixtral": lambda: MixtralConfig(**_MOE, num_local_experts=4),
+    "mixtral": lambda: MixtralConfig(**(_MOE | dict(intermediate_size=32)), num_local_experts=4),
     "qwen3_moe": lambda: Qwen3MoeConfig(**_MOE, head_dim=16, num_experts=4, moe_intermediate_size=32),
     "deepseek_v3": lambda: DeepseekV3Config(**(_MOE | dict(num_key_value_heads=4)), n_routed_experts=4,
                                             moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
                                             q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16,
                                             v_head_dim=16, n_group=1, topk_group=1),
-    "gpt_oss": lambda: GptOssConfig(**_MOE, head_dim=16, num_local_experts=4, sliding_window=WINDOW, rope_parameters=dict(
+    "gpt_oss": lambda: GptOssConfig(**(_MOE | dict(intermediate_size=32)), head_dim=16, num_local_experts=4,
+                                    sliding_window=WINDOW, rope_parameters=dict(
         rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=8,
         rope_theta=150000.0)),  # gpt-oss's YaRN, scaled to the tiny context
 }
