@@ -40,7 +40,8 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
                     fp_inputs: torch.Tensor | None = None,
                     on_step: Callable[[int, int, float], None] | None = None,
                     shard: SampleShard | None = None, next_layer: nn.Module | None = None,
-                    output_grads: torch.Tensor | None = None, measure_after: bool = True) -> BlockResult:
+                    output_grads: torch.Tensor | None = None, measure_after: bool = True,
+                    measure_before: bool = True) -> BlockResult:
     """Quantize one block with ``cfg.method``.
 
     ``inputs``: [N, L, hidden], the previous quantized blocks' outputs; ``targets``: the FP block's
@@ -52,9 +53,19 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
     output) of the model's loss for the FP stream's samples, [N, L, hidden] like ``fp_inputs``.
     ``measure_after=False`` leaves the errors after calibration to the caller (NaN here): a caller
     that runs the quantized block over every sample anyway (the next block's inputs) measures them
-    there, one pass fewer. ``layer`` is left unchanged. Deterministic for a given ``cfg.seed`` and ``block_index``.
+    there, one pass fewer; ``measure_before=False`` skips round-to-nearest's (NaN; a unit of a
+    mixture-of-experts block, lsiq.moe). A mixture-of-experts block (``arch.moe``) is calibrated
+    by lsiq.moe.calibrate_moe_block, its result under checkpoint names. ``layer`` is left unchanged.
+    Deterministic for a given ``cfg.seed`` and ``block_index``.
     With ``shard``, this is one of several data-parallel workers holding some of the samples.
     """
+    if getattr(arch, "moe", False):
+        from lsiq.moe import calibrate_moe_block
+
+        if next_layer is not None or output_grads is not None:
+            raise ValueError("mixture-of-experts blocks: cross-layer learning and output gradients (OAC) are not supported")
+        return calibrate_moe_block(layer, layer_kwargs, inputs, targets, arch, cfg, block_index, fp_inputs, shard,
+                                   measure_after)
     shard = shard or SampleShard.whole(inputs.shape[0])
     t0 = time.perf_counter()
     for p in layer.parameters():
@@ -63,8 +74,10 @@ def calibrate_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: torc
         for p in next_layer.parameters():
             p.requires_grad_(False)
     fb = cfg.forward_batch(shard.world)
-    loss_rtn, rel_rtn = output_errors(layer, inputs, targets, layer_kwargs, fb, rtn_params(layer, cfg.spec, arch.linears),
-                                      cfg.abits, shard)
+    loss_rtn = rel_rtn = float("nan")
+    if measure_before:
+        loss_rtn, rel_rtn = output_errors(layer, inputs, targets, layer_kwargs, fb,
+                                          rtn_params(layer, cfg.spec, arch.linears), cfg.abits, shard)
     job = BlockJob(layer, layer_kwargs, inputs, targets, arch, cfg, shard, block_index, fp_inputs, next_layer,
                    output_grads, on_step)
     out = methods.get(cfg.method).calibrate(job)

@@ -59,6 +59,19 @@ class CalibConfig:
                                   "when those passes set the memory peak (python -m pipeline.plan says when)",
                                   group="calibration")
     seed: int = opt(0, "seed of the calibration windows' draw and of training", group="calibration")
+    # --- mixture-of-experts blocks (lsiq.moe)
+    routed_only: bool = opt(False, "mixture-of-experts blocks: calibrate each expert on the tokens the router sends it "
+                            "only (GPTQModel's way); default: every token through every expert for its statistics "
+                            "and its loss (llm-compressor's calibrate-all-experts), the block's output still routed",
+                            group="calibration")
+    expert_min_tokens: float = opt(0.005, "mixture-of-experts blocks: an expert the router sends fewer than this "
+                                   "fraction of the block's tokens is rounded to nearest instead of calibrated, and the "
+                                   "report and the progress line name it (GPTQModel's 0.5 %%); 0 = calibrate every "
+                                   "expert", group="calibration")
+    expert_group: int = opt(0, "mixture-of-experts blocks: routed experts calibrated at a time (their copies, learned "
+                            "state and statistics on the device together; python -m pipeline.plan says what fits); "
+                            "data-parallel workers share the groups out; 0 = the experts split evenly over the workers",
+                            group="compute")
     # --- how the trained methods learn (None: the method's default)
     optimizer: str | None = opt(None, "optimizer of the learnable parameters: adamw, or signsgd (each step moves "
                                 "every parameter by its learning rate against its gradient's sign)", choices=OPTIMIZERS)
@@ -150,6 +163,10 @@ class CalibConfig:
                              f"got {self.forward_batch_size}")
         if not 0 <= self.average_tail <= 1:
             raise ValueError(f"average_tail must be between 0 and 1, got {self.average_tail}")
+        if not 0 <= self.expert_min_tokens < 1:
+            raise ValueError(f"expert_min_tokens is a fraction of the tokens, in [0, 1), got {self.expert_min_tokens}")
+        if self.expert_group < 0:
+            raise ValueError(f"expert_group must be >= 0 (0: split evenly over the workers), got {self.expert_group}")
         if self.sde_band < 0:
             raise ValueError(f"sde_band must be >= 0, got {self.sde_band}")
         if self.cross_layer and not self.trains:

@@ -47,6 +47,9 @@ class BlockResult:
     rel_after: float = float("nan")
     trainable_params: int = 0
     seconds: float = 0.0
+    # a mixture-of-experts block (lsiq.moe): tokens routed to each expert, the experts rounded to
+    # nearest for lack of them, the units the MLP was calibrated in and their owners
+    moe: dict | None = None
 
     def dequantized_params(self) -> dict[str, torch.Tensor]:
         params = dict(self.tensors)

@@ -30,7 +30,7 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     if kind == "mse":
         return err.sum()
     ms = target.pow(2).mean(-1, keepdim=True)
-    return (err / ms).sum() * ms.mean()
+    return (err / ms.clamp_min(1e-30)).sum() * ms.mean()  # a zero target (an unrouted token): its error is 0
 
 
 def make_optimizers(groups: list[dict[str, Any]]) -> list[torch.optim.Optimizer]:

@@ -23,6 +23,7 @@ from lsiq.block import calibrate_block
 from lsiq.capture import LayerInputs
 from lsiq.config import CalibConfig
 from lsiq.forward import WithInputs, forward_all, stream_errors
+from lsiq.moe import write_linears
 from lsiq.parallel import SampleShard, shard_range
 from pipeline import formats
 from pipeline.actors import peak_rss_bytes
@@ -175,7 +176,10 @@ class BlockCalibrator:
                                "(a restarted calibrator needs set_inputs and a replay first)")
 
     def _layer(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Block ``index`` from its tensors under checkpoint names (a mixture-of-experts block's
+        per-expert linears fused as the module holds them), in float32 on the device."""
         tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors = self.arch.for_layer(index).to_module(tensors)
         return decoder_layer(self.layer_cls, self.config, index, tensors).to(self.device)
 
     def calibrate(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -197,16 +201,17 @@ class BlockCalibrator:
         if methods.get(self.cfg.method).needs_output_grads and grads is None:
             raise RuntimeError(f"no OAC gradients for block {index}: the OAC pass must run first")
         shard = self._shard()
-        result = calibrate_block(layer, kwargs, self.q_in, targets, self.arch, self.cfg, index,
+        result = calibrate_block(layer, kwargs, self.q_in, targets, self.arch.for_layer(index), self.cfg, index,
                                  fp_inputs=self.fp_in, shard=shard, next_layer=next_layer, output_grads=grads,
                                  measure_after=False)
         del next_layer, grads
         self.fp_in = None  # at most three caches at once: FP targets, quantized inputs, next inputs
         # the next block sees the weights as stored (GPTQ rounds scales to float16), the same ones a
-        # resumed run's replay reads back from the files
+        # resumed run's replay reads back from the files; written into the layer in place (its FP
+        # weights are no longer needed): a block's weights are on the device once, not twice
         stored = formats.block_tensors(self.fmt, layer_prefix(index), result)
-        q_next = forward_all(layer, self.q_in, kwargs, bs, params=self._params(index, stored),
-                             abits=self.cfg.abits, out=self.cache.empty_like(self.q_in))
+        self._load_stored(layer, index, stored)
+        q_next = forward_all(layer, self.q_in, kwargs, bs, abits=self.cfg.abits, out=self.cache.empty_like(self.q_in))
         # the error after calibration: of the weights as stored, on the outputs just computed
         result.loss_after, result.rel_after = stream_errors(q_next, targets, bs, shard, self.device)
         self.fp_in, self.q_in = targets, q_next
@@ -232,6 +237,8 @@ class BlockCalibrator:
             "lowrank_bytes": sum(t.numel() * t.element_size() for k, t in stored.items()
                                  if k.endswith((".lowrank_a", ".lowrank_b"))),
         }
+        if result.moe is not None:  # routed tokens per expert, those rounded to nearest for lack of them
+            stats["experts"] = result.moe
         # every worker ends with the same parameters; only rank 0 ships the tensors to the writer
         return {"tensors": stored if self.rank == 0 else {}, "source_fingerprint": meta["fingerprint"], "stats": stats}
 
@@ -241,10 +248,10 @@ class BlockCalibrator:
         self._check_position(index)
         layer = self._layer(index, tensors)
         bs = self.cfg.forward_batch(self.world)
-        params = self._params(index, stored)
         self.oac_g.pop(index, None)  # a finished block needs no OAC gradients
         targets = forward_all(layer, self.fp_in, self.inputs[index], bs, out=self.cache.empty_like(self.fp_in))
-        self.q_in = forward_all(layer, self.q_in, self.inputs[index], bs, params=params, abits=self.cfg.abits,
+        self._load_stored(layer, index, stored)
+        self.q_in = forward_all(layer, self.q_in, self.inputs[index], bs, abits=self.cfg.abits,
                                 out=self.cache.empty_like(self.q_in))
         self.fp_in = targets
         self.position = index + 1
@@ -289,11 +296,18 @@ class BlockCalibrator:
         self.oac_g[index - 1] = block_backward(layer, self.oac_h.pop(index), self.oac_g[index], self.inputs[index],
                                                self.cfg.forward_batch(self.world), out=self.cache.empty_like(self.fp_in))
 
-    def _params(self, index: int, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Block ``index``'s stored tensors as the float parameters of its layer."""
+    @torch.no_grad()
+    def _load_stored(self, layer: torch.nn.Module, index: int, stored: dict[str, torch.Tensor]) -> None:
+        """Write block ``index``'s stored tensors into ``layer`` in place, each linear dequantized on
+        the device as it is written (a routed expert's into its slices of the fused parameters)."""
         prefix = layer_prefix(index)
-        on_device = {k: v.to(self.device) for k, v in stored.items()}  # unpacked where the layer runs
-        return {k[len(prefix):]: v for k, v in formats.dequantize_tensors(self.fmt, on_device, self.cfg.spec).items()}
+        arch = self.arch.for_layer(index)
+        on_device = {k[len(prefix):]: v.to(self.device) for k, v in stored.items()}  # unpacked where the layer runs
+        linears, plain = formats.read_linears(self.fmt, on_device, self.cfg.spec)
+        write_linears(layer, arch, ((n, q.weight()) for n, q in linears.items()))
+        own = dict(layer.named_parameters()) | dict(layer.named_buffers())
+        for k, v in arch.to_module(plain).items():
+            own[k].copy_(v)
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()

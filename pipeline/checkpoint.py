@@ -143,24 +143,39 @@ class Checkpoint:
 
     def _check_blocks(self, tensors: dict[str, TensorInfo]) -> None:
         """Every block holds every tensor its architecture's decoder layer has (the descriptor's
-        linears, norms, q/k norms, biases), with the shapes the config implies, in floats."""
-        linears = {f"{n}.weight" for n in self.arch.linears}
-        expected = self.arch.tensor_shapes()
+        linears, norms, q/k norms, biases), with the shapes the config implies, in floats. A
+        mixture-of-experts block's routed experts may be stored one linear per expert and role (the
+        Hub's layout) or fused as the module holds them (lsiq.expert_layout)."""
         for i in range(self.arch.num_layers):
+            arch = self.arch.for_layer(i)
+            linears = {f"{n}.weight" for n in arch.linears}
+            if arch.moe:  # the experts' fused weights hold linears too
+                ex = arch.family.experts
+                linears |= {f"{ex.module}.{param}" for param in ex.linears}
             p = layer_prefix(i)
-            for name, shape in expected.items():
-                info = tensors.get(f"{p}{name}")
-                if info is None:
-                    raise CheckpointError(f"missing tensor {p}{name} (the {self.arch.name} block of "
-                                          f"model_type {self.arch.model_type!r} has it)")
-                if info.shape != tuple(shape):
-                    what = "config implies" if name in linears else "expected"
-                    raise CheckpointError(f"{p}{name} has shape {list(info.shape)}, {what} {list(shape)}")
-                if not DTYPES[info.dtype].is_floating_point:  # found here, not when its block is calibrated
-                    if name in linears:
-                        raise CheckpointError(f"{p}{name} in {info.shard} has dtype {info.dtype}: a full-precision "
-                                              "checkpoint (F32, F16, BF16) is needed; is it already quantized?")
-                    raise CheckpointError(f"{p}{name} in {info.shard} has dtype {info.dtype}, not a float")
+            for module_name, layouts in arch.checkpoint_layouts().items():
+                found = [sum(f"{p}{n}" in tensors for n in alt) for alt in layouts]
+                best = layouts[max(range(len(layouts)), key=lambda k: (found[k] == len(layouts[k]), found[k], -k))]
+                quantized = module_name in linears
+                for name, shape in best.items():
+                    self._check_tensor(tensors, arch, p, name, shape, quantized and not name.endswith("bias"), layouts)
+
+    def _check_tensor(self, tensors: dict[str, TensorInfo], arch: BlockArch, p: str, name: str, shape: tuple[int, ...],
+                      is_linear: bool, layouts: list[dict[str, tuple[int, ...]]]) -> None:
+        info = tensors.get(f"{p}{name}")
+        if info is None:
+            other = [next(iter(alt)) for alt in layouts if name not in alt][:1]
+            alt = f"; or {p}{other[0]} and the rest of that layout" if other else ""
+            raise CheckpointError(f"missing tensor {p}{name} (the {arch.name} block of model_type "
+                                  f"{arch.model_type!r} has it{alt})")
+        if info.shape != tuple(shape):
+            what = "config implies" if is_linear else "expected"
+            raise CheckpointError(f"{p}{name} has shape {list(info.shape)}, {what} {list(shape)}")
+        if not DTYPES[info.dtype].is_floating_point:  # found here, not when its block is calibrated
+            if is_linear:
+                raise CheckpointError(f"{p}{name} in {info.shard} has dtype {info.dtype}: a full-precision "
+                                      "checkpoint (F32, F16, BF16) is needed; is it already quantized?")
+            raise CheckpointError(f"{p}{name} in {info.shard} has dtype {info.dtype}, not a float")
 
     # ------------------------------------------------------------------ reads
     def block_names(self, i: int) -> list[str]:

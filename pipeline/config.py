@@ -53,6 +53,7 @@ class QuantizeConfig:
 
         if self.collective_timeout <= 0:
             raise ValueError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
+        self.format_default = self.format is None  # chosen for the user: a family may need another (gpt-oss)
         if self.format is None:
             self.format = formats.default_format(self.calib_cfg.wbits, self.calib_cfg.abits,
                                                  self.calib_cfg.lowrank is not None, self.calib_cfg.sym)

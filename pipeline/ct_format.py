@@ -66,12 +66,13 @@ def read_linear(t: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> Quant
     return QuantizedLinear(codes, scale, zero, spec)
 
 
-def quantization_config(spec: QuantSpec) -> dict[str, Any]:
-    """config.json's ``quantization_config``, built with the compressed-tensors package's own types."""
+def quantization_config(spec: QuantSpec, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """config.json's ``quantization_config``, built with the compressed-tensors package's own types
+    (``ignore``: modules left in full precision besides lm_head, e.g. ``re:.*mlp\\.gate$``)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.sym, dynamic=False, actorder=None,
                                strategy="group" if spec.group_size else "channel", group_size=spec.group_size or None)
     config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                                format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
+                                format="pack-quantized", quantization_status="compressed", ignore=["lm_head", *ignore])
     return config.model_dump(mode="json")

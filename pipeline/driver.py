@@ -79,6 +79,33 @@ def _open_output(out: OutputDir, cfg: QuantizeConfig, settings: dict[str, Any], 
         raise storage.StorageError(f"cannot reach output {cfg.output!r}: {e}") from e
 
 
+def _experts_note(stats: dict[str, Any]) -> str:
+    """The progress line's note on a mixture-of-experts block: the experts rounded to nearest for
+    lack of routed tokens (the report has every expert's count)."""
+    ex = stats.get("experts")
+    if not ex or not ex["rtn_fallback"]:
+        return ""
+    low = ", ".join(f"{e} ({ex['routed_tokens'][e]} tokens)" for e in ex["rtn_fallback"])
+    return f"  RTN for experts under {100 * ex['min_tokens']:.3g}% of the tokens: {low}"
+
+
+def _check_moe(cfg: QuantizeConfig, arch: Any, log: Any) -> None:
+    """What a mixture-of-experts model cannot do yet (ValueError, one line), and its output format:
+    native where no other is loaded (gpt-oss), a warning where transformers cannot load GPTQ experts."""
+    from lsiq.moe import moe_unsupported
+
+    missing = moe_unsupported(cfg.calib_cfg)
+    if missing:
+        raise ValueError(f"{arch.name} (mixture of experts): {missing} is not supported for mixture-of-experts models")
+    if cfg.format_default and formats.native_only(arch) and cfg.format != formats.native_format.NAME:
+        log(f"{arch.name}: writing --format native ({formats.native_only(arch)})")
+        cfg.format = formats.native_format.NAME
+    elif cfg.format == formats.gptq_format.NAME:
+        log(f"warning: {arch.name}: transformers 5.25 does not load GPTQ experts (its GPTQ loader replaces nn.Linear "
+            "modules only; the experts stay uninitialised): serve this output with vLLM, or quantize with --sym "
+            "--wbits 4 (compressed-tensors), which transformers loads")
+
+
 def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
     """Quantize ``cfg.model`` into ``cfg.output`` (resuming a partial run there); returns the report."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -96,9 +123,11 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
             ccfg.spec.groups(in_f)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+    if arch.family is not None and arch.family.experts is not None:
+        _check_moe(cfg, arch, log)
     formats.check(cfg.format, ccfg.spec, ccfg.abits, arch, ccfg.lowrank is not None)
     fmt = formats.get(cfg.format)
-    qconfig = fmt.quantization_config(ccfg.spec)  # built now: a failure here leaves nothing written
+    qconfig = formats.quantization_config(cfg.format, ccfg.spec, arch)  # built now: a failure here leaves nothing written
     out = OutputDir(cfg.output, cfg.out_storage_options)
     out.check_writable()
     for f in cfg.calib:
@@ -200,7 +229,8 @@ def run(cfg: QuantizeConfig, log=None) -> dict[str, Any]:
                     eta = (time.perf_counter() - t_loop) / (i + 1 - first) * (n - i - 1)
                     log(f"block {i + 1}/{n}  error {100 * st['rel_before']:.3g}% (RTN) -> {100 * st['rel_after']:.3g}%  "
                         f"MSE {st['loss_before']:.4g} -> {st['loss_after']:.4g}  "
-                        f"{st['seconds']:.1f}s  io-wait {st['io_wait_seconds']:.1f}s  ETA {_fmt_eta(eta)}")
+                        f"{st['seconds']:.1f}s  io-wait {st['io_wait_seconds']:.1f}s  ETA {_fmt_eta(eta)}"
+                        f"{_experts_note(st)}")
                 phases["blocks"] = time.perf_counter() - t_loop
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:

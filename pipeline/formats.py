@@ -8,6 +8,7 @@ replays from the files) matches an uninterrupted one.
 
 from __future__ import annotations
 
+import re
 import types
 
 import torch
@@ -55,10 +56,31 @@ def zero_min(name: str, spec: QuantSpec) -> int:
 
 
 def check(name: str, spec: QuantSpec, abits: int, arch: BlockArch, lowrank: bool = False) -> None:
-    """Raise ValueError naming the problem when ``name`` cannot hold these settings for this model."""
+    """Raise ValueError naming the problem when ``name`` cannot hold these settings for this model
+    (every kind of layer it has: DeepSeek's dense and mixture-of-experts ones)."""
     if lowrank and name != native_format.NAME:
         raise ValueError(f"--format {name} cannot hold low-rank corrections (--lowrank): use --format native")
-    get(name).check(spec, abits, arch)
+    reason = native_only(arch)
+    if reason and name != native_format.NAME:
+        raise ValueError(f"--format {name} cannot hold {arch.name} models: {reason}; use --format native")
+    for layer_arch, _count in arch.kinds():
+        get(name).check(spec, abits, layer_arch)
+
+
+def native_only(arch: BlockArch) -> str:
+    """Why only the native format can hold this model's output ('' when the others can)."""
+    return arch.family.native_only if arch.family is not None else ""
+
+
+def quantization_config(name: str, spec: QuantSpec, arch: BlockArch | None = None) -> dict | None:
+    """config.json's ``quantization_config`` of format ``name``; compressed-tensors' ignores a
+    mixture-of-experts model's routers as well as the head (llm-compressor's convention)."""
+    fmt = get(name)
+    if fmt is ct_format and arch is not None and arch.family is not None and arch.family.experts is not None:
+        router = arch.family.experts.router
+        names = "|".join(re.escape(n) for n in dict.fromkeys((router, arch.checkpoint_name(router))))
+        return ct_format.quantization_config(spec, ignore=(f"re:.*({names})$",))
+    return fmt.quantization_config(spec)
 
 
 def block_tensors(name: str, prefix: str, result: BlockResult) -> dict[str, torch.Tensor]:

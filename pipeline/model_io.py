@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from lsiq.archs import attention_implementation
+from lsiq.archs import BlockArch, attention_implementation, family_for
 from lsiq.archs import decoder_layer_class as _layer_class
 from lsiq.capture import decoder_layers
 from lsiq.forward import act_quant_hooks
@@ -29,16 +29,26 @@ MANIFEST = "lsiq_manifest.json"
 def prepare(config: PretrainedConfig) -> PretrainedConfig:
     """Give ``config`` the attention implementation its family needs (lsiq.archs: sdpa, or eager for
     Gemma 2's soft-capped logits), set explicitly so that the captured masks (None = causal for
-    sdpa, an additive mask for eager) mean the same in every process. Returns ``config``."""
+    sdpa, an additive mask for eager) mean the same in every process; a mixture-of-experts model
+    runs its experts eagerly (one linear per routed expert, transformers' reference code, on every
+    device). Returns ``config``."""
     config._attn_implementation = attention_implementation(config)
+    if _has_experts(config):
+        config._experts_implementation = "eager"
     return config
+
+
+def _has_experts(config: PretrainedConfig) -> bool:
+    fam = family_for(getattr(config, "model_type", None))
+    return fam is not None and fam.experts is not None
 
 
 def skeleton(config: PretrainedConfig) -> nn.Module:
     """The model with every parameter on the meta device (buffers such as rotary inv_freq are real)."""
+    extra = {"experts_implementation": "eager"} if _has_experts(config) else {}
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                attn_implementation=attention_implementation(config))
+                                                attn_implementation=attention_implementation(config), **extra)
 
 
 def decoder_layer_class(config: PretrainedConfig) -> type[nn.Module]:
@@ -108,6 +118,7 @@ def load_quantized(path: str) -> tuple[nn.Module, dict[str, Any]]:
         tensors.update(load_file(f))
     state = formats.dequantize_tensors(fmt.NAME, tensors, spec)
     config = AutoConfig.from_pretrained(path)
+    state = module_state(config, state)
     model = skeleton(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
@@ -120,12 +131,27 @@ def load_quantized(path: str) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), manifest
 
 
+def module_state(config: PretrainedConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole model's float state dict under checkpoint names as the model's modules hold it: each
+    mixture-of-experts block's per-expert linears fused (lsiq.expert_layout); unchanged otherwise."""
+    if not _has_experts(config):
+        return state
+    arch = BlockArch.from_config(config)
+    out = {k: v for k, v in state.items() if not k.startswith("model.layers.")}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        block = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+        out.update({p + k: v for k, v in arch.for_layer(i).to_module(block).items()})
+    return out
+
+
 def load_for_eval(path: str) -> tuple[nn.Module, contextlib.ExitStack]:
     """FP checkpoints through transformers; our output through :func:`load_quantized`. The returned
     ExitStack holds the activation quantizers of weight-activation runs (close it when done)."""
     stack = contextlib.ExitStack()
     if read_manifest(path) is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), stack
+        extra = {"experts_implementation": "eager"} if _has_experts(AutoConfig.from_pretrained(path)) else {}
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval(), stack
     model, manifest = load_quantized(path)
     abits = manifest["quantization"]["abits"]
     for layer in decoder_layers(model):

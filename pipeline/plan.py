@@ -8,6 +8,10 @@ coefficients are measured from the code with autograd's saved-tensor hooks; test
 checks them against it); the time model counts FLOPs and bytes moved per block and divides by
 throughputs that are parameters (defaults: an A10G-class 24 GB GPU, fp32 matmuls; measured
 values for this CPU are in BENCHMARKS.md). The formulas are in docs/planning.md.
+Mixture-of-experts models (Mixtral, Qwen3-MoE, DeepSeek-V3, gpt-oss) are planned by stage, as
+lsiq.moe calibrates them: the layer's own weights on the device, the attention shared out over the
+workers' samples, then the shared experts and the routed experts in groups, each unit on one worker;
+the plan picks the largest --expert-group that fits, and plans leading dense layers as dense blocks.
 The last line on stdout is one JSON object: ``fits``, ``hours``, ``per_worker_bytes`` and the
 breakdowns. Exit status 1 when the plan does not fit.
 """
@@ -15,6 +19,7 @@ breakdowns. Exit status 1 when the plan does not fit.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -26,6 +31,7 @@ from lsiq import methods
 from lsiq.archs import BlockArch, UnsupportedArchitecture, family_for
 from lsiq.config import CalibConfig
 from lsiq.lsi import svd_flops, svd_matmul_flops, svd_owners
+from lsiq.moe import UnitArch, attention_unit, expert_groups, group_unit, moe_unsupported, shared_unit, unit_owners
 from lsiq.trainable import state_floats, trainable_count
 from pipeline.cli import BadInput, add_budget_args, add_config_args, config_from_args, per_worker_batch
 from pipeline.config import QuantizeConfig, parse_bytes
@@ -147,7 +153,11 @@ def factor_bytes(out_features: int, in_features: int) -> int:
 
 
 def trainable_params(arch: BlockArch, cfg: CalibConfig) -> int:
-    """Learnable parameters per block, as lsiq builds them (lsiq.trainable.trainable_count)."""
+    """Learnable parameters per block, as lsiq builds them (lsiq.trainable.trainable_count); a
+    mixture-of-experts block's are its units' (lsiq.moe: the attention, the shared experts, every
+    routed expert), none rounded to nearest for lack of tokens."""
+    if getattr(arch, "moe", False):
+        return sum(trainable_count(u, cfg) for u in moe_units(arch, cfg, arch.experts).values())
     return trainable_count(arch, cfg)
 
 
@@ -395,15 +405,17 @@ def solve_times(p: PlanConfig) -> list[float]:
 
 
 
-def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
+def time_plan(p: PlanConfig, recompute: bool, unit: bool = False) -> dict[str, float]:
     """Seconds per block by part, and hours for the model. Token work divides over workers; the
     weight-side work of each step (LSI recomposition, LET, LWC) is repeated on each; the SVDs are
-    shared out (the slowest worker's share, then the factors it receives)."""
+    shared out (the slowest worker's share, then the factors it receives). ``unit``: a unit of a
+    mixture-of-experts block (lsiq.moe), which measures no loss and feeds no next block, and whose FP
+    targets are recomputed for every batch it trains on."""
     a, cfg, hw = p.arch, p.calib, p.hw
     shapes = a.linear_shapes()
     lin = sum(m * n for m, n in shapes.values())
     flops_per_token = 2 * lin + 2 * p.seqlen * a.n_heads * a.head_dim  # matmuls + causal attention
-    fwd_passes = 4  # FP targets, loss before, loss after, the next block's inputs
+    fwd_passes: float = 0 if unit else 4  # FP targets, loss before, loss after, the next block's inputs
     if cfg.uses_let and cfg.abits < 16:
         fwd_passes += 1  # SmoothQuant-style LET init statistics
     m_ = _method(cfg)
@@ -416,6 +428,8 @@ def time_plan(p: PlanConfig, recompute: bool) -> dict[str, float]:
         fwd_passes += 1  # the autocorrelation pass of the quantized block
     steps = cfg.steps_for(p.nsamples) if cfg.trains else 0
     sample_passes = steps * cfg.batch_size / p.nsamples  # training passes over the calibration set
+    if unit:
+        fwd_passes += sample_passes  # the FP targets of every batch
     train_passes = 3 * sample_passes  # forward + backward (input and weight gradients)
     if cfg.cross_layer:
         train_passes += 3 * sample_passes  # block i+1: its target, its forward, its backward
@@ -474,7 +488,10 @@ def forward_batches(p: PlanConfig) -> list[int]:
 
 def make_plan(p: PlanConfig) -> dict[str, Any]:
     """Choose recomputation (when auto) and the forward micro-batch (when unset), and assemble the
-    plan: the first that fits, recomputation last (it costs time; a smaller forward batch hardly does)."""
+    plan: the first that fits, recomputation last (it costs time; a smaller forward batch hardly does).
+    A mixture-of-experts model: :func:`make_moe_plan`."""
+    if getattr(p.arch, "moe", False):
+        return make_moe_plan(p)
     options = {"on": [True], "off": [False], "auto": [False, True]}[p.recompute]
     default_fb = p.calib.forward_batch(p.gpus)
     fits = False
@@ -509,6 +526,242 @@ def make_plan(p: PlanConfig) -> dict[str, Any]:
     if p.target_hours is not None:
         plan["target_hours"] = p.target_hours
         plan["meets_target"] = plan["fits"] and t["hours"] <= p.target_hours
+    return plan
+
+
+# ---------------------------------------------------------------------------------------- mixture-of-experts blocks
+# A mixture-of-experts block is calibrated in stages (lsiq.moe): its attention on the samples each
+# worker holds, as a dense block's linears are; then its MLP's units (the shared experts, the routed
+# experts in groups of --expert-group), each by one worker on every sample, results broadcast. The
+# layer itself (every expert's weights, float32) stays on the device throughout; each unit's working
+# memory (a group's copies of its experts, Hessians, optimizer state, activations) comes on top, one
+# unit at a time. The dense formulas above are applied to each unit as to a block of its linears (their
+# coefficients were measured on dense blocks, not on expert groups); the rest is counted from the code.
+
+
+@dataclass(frozen=True)
+class StageArch:
+    """A unit of a mixture-of-experts block (lsiq.moe.UnitArch) as the dense formulas read a block:
+    its linears, input groups and LET pairs, and the widths of what its passes hold per token
+    (``hidden``: its output, for a group every expert's on every token; ``intermediate``: its MLPs')."""
+
+    unit: UnitArch
+    hidden: int
+    intermediate: int
+    n_heads: int = 1
+    n_kv_heads: int = 1
+    head_dim: int = 0  # 0: no attention in the unit
+    num_layers: int = 1
+    vocab_size: int = 0
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return self.unit.linears
+
+    @property
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        return self.unit.input_groups
+
+    @property
+    def let_pairs(self) -> tuple[Any, ...]:
+        return self.unit.let_pairs
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        return self.unit.linear_shapes()
+
+    def let_parameters(self, down: bool = False) -> int:
+        return self.unit.let_parameters(down)
+
+
+def moe_units(arch: BlockArch, cfg: CalibConfig, group: int) -> dict[str, UnitArch]:
+    """The units of a mixture-of-experts block, as lsiq.moe builds them: the attention, the shared
+    experts (if any), and one group of ``group`` routed experts."""
+    units = {"attention": attention_unit(arch)}
+    shared = shared_unit(arch)
+    if shared is not None:
+        units["shared experts"] = shared[1]
+    units["expert group"] = group_unit(arch, list(range(group)), cfg.routed_only)
+    return units
+
+
+def expert_group_sizes(p: PlanConfig) -> list[int]:
+    """Expert group sizes to try, largest first: the one set, or quantize's default (the experts
+    split evenly over the workers) halved down to one expert."""
+    if p.calib.expert_group:
+        return [min(p.calib.expert_group, p.arch.experts)]
+    g = len(expert_groups(list(range(p.arch.experts)), 0, p.gpus)[0])
+    out = [g]
+    while g > 1:
+        g = (g + 1) // 2
+        out.append(g)
+    return out
+
+
+def _stages(p: PlanConfig, group: int) -> dict[str, tuple[PlanConfig, bool]]:
+    """Each unit as a plan of its own: (the PlanConfig the dense formulas read, whether its module is a
+    copy beside the layer). The attention is shared out over the workers' samples; the shared experts
+    and a group are calibrated by one worker on all samples."""
+    a = p.arch
+    # multi-head latent attention: per head, q.k over qk_nope + qk_rope and the values' v_head
+    head_dim = (a.mla[2] + a.mla[3] + a.mla[4]) // 2 if a.mla else a.head_dim
+    widths = {"attention": (a.hidden, 0, a.n_heads, a.n_kv_heads, head_dim),
+              "shared experts": (a.hidden, a.shared_width, 1, 1, 0),
+              "expert group": (group * a.hidden, group * a.expert_width, 1, 1, 0)}
+    out = {}
+    for name, unit in moe_units(a, p.calib, group).items():
+        h, i, heads, kv, hd = widths[name]
+        stage = StageArch(unit, h, i, heads, kv, hd, vocab_size=a.vocab_size)
+        gpus = p.gpus if name == "attention" else 1
+        out[name] = (dataclasses.replace(p, arch=stage, gpus=gpus), name == "expert group")
+    return out
+
+
+def _results_bytes(shapes: dict[str, tuple[int, int]], cfg: CalibConfig) -> int:
+    """Bytes of the calibrated linears held until the block's result is assembled: uint8 codes, the
+    float32 scales and zero points of their groups, and float32 low-rank factors."""
+    n = 0
+    for m, k in shapes.values():
+        n += m * k + 2 * F32 * m * cfg.spec.groups(k)
+        if cfg.lowrank is not None:
+            r = min(cfg.rank, m, k)
+            n += F32 * r * (m + k)
+    return n
+
+
+def moe_memory_plan(p: PlanConfig, recompute: bool, group: int) -> dict[str, int]:
+    """Peak bytes on one worker's device while it calibrates a mixture-of-experts block, by part
+    (``phase_*``: the attention stage, the MLP's units, and the passes of the whole layer)."""
+    a, cfg = p.arch, p.calib
+    mem = {"layer_weights": F32 * sum(math.prod(s) for s in a.tensor_shapes().values()),
+           "results": _results_bytes(a.linear_shapes(), cfg)}
+    for name, (q, copy) in _stages(p, group).items():
+        sub = memory_plan(q, recompute)
+        mem[name.replace(" ", "_") + "_stage"] = sub["peak"] - (0 if copy else sub["block_weights"])
+    # the whole layer's passes (FP targets, RTN's error, the MLP's inputs and the router's choice,
+    # the next block's inputs): per token the attention's, the shared experts' and the top-k experts'
+    tokens_fwd = min(cfg.forward_batch(p.gpus), math.ceil(p.nsamples / p.gpus)) * p.seqlen
+    routed = StageArch(attention_unit(a), a.hidden, a.shared_width + a.top_k * a.expert_width, a.n_heads, a.n_kv_heads)
+    per_token = forward_floats_per_token(routed, p.seqlen, p.hw.gqa_scores) + a.experts + 3 * a.hidden
+    mem["forward_activations"] = int(F32 * tokens_fwd * per_token)
+    layer = mem["layer_weights"]
+    units = max(mem["shared_experts_stage"] if "shared_experts_stage" in mem else 0, mem["expert_group_stage"])
+    mem.update(phase_attention=layer + mem["attention_stage"], phase_experts=layer + mem["results"] + units,
+               phase_forward=layer + mem["results"] + mem["forward_activations"])
+    mem["peak"] = max(mem["phase_attention"], mem["phase_experts"], mem["phase_forward"])
+    return mem
+
+
+def moe_time_plan(p: PlanConfig, recompute: bool, group: int) -> dict[str, Any]:
+    """Seconds per mixture-of-experts block by part: the attention stage (data-parallel), the whole
+    layer's passes, the MLP's units (each on one worker, on all samples: the slowest worker's share,
+    unit_owners as lsiq.moe assigns them), gathering every sample's MLP inputs and broadcasting the
+    units' results."""
+    a, cfg, hw = p.arch, p.calib, p.hw
+    stages = _stages(p, group)
+    att = time_plan(stages["attention"][0], recompute, unit=True)
+    units = [("shared experts", stages["shared experts"][0])] if "shared experts" in stages else []
+    for ids in expert_groups(list(range(a.experts)), group, p.gpus):
+        q = stages["expert group"][0] if len(ids) == group else _stages(p, len(ids))["expert group"][0]
+        units.append((f"experts {ids[0]}-{ids[-1]}", q))
+    seconds = [time_plan(q, recompute, unit=True)["block_s"] for _, q in units]
+    shapes = [q.arch.linear_shapes() for _, q in units]
+    owners = unit_owners([sum(m * n for m, n in s.values()) for s in shapes], p.gpus)
+    load = [sum(t for t, o in zip(seconds, owners, strict=True) if o == r) for r in range(p.gpus)]
+    sizes = [_results_bytes(s, cfg) for s in shapes]
+    received = max(sum(b for b, o in zip(sizes, owners, strict=True) if o != r) for r in range(p.gpus))
+    # whole-layer passes: FP targets, RTN's error and the next inputs (3); the attention alone for its
+    # FP targets and the MLP's inputs (2); per token the routed layer's matmuls and the attention's
+    shp = a.linear_shapes()
+    att_lin = sum(m * n for m, n in stages["attention"][0].arch.linear_shapes().values())
+    expert_lin = sum(m * n for n_, (m, n) in shp.items() if n_ in a.expert_linears()) // a.experts
+    shared_lin = sum(m * n for n_, (m, n) in shp.items() if n_ in a.shared_linears)
+    attention = 2 * p.seqlen * a.n_heads * stages["attention"][0].arch.head_dim
+    full = 2 * (att_lin + shared_lin + a.top_k * expert_lin + a.experts * a.hidden) + attention
+    local_tokens = math.ceil(p.nsamples / p.gpus) * p.seqlen
+    layer_s = local_tokens * (3 * full + 2 * (2 * att_lin + attention)) / (hw.tflops * 1e12)
+    link = 8 / (hw.link_gbps * 1e9) if p.gpus > 1 else 0.0  # seconds per byte received
+    others = p.nsamples - math.ceil(p.nsamples / p.gpus)
+    gather_s = link * others * p.seqlen * (F32 * a.hidden + 8 * a.top_k)
+    bcast_s = link * received
+    block_s = att["block_s"] + layer_s + max(load) + gather_s + bcast_s
+    return {"attention_s": att["block_s"], "layer_passes_s": layer_s, "experts_s": max(load),
+            "experts_s_least": min(load), "gather_s": gather_s, "broadcast_s": bcast_s, "block_s": block_s,
+            "units": len(units), "units_per_worker": max(owners.count(r) for r in range(p.gpus)),
+            "steps_per_unit": cfg.steps_for(p.nsamples) if cfg.trains else 0,
+            "collective_wait_s": max(load) - min(load) + att["collective_wait_s"]}
+
+
+def moe_host_plan(p: PlanConfig) -> dict[str, int]:
+    """Host RAM per worker for a mixture-of-experts block: the dense plan's caches and block tensors,
+    every sample's MLP inputs and router choices (gathered), and the layer's own weights kept while
+    round-to-nearest's are swapped in (lsiq.moe.swapped)."""
+    out = host_plan(p)
+    out["mlp_inputs"] = p.nsamples * p.seqlen * (F32 * p.arch.hidden + 8 * p.arch.top_k)
+    out["layer_backup"] = F32 * sum(math.prod(s) for s in p.arch.tensor_shapes().values())
+    return out
+
+
+def make_moe_plan(p: PlanConfig) -> dict[str, Any]:
+    """The plan of a mixture-of-experts model: its mixture-of-experts layers choose recomputation,
+    the expert group size (the largest that fits; quantize's --expert-group) and the forward
+    micro-batch, in that order of preference; its dense layers (DeepSeek's first three) are planned
+    as dense blocks. Refuses what mixture-of-experts blocks cannot do (ValueError)."""
+    a = p.arch
+    refusal = moe_unsupported(p.calib)
+    if refusal:
+        raise ValueError(f"{a.name} (mixture of experts): {refusal} is not supported for mixture-of-experts models")
+    options = {"on": [True], "off": [False], "auto": [False, True]}[p.recompute]
+    default_fb = p.calib.forward_batch(p.gpus)
+    fits = False
+    for recompute in options:
+        for group in expert_group_sizes(p):
+            for fb in forward_batches(p):
+                q = dataclasses.replace(p, calib=dataclasses.replace(p.calib, forward_batch_size=fb))
+                mem = moe_memory_plan(q, recompute, group)
+                fits = mem["peak"] <= p.gpu_mem
+                if fits:
+                    break
+            if fits:
+                break
+        if fits:
+            break
+    p = q
+    t = moe_time_plan(p, recompute, group)
+    counts = dict(collections.Counter(a.layer_kinds)) if a.layer_kinds else {"moe": a.num_layers}
+    dense = None
+    if counts.get("dense"):
+        dense_arch = a.for_layer(a.layer_kinds.index("dense"))
+        dense = make_plan(dataclasses.replace(p, arch=dense_arch, calib=dataclasses.replace(
+            p.calib, forward_batch_size=0 if p.calib.forward_batch_size == default_fb else p.calib.forward_batch_size)))
+    hours = (counts["moe"] * t["block_s"] + (counts.get("dense", 0) * dense["time"]["block_s"] if dense else 0)) / 3600
+    peak = max(mem["peak"], dense["per_worker_bytes"] if dense else 0)
+    plan = {"fits": mem["peak"] <= p.gpu_mem and (dense is None or dense["fits"]), "hours": round(hours, 3),
+            "per_worker_bytes": peak, "gpu_mem_bytes": p.gpu_mem, "gpus": p.gpus, "recompute_weights": recompute,
+            "memory": mem, "host": moe_host_plan(p), "time": {k: round(v, 3) for k, v in t.items()},
+            "settings": {"method": p.calib.method, "wbits": p.calib.wbits, "abits": p.calib.abits,
+                         "lowrank": p.calib.lowrank, "rank": p.calib.rank, "group_size": p.calib.group_size,
+                         "nsamples": p.nsamples, "seqlen": p.seqlen, "epochs": p.calib.epochs, "steps": p.calib.steps,
+                         "batch_size": p.calib.batch_size, "forward_batch_size": p.calib.forward_batch_size,
+                         "forward_batch_default": p.calib.forward_batch_size == default_fb,
+                         "precision": p.calib.precision, "solve_dtype": "float64" if solve_bytes(p.calib) == F64
+                         else "float32", "svd": p.calib.svd, "svd_dtype": "float64" if svd_value_bytes(p) == F64
+                         else "float32", "cross_layer": False, "expert_group": group,
+                         "expert_group_default": not p.calib.expert_group and group == expert_group_sizes(p)[0],
+                         "routed_only": p.calib.routed_only},
+            "hardware": asdict(p.hw), "blocks": a.num_layers, "layers": counts,
+            "hessian_rounds": hessian_rounds(p.calib),
+            "experts": {"routed": a.experts, "width": a.expert_width, "top_k": a.top_k, "shared_width": a.shared_width,
+                        "mla": list(a.mla), "group": group, "units": t["units"],
+                        "units_per_worker": t["units_per_worker"]},
+            "architecture": {"family": a.name, "model_type": a.model_type, "linears": a.linear_shapes(),
+                             "input_groups": [list(g) for g in a.input_groups],
+                             "let_pairs": [x.name for x in a.let_pairs if p.calib.let_down or not x.optional],
+                             "unpaired": a.unpaired}}
+    if dense is not None:
+        plan["dense"] = {k: dense[k] for k in ("fits", "per_worker_bytes", "recompute_weights", "memory", "time")}
+    if p.target_hours is not None:
+        plan["target_hours"] = p.target_hours
+        plan["meets_target"] = plan["fits"] and hours <= p.target_hours
     return plan
 
 
@@ -582,6 +835,13 @@ def render(plan: dict[str, Any]) -> str:
                  f"weight side {t['weight_s']:.1f} + all-reduce {t['allreduce_s']:.1f}{more} "
                  f"({t['steps_per_block']} steps)")
     lines.append(f"estimate: {plan['hours']:.2f} h for the model")
+    return "\n".join(lines + _flag_lines(plan))
+
+
+def _flag_lines(plan: dict[str, Any]) -> list[str]:
+    """The pipeline.quantize flags of a plan (and the notes that come with them)."""
+    s, t = plan["settings"], plan["time"]
+    lines = []
     flags = (f"--workers {plan['gpus']} --gpus-per-worker 1 --device cuda --method {s['method']} --wbits {s['wbits']} "
              f"--abits {s['abits']} --group-size {s['group_size']} --nsamples {s['nsamples']} --seqlen {s['seqlen']} "
              f"{'--steps ' + str(s['steps']) if s['steps'] else '--epochs ' + str(s['epochs'])} "
@@ -602,10 +862,66 @@ def render(plan: dict[str, Any]) -> str:
         lines.append(f"note: a worker waits about {t['collective_wait_s']:.0f} s in one collective while another "
                      f"computes an SVD or a low-rank solve alone; pass --collective-timeout (default "
                      f"{DEFAULT_COLLECTIVE_TIMEOUT:.0f} s) with twice that")
+    if s.get("expert_group") and not s["expert_group_default"]:
+        flags += f" --expert-group {s['expert_group']}"
+    if s.get("routed_only"):
+        flags += " --routed-only"
     lines.append(f"pipeline.quantize flags: {flags}{' --recompute-weights' if plan['recompute_weights'] else ''}")
     if "meets_target" in plan:
         lines.append(f"target {plan['target_hours']} h: {'met' if plan['meets_target'] else 'NOT met'}")
-    return "\n".join(lines)
+    return lines
+
+
+def _units(ex: dict[str, Any]) -> str:
+    groups = ex["units"] - bool(ex["shared_width"])
+    shared = "the shared experts and " if ex["shared_width"] else ""
+    return f"{shared}{groups} group{'s' if groups > 1 else ''} of {ex['group']} routed expert{'s' if ex['group'] > 1 else ''}"
+
+
+MOE_PHASES = {"attention": "attention stage", "experts": "expert units", "forward": "passes of the whole layer"}
+
+
+def render_moe(plan: dict[str, Any]) -> str:
+    """The human-readable plan of a mixture-of-experts model (the JSON line follows it)."""
+    s, mem, t, ex = plan["settings"], plan["memory"], plan["time"], plan["experts"]
+    arch, layers = plan["architecture"], plan["layers"]
+    shared = f", shared experts {ex['shared_width']} wide" if ex["shared_width"] else ""
+    mla = ""
+    if ex["mla"]:
+        q, kv, nope, rope, v = ex["mla"]
+        mla = f"; multi-head latent attention (q rank {q}, kv rank {kv}, q.k {nope} + {rope}, v {v} per head)"
+    dense = f"{layers['dense']} dense layers, then " if layers.get("dense") else ""
+    lines = [f"architecture: {arch['family']} (model_type {arch['model_type']}): {dense}{layers['moe']} "
+             f"mixture-of-experts layers of {ex['routed']} routed experts {ex['width']} wide, {ex['top_k']} per "
+             f"token{shared}{mla}",
+             f"plan: {plan['blocks']} blocks, {s['method']} W{s['wbits']}A{s['abits']} g{s['group_size']}, "
+             f"{s['nsamples']} x {s['seqlen']} tokens, {_budget(s)}, global batch {s['batch_size']}, "
+             f"{plan['gpus']} workers x {_gib(plan['gpu_mem_bytes'])}",
+             f"experts: {'the routed tokens of each' if s['routed_only'] else 'every token through every expert'}; "
+             f"{_units(ex)}, each calibrated by one worker on all samples, at most {ex['units_per_worker']} per "
+             "worker",
+             f"per-worker device memory, mixture-of-experts layer (recompute weights: "
+             f"{'on' if plan['recompute_weights'] else 'off'}):"]
+    for k, v in mem.items():
+        if k != "peak" and not k.startswith("phase_") and v:
+            lines.append(f"  {k:<22} {_gib(v):>12}")
+    phase = max(MOE_PHASES, key=lambda k: mem[f"phase_{k}"])
+    lines.append(f"  {'peak':<22} {_gib(mem['peak']):>12}  of {_gib(plan['gpu_mem_bytes'])} "
+                 f"(during the {MOE_PHASES[phase]})")
+    if "dense" in plan:
+        d = plan["dense"]
+        lines.append(f"dense layer: peak {_gib(d['per_worker_bytes'])} (during the {PHASES[peak_phase(d['memory'])]}), "
+                     f"{d['time']['block_s']:.1f} s per block")
+    host = plan["host"]
+    lines.append(f"per-worker host RAM: activation caches {_gib(host['activation_caches'])}, block tensors "
+                 f"{_gib(host['block_tensors'])}, the layer's weights kept while RTN's are swapped in "
+                 f"{_gib(host['layer_backup'])}, every sample's MLP inputs {_gib(host['mlp_inputs'])}")
+    lines.append(f"time per mixture-of-experts block: {t['block_s']:.1f} s = attention {t['attention_s']:.1f} + "
+                 f"whole-layer passes {t['layer_passes_s']:.1f} + expert units {t['experts_s']:.1f} (the busiest "
+                 f"worker; the least busy {t['experts_s_least']:.1f}) + gathering inputs {t['gather_s']:.1f} + "
+                 f"broadcasting results {t['broadcast_s']:.1f}")
+    lines.append(f"estimate: {plan['hours']:.2f} h for the model")
+    return "\n".join(lines + _flag_lines(plan))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -667,8 +983,18 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(p)
     except ValueError as e:  # e.g. a group size that does not divide a linear's input width
         raise BadInput(f"{e}") from None
-    print(render(plan))
-    if not plan["fits"]:
+    print(render_moe(plan) if "experts" in plan else render(plan))
+    if not plan["fits"] and "experts" in plan:
+        need, have, mem = plan["per_worker_bytes"], plan["gpu_mem_bytes"], plan["memory"]
+        if mem["layer_weights"] + mem["results"] > have:
+            advice = (f"one mixture-of-experts layer's weights ({_gib(mem['layer_weights'])} in float32) and its "
+                      "quantized linears stay on the device while its experts are calibrated: use GPUs with more memory")
+        else:
+            advice = ("the units' working memory does not fit even one expert at a time: lower --batch-size or "
+                      "--seqlen, or use GPUs with more memory")
+        print(f"error: does not fit: a worker needs {_gib(need)} at its peak and a GPU has {_gib(have)}; {advice}",
+              file=sys.stderr)
+    elif not plan["fits"]:
         need, have = plan["per_worker_bytes"], plan["gpu_mem_bytes"]
         mem = plan["memory"]
         if peak_phase(mem) == "solve":

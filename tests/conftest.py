@@ -11,14 +11,18 @@ import torch
 from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     Gemma2Config,
     Gemma3TextConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Olmo2Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from lsiq.archs import BlockArch
@@ -53,20 +57,57 @@ FAMILY_CONFIGS = {
     "olmo2": lambda: Olmo2Config(**_TINY),
 }
 FAMILIES = tuple(FAMILY_CONFIGS)
+# one tiny config per mixture-of-experts family: 4 experts 32 wide, 2 per token, hidden 64, 2 layers (DeepSeek-V3:
+# a dense first layer, then a routed one with a shared expert and multi-head latent attention whose
+# low-rank widths pack into 32-bit words at 2-4 bits; gpt-oss: sliding and full layers, biases)
+_MOE = _TINY | dict(num_experts_per_tok=2)
+MOE_CONFIGS = {
+    "mixtral": lambda: MixtralConfig(**(_MOE | dict(intermediate_size=32)), num_local_experts=4),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**_MOE, head_dim=16, num_experts=4, moe_intermediate_size=32),
+    "deepseek_v3": lambda: DeepseekV3Config(**(_MOE | dict(num_key_value_heads=4)), n_routed_experts=4,
+                                            moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                                            q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16,
+                                            v_head_dim=16, n_group=1, topk_group=1),
+    "gpt_oss": lambda: GptOssConfig(**(_MOE | dict(intermediate_size=32)), head_dim=16, num_local_experts=4,
+                                    sliding_window=WINDOW, rope_parameters=dict(
+        rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=8,
+        rope_theta=150000.0)),  # gpt-oss's YaRN, scaled to the tiny context
+}
+MOE_FAMILIES = tuple(MOE_CONFIGS)
 
 
-def tiny_family_model(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny_family_model(family: str, seed: int = 0, layers: int | None = None) -> torch.nn.Module:
     """A random tiny model of ``family`` (transformers' own classes) with random norm weights and
-    biases, so that a wrong treatment of a norm (Gemma's 1 + w), a q/k norm or a bias shows."""
+    biases, so that a wrong treatment of a norm (Gemma's 1 + w), a q/k norm or a bias shows. A
+    mixture-of-experts model runs its experts eagerly, as the pipeline's calibrator does. ``layers``
+    deepens a family whose config has no per-layer types (a run long enough to be killed midway)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family]()).eval()
+    moe = family in MOE_CONFIGS
+    config = (MOE_CONFIGS if moe else FAMILY_CONFIGS)[family]()
+    if layers is not None:
+        if getattr(config, "layer_types", None):
+            raise ValueError(f"{family}'s tiny config lists its layers' types: deepen it there")
+        config.num_hidden_layers = layers
+    extra = {"experts_implementation": "eager"} if moe else {}
+    model = AutoModelForCausalLM.from_config(config, **extra).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
+            elif name.endswith(("_bias", ".bias")) or name.endswith("sinks"):
                 p.normal_(0.0, 0.1)
+            elif moe and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.normal_(0.0, 0.05)  # transformers' init: std 0.02 over all experts; a little more signal
+            elif moe and name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                p.normal_(0.0, 0.5)  # a decided router, as trained ones are: quantization noise flips few choices
     return model
+
+
+def write_hub_checkpoint(model: torch.nn.Module, out: Path, max_shard: str = "4MB") -> Path:
+    """Save ``model`` with transformers' own save_pretrained, sharded: a mixture of experts in the Hub's
+    layout (one 2-D linear per expert and role, Mixtral's block_sparse_moe names), as real checkpoints."""
+    model.save_pretrained(out, max_shard_size=max_shard)
+    return out
 
 
 def write_sharded_checkpoint(model: torch.nn.Module, out: Path, shards: int = 2) -> Path:

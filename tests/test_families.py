@@ -183,17 +183,19 @@ def test_capture_in_chunks_gives_what_one_pass_gives():
 
 
 # ---------------------------------------------------------------------------------------- quantize, export, load
-def quantize_in_process(ck: Path, out: Path, method: str, fmt: str, wbits: int, sym: bool = False) -> list[dict]:
-    """The pipeline's per-block path without Ray: the reader's Checkpoint, every layer type's captured
-    inputs, the calibrator class the Ray actor runs (its stored tensors feed the next block), the
-    format's tensors, config.json with quantization_config and our manifest. Returns the blocks' stats."""
-    ckpt = Checkpoint(str(ck))
+def quantize_in_process(ck: Path | str, out: Path, method: str, fmt: str, wbits: int, sym: bool = False,
+                        storage_options: dict | None = None, **calib) -> list[dict]:
+    """The pipeline's per-block path without Ray: the reader's Checkpoint (``ck``: a path or a URL read
+    with ``storage_options``), every layer type's captured inputs, the calibrator class the Ray actor
+    runs (its stored tensors feed the next block), the format's tensors, config.json with
+    quantization_config and our manifest. ``calib``: more CalibConfig settings. Returns the blocks' stats."""
+    ckpt = Checkpoint(str(ck), storage_options)
+    settings = dict(method=method, wbits=wbits, group_size=16, sym=sym, steps=4, batch_size=2, lsi_block_k=4) | calib
     cfg = QuantizeConfig(model=str(ck), output=str(out), calib=["-"], nsamples=4, seqlen=3 * WINDOW, format=fmt,
-                         calib_cfg=CalibConfig(method=method, wbits=wbits, group_size=16, sym=sym, steps=4,
-                                               batch_size=2, lsi_block_k=4))
+                         calib_cfg=CalibConfig(**settings))
     other = ckpt.read(ckpt.other_names())
     hidden, inputs = capture_layer_inputs(with_tensors(skeleton(ckpt.config), dict(other)), _ids(4, 3 * WINDOW, 3))
-    cal = BlockCalibrator(ckpt.config_dict, cfg.calib_cfg, fmt=fmt)
+    cal = BlockCalibrator(ckpt.model_config_dict, cfg.calib_cfg, fmt=fmt)
     cal.set_inputs((hidden, inputs))
     tensors, stats = dict(other), []
     for i in range(ckpt.arch.num_layers):
@@ -205,8 +207,8 @@ def quantize_in_process(ck: Path, out: Path, method: str, fmt: str, wbits: int, 
     out.mkdir(parents=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     module, c = formats.get(fmt), cfg.calib_cfg
-    (out / "config.json").write_text(json.dumps(ckpt.config_dict | {"quantization_config":
-                                                                    module.quantization_config(c.spec)}))
+    qconfig = formats.quantization_config(fmt, c.spec, ckpt.arch)
+    (out / "config.json").write_text(json.dumps(ckpt.model_config_dict | ({"quantization_config": qconfig} if qconfig else {})))
     (out / MANIFEST).write_text(json.dumps({"status": "complete", "format": module.FORMAT, "quantization": {
         "method": method, "wbits": wbits, "abits": 16, "group_size": c.group_size, "sym": sym, "zero_min": c.zero_min}}))
     return stats
@@ -312,8 +314,6 @@ def test_generic_fallback_quantizes_every_linear_without_pairs(tmp_path):
 
 
 @pytest.mark.parametrize("config,match", [
-    ("mixtral", "mixture-of-experts blocks"),
-    ("qwen3_moe", "mixture-of-experts blocks"),
     ("qwen2_moe", "weights outside nn.Linear modules.*mlp.experts"),  # no descriptor: the fallback says why not
     ("gpt2", "no model.layers ModuleList"),
     ("gemma3", "multimodal checkpoint"),
@@ -321,8 +321,7 @@ def test_generic_fallback_quantizes_every_linear_without_pairs(tmp_path):
 def test_what_we_cannot_do_is_refused_with_what_is_missing(config, match):
     from transformers import AutoConfig
 
-    small = {"mixtral": dict(num_local_experts=4), "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32),
-             "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    small = {"qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
              "gpt2": {}, "gemma3": {}}[config]
     base = {} if config in ("gpt2", "gemma3") else dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=256)
@@ -348,38 +347,3 @@ def test_a_checkpoint_missing_a_tensor_of_its_family_is_refused(family, name, fa
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"missing tensor {key}"):
         Checkpoint(str(broken))
-
-
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_moe_descriptors_name_the_real_modules(model_type):
-    """The mixture-of-experts descriptors (refused until the next issue calibrates them) name what
-    transformers builds: the experts' 3-D tensors, the router kept in full precision, DeepSeek's
-    shared experts after its dense leading layers, and the attention linears."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
-
-    from lsiq.archs import family_for
-
-    fam = family_for(model_type)
-    ex = fam.experts
-    extra = {"mixtral": dict(num_local_experts=4), "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32),
-             "deepseek_v3": dict(n_routed_experts=4, moe_intermediate_size=32, first_k_dense_replace=1, q_lora_rank=32,
-                                 kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
-                                 topk_group=1),
-             "gpt_oss": dict(num_local_experts=4, head_dim=16)}[model_type]
-    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                  num_key_value_heads=2, num_hidden_layers=2, vocab_size=256, **extra)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    layer = model.model.layers[len(model.model.layers) - 1]
-    modules = dict(layer.named_modules())
-    params = dict(layer.named_parameters())
-    assert fam.unsupported and ex.layout == "fused3d" and ex.module in modules and ex.router in modules
-    assert set(fam.keep_fp) == {ex.router}
-    n_experts = getattr(config, ex.count)
-    for name in ex.linears:
-        assert params[f"{ex.module}.{name}"].dim() == 3 and params[f"{ex.module}.{name}"].shape[0] == n_experts
-    assert all(f"{n}.weight" in params for n in (*ex.shared, *fam.linears))
-    assert all(n in modules for n in fam.norms + fam.qk_norms)
-    if ex.dense_layers:  # the leading layers have a dense MLP instead
-        assert getattr(config, ex.dense_layers) == 1 and "mlp.experts" not in dict(model.model.layers[0].named_modules())

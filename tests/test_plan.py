@@ -632,3 +632,112 @@ def test_every_family_is_planned_from_its_config(plan_cli):
     assert a["linears"]["self_attn.q_proj"] == [4096, 5376] and a["linears"]["mlp.gate_proj"] == [21504, 5376]
     # float32 Hessians, one per input: q/k/v's and gate/up's 5376 wide, o's 32 x 128, down's 21504
     assert len(a["input_groups"]) == 4 and gemma["memory"]["hessians"] == 4 * (2 * 5376**2 + 4096**2 + 21504**2)
+
+
+# ---------------------------------------------------------------------------------------- mixture-of-experts models
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+@pytest.mark.parametrize("method,let_down", [("lwc-let-round", True), ("lsi", False)])
+def test_planned_trainable_parameters_of_a_moe_block(family, method, let_down, monkeypatch):
+    """A mixture-of-experts block's learned parameters, planned from its arch alone, are what its
+    calibration (lsiq.moe: the attention, the shared experts, the routed experts in groups of two)
+    hands its optimizers: LET's attention pairs, LWC's groups and rounding offsets of every expert's
+    linears, and with --let-down each expert's own up -> down pair."""
+    from lsiq.archs import BlockArch as Arch
+    from lsiq.block import calibrate_block
+    from tests.conftest import tiny_family_model
+    from tests.test_moe import _layer_inputs
+
+    model = tiny_family_model(family)
+    layer, x, kw, last = _layer_inputs(model, n=2)
+    arch = Arch.from_config(model.config).for_layer(last)
+    calib = CalibConfig(method=method, wbits=3, group_size=16, steps=1, batch_size=2, lsi_block_k=4, let_down=let_down,
+                        expert_group=2, expert_min_tokens=0.0)
+    optimized: dict[int, torch.Tensor] = {}  # held, so that a freed unit's tensor ids are not reused
+    init = torch.optim.Optimizer.__init__
+
+    def recording_init(self, params, defaults):
+        params = list(params)
+        for g in params:
+            for t in (g["params"] if isinstance(g, dict) else [g]):
+                optimized[id(t)] = t
+        init(self, params, defaults)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "__init__", recording_init)
+    with torch.no_grad():
+        y = block_forward(layer, x, kw)
+    res = calibrate_block(layer, kw, x, y, arch, calib, last, fp_inputs=x, measure_after=False)
+    assert res.moe["rtn_fallback"] == [] and res.moe["units"][-1] == "experts 2-3"
+    assert sum(t.numel() for t in optimized.values()) == plan.trainable_params(arch, calib) == res.trainable_params > 0
+
+
+# DeepSeek-V3's mixture-of-experts layer, counted by hand from its config.json: MLA (q_a, its norm, q_b,
+# kv_a with the rope key, its norm, kv_b, o), 256 experts' gate/up and down, the router and its score
+# correction, the shared expert, the two norms
+DEEPSEEK_MOE_LAYER = (1536 * 7168 + 1536 + 128 * 192 * 1536 + 576 * 7168 + 512 + 128 * 256 * 512 + 7168 * 128 * 128
+                      + 256 * 3 * 2048 * 7168 + 256 * 7168 + 256 + 3 * 2048 * 7168 + 2 * 7168)
+A100 = ("--tflops", "15", "--bf16-tflops", "200", "--fp64-tflops", "8", "--svd-tflops", "1", "--eigh-tflops", "1",
+        "--mem-gbs", "1500", "--link-gbps", "100")
+
+
+def test_deepseek_v3_is_planned_on_eight_80gb_gpus(plan_cli):
+    """DeepSeek-V3 from its published config.json: 3 dense layers planned as dense blocks, 58 mixture-of-
+    experts layers whose float32 weights (43 GiB) stay on the device while the expert groups are
+    calibrated one at a time; the plan picks the largest group that fits 80 GB and passes it as
+    --expert-group; GPTQ and the default method both fit. On 40 GB the layer itself does not."""
+    rc, out, err = plan_cli("--model-config", str(MODELS / "deepseek-v3"), "--gpus", "8", "--gpu-mem", "80GB",
+                            "--method", "gptq", *A100)
+    assert rc == 0, err
+    assert out["layers"] == {"dense": 3, "moe": 58} and out["blocks"] == 61
+    ex = out["experts"]
+    assert (ex["routed"], ex["width"], ex["top_k"], ex["shared_width"], ex["mla"]) == (256, 2048, 8, 2048,
+                                                                                       [1536, 512, 128, 64, 128])
+    mem = out["memory"]
+    assert mem["layer_weights"] == 4 * DEEPSEEK_MOE_LAYER
+    assert out["fits"] and mem["peak"] == out["per_worker_bytes"] <= 80 * 10**9
+    assert mem["peak"] == mem["layer_weights"] + mem["results"] + mem["expert_group_stage"]  # the expert units
+    # the default (256 / 8 = 32 experts a group) does not fit: the plan halves it and says so
+    group = out["settings"]["expert_group"]
+    assert group < 32 and ex["units"] == 1 + 256 // group and out["dense"]["fits"]
+    assert out["hours"] == pytest.approx((58 * out["time"]["block_s"] + 3 * out["dense"]["time"]["block_s"]) / 3600,
+                                         rel=1e-3)
+    # the same run with that group size set: the same plan; one expert a group needs less memory
+    rc, same, _ = plan_cli("--model-config", str(MODELS / "deepseek-v3"), "--gpus", "8", "--gpu-mem", "80GB",
+                           "--method", "gptq", "--expert-group", str(group), *A100)
+    assert rc == 0 and same["memory"] == mem and same["hours"] == out["hours"]
+    rc, one, _ = plan_cli("--model-config", str(MODELS / "deepseek-v3"), "--gpus", "8", "--gpu-mem", "80GB",
+                          "--method", "gptq", "--expert-group", "1", *A100)
+    assert one["memory"]["expert_group_stage"] < mem["expert_group_stage"] and one["experts"]["units"] == 257
+    rc, default, err = plan_cli("--model-config", str(MODELS / "deepseek-v3"), "--gpus", "8", "--gpu-mem", "80GB", *A100)
+    assert rc == 0 and default["settings"]["method"] == methods.default_method(4), err
+    rc, small, err = plan_cli("--model-config", str(MODELS / "deepseek-v3"), "--gpus", "8", "--gpu-mem", "40GB",
+                              "--method", "gptq")
+    assert rc == 1 and not small["fits"] and "one mixture-of-experts layer's weights" in err
+
+
+def test_moe_models_are_planned_and_refusals_said(plan_cli):
+    """Qwen3-30B-A3B and Mixtral-8x7B from their config.json (every layer a mixture of experts, no shared
+    expert): the experts split evenly over the workers by default; the printed plan names the groups;
+    what a mixture-of-experts block cannot do is refused as pipeline.quantize refuses it."""
+    rc, qwen, err = plan_cli("--model-config", str(MODELS / "qwen3-30b-a3b"), "--gpus", "8", "--gpu-mem", "24GB",
+                             "--method", "gptq")
+    assert rc == 0, err
+    assert qwen["layers"] == {"moe": 48} and qwen["experts"]["routed"] == 128 and qwen["experts"]["top_k"] == 8
+    assert qwen["settings"]["expert_group"] == 16 and qwen["experts"]["units"] == 8 and "dense" not in qwen
+    assert qwen["architecture"]["linears"]["mlp.experts.127.down_proj"] == [2048, 768]
+    rc, mixtral, err = plan_cli("--model-config", str(MODELS / "mixtral-8x7b"), "--gpus", "8", "--gpu-mem", "80GB",
+                                "--method", "lsi")
+    assert rc == 0, err
+    assert mixtral["experts"]["routed"] == 8 and mixtral["architecture"]["linears"][
+        "block_sparse_moe.experts.7.w2"] == [4096, 14336]
+    rc, _, err = plan_cli("--model-config", str(MODELS / "qwen3-30b-a3b"), "--gpus", "8", "--gpu-mem", "80GB",
+                          "--cross-layer")
+    assert rc != 0 and "--cross-layer is not supported for mixture-of-experts models" in err
+
+
+def test_moe_plan_prints(capsys):
+    """The printed plan of DeepSeek-V3 names its layers, the expert groups and the flags to pass."""
+    assert plan.main([*BIG, "--model-config", str(MODELS / "deepseek-v3"), "--gpus", "8", "--gpu-mem", "80GB",
+                      "--method", "gptq"]) == 0
+    out = capsys.readouterr().out
+    assert "3 dense layers, then 58 mixture-of-experts layers of 256 routed experts 2048 wide, 8 per token" in out
+    assert "the shared experts and " in out and "--expert-group " in out and "layer_weights" in out

@@ -17,6 +17,7 @@ experts is refused with :class:`UnsupportedArchitecture`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lsiq import expert_layout
 
 SCALE_MIN = 1e-5  # LET's scales are clamped to at least this (lsiq.let)
 GENERIC = "generic"
@@ -65,27 +68,46 @@ class Pair:
 
 @dataclass(frozen=True)
 class Experts:
-    """A mixture-of-experts MLP (the next issue calibrates it; today a family with one is refused).
+    """A mixture-of-experts MLP: routed experts in fused 3-D parameters, a router kept in full
+    precision, optionally shared experts, and, in some families, leading dense layers.
 
-    ``module``: the experts' container (``mlp.experts``); ``layout``: ``"modules"`` (one nn.Module per
-    expert holding nn.Linears: ``{module}.{e}.{name}``) or ``"fused3d"`` (one 3-D parameter per
-    role group, [experts, out, in], or [experts, in, out] with ``transposed``); ``linears``: per
-    expert, each linear (or 3-D tensor) and the roles its rows stack, as Family.linears;
-    ``interleaved``: a fused gate_up whose gate and up rows alternate (gpt-oss) instead of being
-    stacked; ``router``: the routing linear, kept in full precision; ``shared``: a shared expert
-    (a dense MLP beside the routed ones) with its linears; ``count``: the config attribute that
-    holds the number of experts; ``dense_layers``: the config attribute of the number of leading
-    layers that have a dense MLP instead (DeepSeek's first_k_dense_replace)."""
+    ``module``: the experts' container (``mlp.experts``), whose parameters ``linears`` names with the
+    roles their rows stack per expert (``{"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}``),
+    [experts, out, in], or [experts, in, out] with ``transposed``; ``interleaved``: gate and up rows
+    alternate (gpt-oss) instead of being stacked; a ``{param}_bias`` [experts, out] is carried in
+    full precision where the family has one. ``names``: each role's per-expert linear in checkpoints
+    and in our output (``mlp.experts.{e}.gate_proj``; Mixtral ``w1``/``w3``/``w2``), ``renames``:
+    module prefixes the checkpoints spell otherwise (Mixtral's ``block_sparse_moe.``). ``router``:
+    the routing module (its weight kept in full precision); ``count``, ``width`` and ``top_k``: the
+    config attributes of the number of routed experts, one expert's intermediate size and the
+    experts each token is routed to. ``shared``: a shared expert's linears (a dense MLP beside the
+    routed ones), ``shared_count`` the config attribute of how many experts wide it is. ``dense``:
+    the linears of the layers that have a dense MLP instead (DeepSeek's first_k_dense_replace,
+    Qwen3-MoE's mlp_only_layers). ``down_pair``: the up -> down LET pair is exact per expert (the
+    MLP is act(gate) * up; gpt-oss clamps and offsets up: not). ``mlp_tuple``: the MLP returns
+    (hidden states, router scores) (gpt-oss)."""
 
     module: str
-    layout: str
     linears: Mapping[str, tuple[str, ...]]
     router: str
     count: str
+    width: str
+    layout: str = "fused3d"
+    top_k: str = "num_experts_per_tok"
+    names: Mapping[str, str] = field(default_factory=lambda: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    renames: tuple[tuple[str, str], ...] = ()
     transposed: bool = False
     interleaved: bool = False
     shared: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    dense_layers: str | None = None
+    shared_count: str | None = None
+    dense: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    down_pair: bool = True
+    mlp_tuple: bool = False
+
+    @property
+    def mlp(self) -> str:
+        """The MoE MLP module (the router's and the experts' parent): its input is what every expert reads."""
+        return self.module.rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -101,7 +123,8 @@ class Family:
     pairs exact for this block (lsiq.let applies them; :func:`standard_pairs` builds the usual ones).
     ``attn_implementation``: what the skeleton and every calibrator use (Gemma 2 needs eager for
     its logit soft-capping). ``keep_fp``: modules never quantized (MoE routers). ``unsupported``:
-    when set, the reason the family is refused."""
+    when set, the reason the family is refused. ``native_only``: when set, why no serving stack loads
+    this family's quantized output in the gptq or compressed-tensors layouts (only ``native`` is written)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -115,6 +138,7 @@ class Family:
     keep_fp: tuple[str, ...] = ()
     experts: Experts | None = None
     unsupported: str = ""
+    native_only: str = ""
 
     def role_linear(self, role: str) -> str:
         for name, roles in self.linears.items():
@@ -304,6 +328,18 @@ class BlockArch:
     found_linears: tuple[tuple[str, int, int], ...] = ()  # generic fallback: the layer's nn.Linears (name, out, in)
     generic: bool = False
     attn_impl: str = ""  # generic fallback: sdpa when the model class supports it, else eager
+    # mixture-of-experts families (Family.experts): which layer this describes ("moe", or "dense" for
+    # a leading dense layer), every layer's kind, the experts' dimensions and each kind's tensors
+    kind: str = ""
+    layer_kinds: tuple[str, ...] = ()
+    experts: int = 0  # routed experts per MoE layer
+    expert_width: int = 0  # one expert's intermediate size
+    top_k: int = 0  # experts each token is routed to
+    shared_width: int = 0  # the shared experts' intermediate size (0: none)
+    kind_tensors: tuple[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]], ...] = ()
+    # multi-head latent attention (DeepSeek-V3): q_lora_rank, kv_lora_rank, qk_nope_head_dim,
+    # qk_rope_head_dim, v_head_dim
+    mla: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         fam = None if self.generic else family_for(self.model_type)
@@ -313,6 +349,11 @@ class BlockArch:
         if fam is not None and fam.unsupported:
             raise UnsupportedArchitecture(f"unsupported architecture: model_type={self.model_type!r}: {fam.unsupported}")
         object.__setattr__(self, "family", fam)
+        if fam is not None and fam.experts is not None and not self.kind:
+            object.__setattr__(self, "kind", "moe")
+        if self.kind and not self.tensors and self.kind_tensors:
+            object.__setattr__(self, "tensors", dict(self.kind_tensors).get(self.kind, ()))
+        object.__setattr__(self, "_layers", {})
         if self.rotary_dim == 0:
             object.__setattr__(self, "rotary_dim", self.head_dim)
         if fam is None:
@@ -334,6 +375,8 @@ class BlockArch:
         layer_types = tuple(getattr(config, "layer_types", None) or ())
         if fam is None:
             return _generic(config, model_type, dims, layer_types)
+        if fam.experts is not None:
+            return _moe(cls, config, fam, dims, layer_types)
         layer = meta_decoder_layer(config)
         tensors = tuple((n, tuple(p.shape)) for n, p in layer.state_dict(keep_vars=True).items())
         arch = cls(model_type=model_type, **dims, layer_types=layer_types, tensors=tensors)
@@ -346,11 +389,12 @@ class BlockArch:
         fam = self.family
         found = {n: (m.out_features, m.in_features) for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         found = {n: s for n, s in found.items() if not any(n == k or n.startswith(k + ".") for k in fam.keep_fp)}
-        if set(found) != set(self._shapes):
+        expected = {n: s for n, s in self._shapes.items() if n not in self.expert_linears()}
+        if set(found) != set(expected):
             raise UnsupportedArchitecture(
                 f"unsupported architecture: model_type={self.model_type!r}: the {fam.name} descriptor expects the "
-                f"linears {sorted(self._shapes)} but {type(layer).__name__} has {sorted(found)}")
-        for name, shape in self._shapes.items():
+                f"linears {sorted(expected)} but {type(layer).__name__} has {sorted(found)}")
+        for name, shape in expected.items():
             if found[name] != shape:
                 raise UnsupportedArchitecture(
                     f"unsupported architecture: model_type={self.model_type!r}: {name} is {list(found[name])} in "
@@ -361,11 +405,108 @@ class BlockArch:
             raise UnsupportedArchitecture(
                 f"unsupported architecture: model_type={self.model_type!r}: {type(layer).__name__} has no "
                 f"{', '.join(missing)}, which the {fam.name} descriptor names")
-        others = [(n, s) for n, s in self.tensors if len(s) > 1 and n[: -len(".weight")] not in self._shapes]
+        allowed = {f"{n}.weight" for n in self._shapes if n in found} | set(self._expert_tensors(layer))
+        allowed |= {f"{k}.weight" for k in fam.keep_fp}
+        others = [(n, s) for n, s in self.tensors if len(s) > 1 and n not in allowed]
         if others:
             raise UnsupportedArchitecture(
                 f"unsupported architecture: model_type={self.model_type!r}: {type(layer).__name__} holds weights "
                 f"outside its descriptor's linears: {', '.join(f'{n} {list(s)}' for n, s in others)}")
+
+    def _expert_tensors(self, layer: nn.Module) -> dict[str, tuple[int, ...]]:
+        """The experts' fused parameters this layer must hold, checked against the descriptor's shapes."""
+        ex = self.family.experts if self.family is not None else None
+        if ex is None or self.kind != "moe":
+            return {}
+        params = dict(layer.named_parameters())
+        out = {}
+        for param, rs in ex.linears.items():
+            w_out = sum(self._role_size(r, self.expert_width) for r in rs)
+            w_in = {self._role_input(r, self.expert_width) for r in rs}.pop()
+            shape = (self.experts, w_in, w_out) if ex.transposed else (self.experts, w_out, w_in)
+            name = f"{ex.module}.{param}"
+            if name not in params or tuple(params[name].shape) != shape:
+                found = list(params[name].shape) if name in params else "nothing"
+                raise UnsupportedArchitecture(
+                    f"unsupported architecture: model_type={self.model_type!r}: the {self.family.name} descriptor "
+                    f"expects {name} of shape {list(shape)}, {type(layer).__name__} has {found}")
+            out[name] = shape
+            if f"{name}_bias" in params:
+                out[f"{name}_bias"] = (self.experts, w_out)
+        return out
+
+    # ------------------------------------------------------------------ layers of a mixture of experts
+    def for_layer(self, index: int) -> BlockArch:
+        """The arch of decoder layer ``index``: itself, except in mixture-of-experts families whose
+        leading layers have a dense MLP (DeepSeek-V3's first_k_dense_replace)."""
+        if not self.layer_kinds:
+            return self
+        kind = self.layer_kinds[index]
+        if kind == self.kind:
+            return self
+        if kind not in self._layers:
+            self._layers[kind] = dataclasses.replace(self, kind=kind, tensors=dict(self.kind_tensors)[kind])
+        return self._layers[kind]
+
+    def kinds(self) -> list[tuple[BlockArch, int]]:
+        """Each distinct layer arch and how many layers have it (one entry for a uniform model)."""
+        if not self.layer_kinds:
+            return [(self, self.num_layers)]
+        order = list(dict.fromkeys(self.layer_kinds))
+        first = {k: self.layer_kinds.index(k) for k in order}
+        return [(self.for_layer(first[k]), self.layer_kinds.count(k)) for k in order]
+
+    @property
+    def moe(self) -> bool:
+        """This layer routes its tokens to experts (a mixture-of-experts MLP)."""
+        return self.kind == "moe"
+
+    def expert_linears(self) -> dict[str, tuple[int, str]]:
+        """Each routed expert's linear (checkpoint name) -> (expert, role); empty for a dense layer."""
+        if not self.moe:
+            return {}
+        if "experts" not in self._layers:
+            self._layers["experts"] = expert_layout.expert_linears(self.family.experts, self.experts)
+        return self._layers["experts"]
+
+    @property
+    def shared_linears(self) -> tuple[str, ...]:
+        """The shared experts' linears of a mixture-of-experts layer."""
+        return tuple(self.family.experts.shared) if self.moe else ()
+
+    def to_module(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A block's tensors under checkpoint names (per-expert or fused experts, the Hub's prefixes)
+        as the decoder layer holds them (lsiq.expert_layout); unchanged for a dense family."""
+        if self.family is None or self.family.experts is None:
+            return tensors
+        return expert_layout.to_module(self.family.experts, tensors, self.experts)
+
+    def checkpoint_layouts(self) -> dict[str, list[dict[str, tuple[int, ...]]]]:
+        """For every tensor of the layer (module name), the sets of checkpoint tensors (names and
+        shapes) that can hold it, the Hub's layout first (lsiq.expert_layout.checkpoint_layouts)."""
+        shapes = self.tensor_shapes()
+        if self.family is None or self.family.experts is None:
+            return {n: [{n: s}] for n, s in shapes.items()}
+        return {n: expert_layout.checkpoint_layouts(self.family.experts, n, s, self.experts) for n, s in shapes.items()}
+
+    def checkpoint_name(self, name: str) -> str:
+        """A tensor of the layer (module name) as checkpoints and our output name it."""
+        if self.family is None or self.family.experts is None:
+            return name
+        return expert_layout.checkpoint_name(self.family.experts, name)
+
+    def weights(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Every quantized linear's 2-D weight in ``layer`` (views of the fused experts' slices)."""
+        out = {}
+        experts = self.expert_linears()
+        fused = {}
+        if experts:
+            ex = self.family.experts
+            params = dict(layer.named_parameters())
+            fused = expert_layout.split(ex, {f"{ex.module}.{p}": params[f"{ex.module}.{p}"].detach() for p in ex.linears})
+        for name in self.linears:
+            out[name] = fused[f"{name}.weight"] if name in experts else layer.get_submodule(name).weight.detach()
+        return out
 
     # ------------------------------------------------------------------ what the methods read
     @property
@@ -406,26 +547,48 @@ class BlockArch:
         return self.family.keep_fp if self.family is not None else ()
 
     @functools.cached_property
+    def _roles(self) -> dict[str, tuple[str, ...]]:
+        """The layer's linears other than the routed experts (attention, a dense or shared MLP) and
+        the roles their rows play, in forward order."""
+        fam = self.family
+        out = dict(fam.linears)
+        if fam.experts is not None:
+            out |= dict(fam.experts.dense) if self.kind == "dense" else dict(fam.experts.shared)
+        return out
+
+    def role_linear(self, role: str) -> str:
+        """The linear (other than a routed expert) whose rows play ``role``."""
+        for name, rs in self._roles.items():
+            if role in rs:
+                return name
+        raise KeyError(f"family {self.family.name} has no linear with role {role!r} in a {self.kind or 'dense'} layer")
+
+    @functools.cached_property
     def input_groups(self) -> tuple[tuple[str, ...], ...]:
         """Linears that read one and the same input, in forward order (one Hessian each for GPTQ;
-        one LET scale on their input columns). The generic fallback knows of none: one per linear."""
+        one LET scale on their input columns). The generic fallback knows of none: one per linear.
+        A routed expert's gate and up read the MLP's input (one group per expert)."""
         if self.family is None:
             return tuple((n,) for n in self._shapes)
-        fam = self.family
-        has = {r for roles in fam.linears.values() for r in roles}
+        has = {r for roles in self._roles.values() for r in roles}
         groups: list[tuple[str, ...]] = []
-        for roles in (ATTN_INPUT, ("o",), MLP_INPUT, ("down",)):
-            names = tuple(dict.fromkeys(fam.role_linear(r) for r in roles if r in has))
+        for roles in (ATTN_INPUT + ("q_a", "kv_a"), ("q_b",), ("kv_b",), ("o",), MLP_INPUT, ("down",)):
+            names = tuple(dict.fromkeys(self.role_linear(r) for r in roles if r in has))
             if names:
                 groups.append(names)
+        by_expert: dict[int, dict[str, list[str]]] = {}
+        for name, (e, role) in self.expert_linears().items():
+            by_expert.setdefault(e, {}).setdefault("down" if role == "down" else "in", []).append(name)
+        for parts in by_expert.values():
+            groups += [tuple(parts["in"]), tuple(parts["down"])]
         covered = [n for g in groups for n in g]
         return tuple(groups) + tuple((n,) for n in self._shapes if n not in covered)
 
     def role_rows(self, role: str) -> Rows:
         """Where ``role``'s rows are: its linear and the row range (all rows unless fused)."""
-        name = self.family.role_linear(role)
+        name = self.role_linear(role)
         start = 0
-        for r in self.family.linears[name]:
+        for r in self._roles[name]:
             if r == role:
                 return Rows(name, start, start + self._role_size(r), self._shapes[name][0])
             start += self._role_size(r)
@@ -433,23 +596,29 @@ class BlockArch:
 
     @functools.cached_property
     def let_pairs(self) -> tuple[LetPair, ...]:
-        """The family's LET pairs, concrete for these shapes, in the order LET applies them."""
+        """The family's LET pairs, concrete for these shapes, in the order LET applies them (a
+        DeepSeek dense layer adds its MLP's pairs; a mixture-of-experts layer's are its attention's)."""
         if self.family is None:
             return ()
+        pairs = self.family.let_pairs
+        if self.kind == "dense":
+            pairs = pairs + (Pair("fc1", "norm", "post_attention_layernorm", MLP_INPUT),
+                             Pair("down", "channels", "up", ("down",), optional=True))
         out: list[LetPair] = []
-        for p in self.family.let_pairs:
+        for p in pairs:
             if p.kind == "norm":
-                names = tuple(dict.fromkeys(self.family.role_linear(r) for r in p.targets))
-                out.append(NormPair(p.name, p.source, names, self.hidden, self.family.norm_offset, p.optional))
+                names = tuple(dict.fromkeys(self.role_linear(r) for r in p.targets))
+                out.append(NormPair(p.name, p.source, names, self._shapes[names[0]][1], self.family.norm_offset,
+                                    p.optional))
             elif p.kind == "heads":
-                out.append(ChannelPair(p.name, self.role_rows(p.source), self.family.role_linear(p.targets[0]),
+                out.append(ChannelPair(p.name, self.role_rows(p.source), self.role_linear(p.targets[0]),
                                        self.head_dim, self.kv_groups, p.optional))
             elif p.kind == "rotary":
                 out.append(QKPair(p.name, self.role_rows(p.source), self.role_rows(p.targets[0]), self.n_kv_heads,
                                   self.head_dim, self.rotary_dim, self.kv_groups, p.optional))
             elif p.kind == "channels":
                 src = self.role_rows(p.source)
-                out.append(ChannelPair(p.name, src, self.family.role_linear(p.targets[0]), src.size, 1, p.optional))
+                out.append(ChannelPair(p.name, src, self.role_linear(p.targets[0]), src.size, 1, p.optional))
             else:
                 raise ValueError(f"family {self.family.name}: unknown LET pair kind {p.kind!r}")
         return tuple(out)
@@ -479,21 +648,37 @@ class BlockArch:
         return self.layer_types[i] if i < len(self.layer_types) else "all"
 
     # ------------------------------------------------------------------ shapes from the roles
-    def _role_size(self, role: str) -> int:
-        return {"q": self.n_heads * self.head_dim, "k": self.n_kv_heads * self.head_dim,
-                "v": self.n_kv_heads * self.head_dim, "o": self.hidden, "gate": self.intermediate,
-                "up": self.intermediate, "down": self.hidden}[role]
+    def _role_size(self, role: str, width: int | None = None) -> int:
+        """Rows of ``role`` (``width``: the MLP's intermediate size, default the dense one)."""
+        width = width or self.intermediate
+        mla = {}
+        if self.mla:
+            q_lora, kv_lora, nope, rope, v = self.mla
+            mla = {"q_a": q_lora, "q_b": self.n_heads * (nope + rope), "kv_a": kv_lora + rope,
+                   "kv_b": self.n_heads * (nope + v)}
+        return mla.get(role) or {"q": self.n_heads * self.head_dim, "k": self.n_kv_heads * self.head_dim,
+                                 "v": self.n_kv_heads * self.head_dim, "o": self.hidden, "gate": width,
+                                 "up": width, "down": self.hidden}[role]
 
-    def _role_input(self, role: str) -> int:
-        return {"o": self.n_heads * self.head_dim, "down": self.intermediate}.get(role, self.hidden)
+    def _role_input(self, role: str, width: int | None = None) -> int:
+        width = width or self.intermediate
+        o_in = self.n_heads * (self.mla[4] if self.mla else self.head_dim)
+        mla = {"q_b": self.mla[0], "kv_b": self.mla[1]} if self.mla else {}
+        return mla.get(role) or {"o": o_in, "down": width}.get(role, self.hidden)
 
     def _family_linears(self, fam: Family) -> dict[str, tuple[int, int]]:
         out = {}
-        for name, roles in fam.linears.items():
-            ins = {self._role_input(r) for r in roles}
+        mlp_width = {}
+        if fam.experts is not None and self.kind == "moe":
+            mlp_width = dict.fromkeys(fam.experts.shared, self.shared_width)
+        for name, roles in self._roles.items():
+            width = mlp_width.get(name)
+            ins = {self._role_input(r, width) for r in roles}
             if len(ins) != 1:
                 raise ValueError(f"family {fam.name}: {name} stacks roles with different inputs {roles}")
-            out[name] = (sum(self._role_size(r) for r in roles), ins.pop())
+            out[name] = (sum(self._role_size(r, width) for r in roles), ins.pop())
+        for name, (_e, role) in self.expert_linears().items():
+            out[name] = (self._role_size(role, self.expert_width), self._role_input(role, self.expert_width))
         return out
 
 
@@ -544,10 +729,11 @@ def decoder_layer_class(config: Any) -> type[nn.Module]:
 
 
 def meta_decoder_layer(config: Any, index: int = 0) -> nn.Module:
-    """Decoder layer ``index`` of ``config`` on the meta device (its module tree, no memory)."""
+    """Decoder layer ``index`` of ``config`` on the meta device (its module tree, no memory: also the
+    tensors its constructor makes before registering them, such as DeepSeek-V3's 30 GB of fused experts)."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
+    with torch.device("meta"), init_empty_weights():
         return decoder_layer_class(config)(config, index)
 
 
@@ -574,6 +760,40 @@ def _meta_layers(config: Any) -> nn.ModuleList:
             f"{getattr(config, 'architectures', None)}) has no family descriptor, and its model has no model.layers "
             f"ModuleList of decoder layers for the generic fallback; known families: {', '.join(supported_model_types())}")
     return layers
+
+
+def _moe(cls: type[BlockArch], config: Any, fam: Family, dims: dict[str, int], layer_types: tuple[str, ...]
+         ) -> BlockArch:
+    """A mixture-of-experts family's arch: its experts' dimensions, the kind of every layer (a
+    routed MLP, or a dense one: DeepSeek's first layers, Qwen3-MoE's mlp_only_layers) and each kind's
+    tensors, read from the model's own decoder layers on the meta device."""
+    ex = fam.experts
+    mla: tuple[int, ...] = ()
+    if "self_attn.kv_b_proj" in fam.linears:  # multi-head latent attention
+        if getattr(config, "q_lora_rank", None) is None:
+            raise UnsupportedArchitecture(
+                f"unsupported architecture: model_type={config.model_type!r} with q_lora_rank null (one q_proj instead "
+                "of the low-rank q_a_proj / q_b_proj pair) is not described; DeepSeek-V3's layout is")
+        mla = (config.q_lora_rank, config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim,
+               config.v_head_dim)
+    width = getattr(config, ex.width)
+    kinds: list[str] = []
+    tensors: dict[str, tuple[tuple[str, tuple[int, ...]], ...]] = {}
+    samples: dict[str, nn.Module] = {}
+    for i in range(config.num_hidden_layers):
+        layer = meta_decoder_layer(config, i)
+        kind = "moe" if ex.module in dict(layer.named_modules()) else "dense"
+        kinds.append(kind)
+        if kind not in tensors:
+            tensors[kind] = tuple((n, tuple(p.shape)) for n, p in layer.state_dict(keep_vars=True).items())
+            samples[kind] = layer
+    arch = cls(model_type=config.model_type, **dims, layer_types=layer_types, kind="moe" if "moe" in tensors else "dense",
+               layer_kinds=tuple(kinds), experts=getattr(config, ex.count), expert_width=width,
+               top_k=getattr(config, ex.top_k), shared_width=width * getattr(config, ex.shared_count) if ex.shared_count else 0,
+               kind_tensors=tuple(tensors.items()), mla=mla)
+    for kind, layer in samples.items():
+        arch.for_layer(kinds.index(kind))._check_module_tree(layer)
+    return arch
 
 
 def _generic(config: Any, model_type: str, dims: dict[str, int], layer_types: tuple[str, ...]) -> BlockArch:
