@@ -26,8 +26,9 @@ from transformers import AutoTokenizer
 from lsiq.capture import capture_layer_inputs, decoder_layers
 from lsiq.config import CalibConfig
 from lsiq.evaluation import perplexity
+from pipeline import formats
 from pipeline.calibrator import BlockCalibrator
-from pipeline.checkpoint import Checkpoint, layer_prefix
+from pipeline.checkpoint import Checkpoint
 from pipeline.data import calibration_ids, eval_windows
 from pipeline.model_io import skeleton, with_tensors
 
@@ -101,8 +102,7 @@ def main() -> int:
         tensors, _ = ck.read_block(b)
         r = cal.calibrate(b, tensors, {"bytes_read": 0, "read_seconds": 0.0, "peak_rss_reader": 0, "fingerprint": ""})
         s = r["stats"]
-        for k, v in cal._params(b, r["tensors"]).items():
-            quantized[layer_prefix(b) + k] = v
+        quantized.update(formats.dequantize_tensors(cal.fmt, r["tensors"], cal.cfg.spec))  # checkpoint names
         row = {"label": label, "block": b, "loss_before": s["loss_before"], "loss_after": s["loss_after"],
                "gain": 1 - s["loss_after"] / s["loss_before"], "seconds": round(s["seconds"], 1),
                "first_loss": s["losses"][0] if s["losses"] else None, "last_loss": s["losses"][-1] if s["losses"] else None}
