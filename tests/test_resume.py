@@ -70,7 +70,9 @@ def test_interrupt_prints_one_line_exits_130_and_the_rerun_resumes(smollm2_dir, 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline.quantize", "--model", str(ck), "--output", str(out),
            "--calib", str(texts_dir / "calib.txt"), "--method", "lsi", "--wbits", "3", "--group-size", "32",
-           "--nsamples", "4", "--seqlen", "32", "--epochs", "2", "--num-cpus", "1"]
+           "--nsamples", "4", "--seqlen", "32", "--epochs", "20", "--num-cpus", "1"]
+    # 20 epochs: blocks of about a second, so the signal lands while blocks 3-6 still run (at a tenth
+    # of a second each the run could finish before this process had read the line "block 2/6")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = []
     for line in proc.stderr:
