@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     # a parent that runs Ray (a test, a scheduler) can hand us SIGINT blocked, as its own Ray
     # processes start: the mask is inherited, and Ctrl-C would then never arrive
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # nor inherited as ignored
     signal.signal(signal.SIGTERM, _stop)
     from pipeline.driver import cause, run
     from pipeline.storage import PERMANENT
