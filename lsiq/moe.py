@@ -38,9 +38,9 @@ from torch import nn
 
 from lsiq import expert_layout
 from lsiq.archs.base import BlockArch, ChannelPair, LetPair, Rows
-from lsiq.forward import batches, block_forward, device_of, output_errors
+from lsiq.forward import batches, block_forward, device_of, forward_all, output_errors
 from lsiq.parallel import SampleShard, shard_range
-from lsiq.quantizer import fake_quant, minmax_scale_zero, quantize_codes
+from lsiq.quantizer import fake_quant, minmax_scale_zero
 from lsiq.results import BlockResult, QuantizedLinear
 
 if TYPE_CHECKING:
@@ -391,7 +391,7 @@ def calibrate_moe_block(layer: nn.Module, layer_kwargs: dict[str, Any], inputs: 
     att = attention_unit(arch)
     fp_in = fp_inputs if fp_inputs is not None else inputs
     with mlp_held_out(layer, arch):
-        att_targets = _forward(layer, fp_in, layer_kwargs, fb)
+        att_targets = forward_all(layer, fp_in, layer_kwargs, fb)
         first = calibrate_block(layer, layer_kwargs, inputs, att_targets, att, cfg, block_index, fp_inputs=fp_inputs,
                                 shard=shard, measure_before=False, measure_after=False)
     del att_targets
@@ -466,9 +466,7 @@ def calibrate_mlp(layer: nn.Module, arch: BlockArch, cfg: CalibConfig, xs: torch
         biases = expert_layout.split(ex, {f"{ex.module}.{p}": t.detach() for p, t in _fused(layer, ex).items()}, fallback)
         for name, (e, _role) in arch.expert_linears().items():
             if e in fallback:
-                w = weights[name]
-                scale, zero = minmax_scale_zero(w, cfg.spec)
-                linears[name] = QuantizedLinear(quantize_codes(w, scale, zero, cfg.spec), scale, zero, cfg.spec)
+                linears[name] = QuantizedLinear.round_to_nearest(weights[name], cfg.spec)
                 if f"{name}.bias" in biases:
                     tensors[f"{name}.bias"] = biases[f"{name}.bias"].clone()
     moe = {"tokens": total_tokens, "routed_tokens": counts.tolist(), "rtn_fallback": fallback,
@@ -485,12 +483,6 @@ def block_errors(layer: nn.Module, arch: BlockArch, inputs: torch.Tensor, target
     others = arch.to_module(dict(result.tensors))
     with swapped(layer, arch, ((n, q.weight()) for n, q in result.linears.items()), others):
         return output_errors(layer, inputs, targets, layer_kwargs, batch_size, None, abits, shard)
-
-
-def _forward(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any], batch_size: int) -> torch.Tensor:
-    from lsiq.forward import forward_all
-
-    return forward_all(layer, inputs, layer_kwargs, batch_size)
 
 
 def _fused(layer: nn.Module, ex: Any) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lsiq.quantizer import QuantSpec, dequantize
+from lsiq.quantizer import QuantSpec, dequantize, minmax_scale_zero, quantize_codes
 
 
 @dataclass
@@ -20,6 +20,12 @@ class QuantizedLinear:
     spec: QuantSpec
     lowrank_a: torch.Tensor | None = None
     lowrank_b: torch.Tensor | None = None
+
+    @classmethod
+    def round_to_nearest(cls, w: torch.Tensor, spec: QuantSpec) -> QuantizedLinear:
+        """``w`` rounded to nearest on each group's min/max grid (RTN, and its fallbacks)."""
+        scale, zero = minmax_scale_zero(w, spec)
+        return cls(quantize_codes(w, scale, zero, spec), scale, zero, spec)
 
     def dequantize(self) -> torch.Tensor:
         """The quantized weight alone: ``(code - zero) * scale``."""

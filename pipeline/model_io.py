@@ -43,12 +43,17 @@ def _has_experts(config: PretrainedConfig) -> bool:
     return fam is not None and fam.experts is not None
 
 
+def _experts_kwargs(config: PretrainedConfig) -> dict[str, str]:
+    """transformers' model-building keyword for a mixture-of-experts model's experts: eager."""
+    return {"experts_implementation": "eager"} if _has_experts(config) else {}
+
+
 def skeleton(config: PretrainedConfig) -> nn.Module:
     """The model with every parameter on the meta device (buffers such as rotary inv_freq are real)."""
-    extra = {"experts_implementation": "eager"} if _has_experts(config) else {}
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                attn_implementation=attention_implementation(config), **extra)
+                                                attn_implementation=attention_implementation(config),
+                                                **_experts_kwargs(config))
 
 
 def decoder_layer_class(config: PretrainedConfig) -> type[nn.Module]:
@@ -150,8 +155,8 @@ def load_for_eval(path: str) -> tuple[nn.Module, contextlib.ExitStack]:
     ExitStack holds the activation quantizers of weight-activation runs (close it when done)."""
     stack = contextlib.ExitStack()
     if read_manifest(path) is None:
-        extra = {"experts_implementation": "eager"} if _has_experts(AutoConfig.from_pretrained(path)) else {}
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval(), stack
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                    **_experts_kwargs(AutoConfig.from_pretrained(path))).eval(), stack
     model, manifest = load_quantized(path)
     abits = manifest["quantization"]["abits"]
     for layer in decoder_layers(model):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -486,43 +487,50 @@ def forward_batches(p: PlanConfig) -> list[int]:
     return out
 
 
+def _recompute_options(p: PlanConfig) -> list[bool]:
+    """--recompute-weights as the values to try, in order of preference (it costs time)."""
+    return {"on": [True], "off": [False], "auto": [False, True]}[p.recompute]
+
+
+def _settings(p: PlanConfig, default_fb: int) -> dict[str, Any]:
+    """The plan's calibration settings (the flags it renders for pipeline.quantize)."""
+    c = p.calib
+    return {"method": c.method, "wbits": c.wbits, "abits": c.abits, "cross_layer": c.cross_layer,
+            "lowrank": c.lowrank, "rank": c.rank, "group_size": c.group_size, "nsamples": p.nsamples,
+            "seqlen": p.seqlen, "epochs": c.epochs, "steps": c.steps, "batch_size": c.batch_size,
+            "forward_batch_size": c.forward_batch_size, "forward_batch_default": c.forward_batch_size == default_fb,
+            "precision": c.precision, "solve_dtype": "float64" if solve_bytes(c) == F64 else "float32",
+            "svd": c.svd, "svd_dtype": "float64" if svd_value_bytes(p) == F64 else "float32"}
+
+
+def _architecture(p: PlanConfig) -> dict[str, Any]:
+    """What the plan read of the block: its family, linears, input groups and LET pairs."""
+    a = p.arch
+    return {"family": a.name, "model_type": a.model_type, "linears": a.linear_shapes(),
+            "input_groups": [list(g) for g in a.input_groups],
+            "let_pairs": [x.name for x in a.let_pairs if p.calib.let_down or not x.optional], "unpaired": a.unpaired}
+
+
 def make_plan(p: PlanConfig) -> dict[str, Any]:
     """Choose recomputation (when auto) and the forward micro-batch (when unset), and assemble the
     plan: the first that fits, recomputation last (it costs time; a smaller forward batch hardly does).
     A mixture-of-experts model: :func:`make_moe_plan`."""
     if getattr(p.arch, "moe", False):
         return make_moe_plan(p)
-    options = {"on": [True], "off": [False], "auto": [False, True]}[p.recompute]
     default_fb = p.calib.forward_batch(p.gpus)
-    fits = False
-    for recompute in options:
-        for fb in forward_batches(p):
-            q = dataclasses.replace(p, calib=dataclasses.replace(p.calib, forward_batch_size=fb))
-            mem = memory_plan(q, recompute)
-            fits = mem["peak"] <= p.gpu_mem
-            if fits:
-                break
-        if fits:
+    for recompute, fb in itertools.product(_recompute_options(p), forward_batches(p)):  # the first that fits
+        q = dataclasses.replace(p, calib=dataclasses.replace(p.calib, forward_batch_size=fb))
+        mem = memory_plan(q, recompute)
+        if mem["peak"] <= p.gpu_mem:
             break
     p = q
     t = time_plan(p, recompute)
     plan = {"fits": mem["peak"] <= p.gpu_mem, "hours": round(t["hours"], 3), "per_worker_bytes": mem["peak"],
             "gpu_mem_bytes": p.gpu_mem, "gpus": p.gpus, "recompute_weights": recompute,
             "memory": mem, "host": host_plan(p), "time": {k: round(v, 3) for k, v in t.items()},
-            "settings": {"method": p.calib.method, "wbits": p.calib.wbits, "abits": p.calib.abits,
-                         "cross_layer": p.calib.cross_layer, "lowrank": p.calib.lowrank, "rank": p.calib.rank,
-                         "group_size": p.calib.group_size, "nsamples": p.nsamples, "seqlen": p.seqlen,
-                         "epochs": p.calib.epochs, "steps": p.calib.steps, "batch_size": p.calib.batch_size,
-                         "forward_batch_size": p.calib.forward_batch_size,
-                         "forward_batch_default": p.calib.forward_batch_size == default_fb,
-                         "precision": p.calib.precision, "solve_dtype": "float64" if solve_bytes(p.calib) == F64
-                         else "float32", "svd": p.calib.svd, "svd_dtype": "float64" if svd_value_bytes(p) == F64
-                         else "float32"},
+            "settings": _settings(p, default_fb),
             "hardware": asdict(p.hw), "blocks": p.arch.num_layers, "hessian_rounds": hessian_rounds(p.calib),
-            "architecture": {"family": p.arch.name, "model_type": p.arch.model_type, "linears": p.arch.linear_shapes(),
-                             "input_groups": [list(g) for g in p.arch.input_groups],
-                             "let_pairs": [q.name for q in p.arch.let_pairs if p.calib.let_down or not q.optional],
-                             "unpaired": p.arch.unpaired}}
+            "architecture": _architecture(p)}
     if p.target_hours is not None:
         plan["target_hours"] = p.target_hours
         plan["meets_target"] = plan["fits"] and t["hours"] <= p.target_hours
@@ -710,20 +718,11 @@ def make_moe_plan(p: PlanConfig) -> dict[str, Any]:
     refusal = moe_unsupported(p.calib)
     if refusal:
         raise ValueError(f"{a.name} (mixture of experts): {refusal} is not supported for mixture-of-experts models")
-    options = {"on": [True], "off": [False], "auto": [False, True]}[p.recompute]
     default_fb = p.calib.forward_batch(p.gpus)
-    fits = False
-    for recompute in options:
-        for group in expert_group_sizes(p):
-            for fb in forward_batches(p):
-                q = dataclasses.replace(p, calib=dataclasses.replace(p.calib, forward_batch_size=fb))
-                mem = moe_memory_plan(q, recompute, group)
-                fits = mem["peak"] <= p.gpu_mem
-                if fits:
-                    break
-            if fits:
-                break
-        if fits:
+    for recompute, group, fb in itertools.product(_recompute_options(p), expert_group_sizes(p), forward_batches(p)):
+        q = dataclasses.replace(p, calib=dataclasses.replace(p.calib, forward_batch_size=fb))
+        mem = moe_memory_plan(q, recompute, group)
+        if mem["peak"] <= p.gpu_mem:  # the first that fits
             break
     p = q
     t = moe_time_plan(p, recompute, group)
@@ -738,25 +737,15 @@ def make_moe_plan(p: PlanConfig) -> dict[str, Any]:
     plan = {"fits": mem["peak"] <= p.gpu_mem and (dense is None or dense["fits"]), "hours": round(hours, 3),
             "per_worker_bytes": peak, "gpu_mem_bytes": p.gpu_mem, "gpus": p.gpus, "recompute_weights": recompute,
             "memory": mem, "host": moe_host_plan(p), "time": {k: round(v, 3) for k, v in t.items()},
-            "settings": {"method": p.calib.method, "wbits": p.calib.wbits, "abits": p.calib.abits,
-                         "lowrank": p.calib.lowrank, "rank": p.calib.rank, "group_size": p.calib.group_size,
-                         "nsamples": p.nsamples, "seqlen": p.seqlen, "epochs": p.calib.epochs, "steps": p.calib.steps,
-                         "batch_size": p.calib.batch_size, "forward_batch_size": p.calib.forward_batch_size,
-                         "forward_batch_default": p.calib.forward_batch_size == default_fb,
-                         "precision": p.calib.precision, "solve_dtype": "float64" if solve_bytes(p.calib) == F64
-                         else "float32", "svd": p.calib.svd, "svd_dtype": "float64" if svd_value_bytes(p) == F64
-                         else "float32", "cross_layer": False, "expert_group": group,
-                         "expert_group_default": not p.calib.expert_group and group == expert_group_sizes(p)[0],
-                         "routed_only": p.calib.routed_only},
+            "settings": _settings(p, default_fb) | {
+                "expert_group": group, "routed_only": p.calib.routed_only,
+                "expert_group_default": not p.calib.expert_group and group == expert_group_sizes(p)[0]},
             "hardware": asdict(p.hw), "blocks": a.num_layers, "layers": counts,
             "hessian_rounds": hessian_rounds(p.calib),
             "experts": {"routed": a.experts, "width": a.expert_width, "top_k": a.top_k, "shared_width": a.shared_width,
                         "mla": list(a.mla), "group": group, "units": t["units"],
                         "units_per_worker": t["units_per_worker"]},
-            "architecture": {"family": a.name, "model_type": a.model_type, "linears": a.linear_shapes(),
-                             "input_groups": [list(g) for g in a.input_groups],
-                             "let_pairs": [x.name for x in a.let_pairs if p.calib.let_down or not x.optional],
-                             "unpaired": a.unpaired}}
+            "architecture": _architecture(p)}
     if dense is not None:
         plan["dense"] = {k: dense[k] for k in ("fits", "per_worker_bytes", "recompute_weights", "memory", "time")}
     if p.target_hours is not None:

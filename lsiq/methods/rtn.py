@@ -6,7 +6,6 @@ import torch
 
 from lsiq.methods.base import BlockJob, Calibrated, Method, register
 from lsiq.methods.closed_form import plain_tensors
-from lsiq.quantizer import minmax_scale_zero, quantize_codes
 from lsiq.results import QuantizedLinear
 
 
@@ -18,9 +17,7 @@ class RTN(Method):
         spec = job.cfg.spec
         linears = {}
         for name in job.arch.linears:
-            w = job.layer.get_submodule(name).weight.detach()
-            scale, zero = minmax_scale_zero(w, spec)
-            linears[name] = QuantizedLinear(quantize_codes(w, scale, zero, spec), scale, zero, spec)
+            linears[name] = QuantizedLinear.round_to_nearest(job.layer.get_submodule(name).weight.detach(), spec)
         return Calibrated(linears, plain_tensors(job.layer, job.arch))
 
 
