@@ -99,7 +99,10 @@ class CalibConfig:
     # SDE's off-diagonal bands: at lr_lsi (1e-2) they mix singular directions too fast on small
     # layers (block loss rose on the tiny test block); 1e-3 lowered it there.
     lr_sde: float = opt(1e-3, "SDE: learning rate of the bands")
-    lr_round: float = opt(0.0, "learning rate of the learned rounding offsets; 0 = 1 / steps (AutoRound's rule)")
+    lr_round: float = opt(0.0, "learning rate of the learned rounding offsets; 0 = --lr-round-steps / steps")
+    lr_round_steps: float | None = opt(None, "with --lr-round 0: the rounding offsets' learning rate times the steps "
+                                       "(AutoRound's rule: 1; with a linear decay the offsets can travel half of "
+                                       "this many grid steps)")
     round_init: str | None = opt(None, "learned rounding starts from round-to-nearest (zero offsets) or from GPTQ's "
                                  "rounding on the same grid", choices=ROUND_INITS)
     gptq_damp: float = opt(0.01, "GPTQ: damping, a fraction of the Hessian's mean diagonal")
@@ -143,7 +146,7 @@ class CalibConfig:
         m = methods.get(self.method)  # a clear error for an unknown name
         if self.steps is None and self.epochs is not None:
             self.steps = 0  # passes were asked for: they decide the steps
-        for key, value in m.defaults.items():
+        for key, value in m.defaults_for(self.wbits, self.abits).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         for f in fields(self):

@@ -78,7 +78,8 @@ class BlockQuantizer(nn.Module):
         for kind, mods in (("lwc", self.lwc), ("rounding", self.rounding)):
             params = list(mods.parameters())
             if params:
-                lr = grid_lr[kind] or (1.0 / max(1, steps) if cfg.optimizer == "signsgd" else 0.0)
+                travel = cfg.lr_round_steps if kind == "rounding" else 1.0
+                lr = grid_lr[kind] or (travel / max(1, steps) if cfg.optimizer == "signsgd" else 0.0)
                 if lr <= 0:
                     raise ValueError(f"{kind}: a learning rate of 0 means 1 / steps only with the signsgd optimizer")
                 groups.append({"params": params, "lr": lr, "optimizer": cfg.optimizer, "component": kind})

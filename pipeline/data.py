@@ -6,13 +6,14 @@ import random
 from pathlib import Path
 
 import torch
-from datasets import load_dataset
 
 
 def _read_documents(files: list[str]) -> list[str]:
     for f in files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"text file not found: {f}")
+    from datasets import load_dataset  # here: its import costs every process that imports this module ~0.7 s
+
     ds = load_dataset("text", data_files=list(files), sample_by="document", split="train", keep_in_memory=True)
     return [t for t in ds["text"] if t]
 

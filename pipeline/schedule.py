@@ -295,7 +295,10 @@ class Scheduler:
         try:
             while proc.poll() is None:
                 self._keep_lease(held)
-                time.sleep(self.cfg.poll_s)
+                try:  # returns as soon as the run ends
+                    proc.wait(timeout=self.cfg.poll_s)
+                except subprocess.TimeoutExpired:
+                    pass
         except BaseException:
             proc.terminate()
             proc.wait()

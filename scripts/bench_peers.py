@@ -122,10 +122,12 @@ def run_peer(out: Path, row: str, setting: str, model: Path, data: Path, threads
 
 
 def run_ours(out: Path, row: str, setting: str, seed: int, model: Path, calib: Path, texts: dict[str, Path],
-             nsamples: int, seqlen: int, threads: int, tag: str, steps: int | None = None) -> dict:
+             nsamples: int, seqlen: int, threads: int, tag: str, steps: int | None = None,
+             flags: list[str] | None = None) -> dict:
     wbits, group = SETTINGS[setting]
-    extra = [] if steps is None else ["--steps", str(steps)]
-    run_dir = out / "runs" / (f"{tag}-{setting}-{row}-s{seed}" + ("" if steps is None else f"-{steps}steps"))
+    extra = ([] if steps is None else ["--steps", str(steps)]) + (flags or [])
+    run_dir = out / "runs" / (f"{tag}-{setting}-{row}-s{seed}" + ("" if steps is None else f"-{steps}steps")
+                              + "".join(f.strip("-").replace(".", "") for f in flags or []))
     cmd = [sys.executable, "-m", "pipeline.quantize", "--model", str(model), "--output", str(run_dir / "model"),
            "--calib", str(calib), "--wbits", str(wbits), "--group-size", str(group), "--nsamples", str(nsamples),
            "--seqlen", str(seqlen), "--seed", str(seed), "--data-seed", "0", "--num-cpus", str(threads),
@@ -162,16 +164,17 @@ def table(results: Path) -> str:
     rows: dict[tuple, dict] = {}
     for line in results.read_text().splitlines():
         r = json.loads(line)
-        rows[(r["budget"], r["setting"], r["row"], r.get("seed"), r.get("steps_flag"))] = r
+        rows[(r["budget"], r["setting"], r["row"], r.get("seed"), r.get("steps_flag"), r.get("flags", ""))] = r
     out = ["| budget | setting | tool | seed | ppl eval.txt | ppl docs.txt | quant wall s | peak RSS MB | notes |",
            "|---|---|---|---|---|---|---|---|---|"]
     order = {s: i for i, s in enumerate(SETTINGS)}
     rank = {r: i for i, r in enumerate(ROWS)}
-    for key in sorted(rows, key=lambda k: (k[0], order.get(k[1], -1), rank.get(k[2], 9), k[4] or 0, k[3] or 0)):
+    for key in sorted(rows, key=lambda k: (k[0], order.get(k[1], -1), rank.get(k[2], 9), k[5], k[4] or 0, k[3] or 0)):
         r = rows[key]
+        label = LABELS[r["row"]] + (f" `{r['flags']}`" if r.get("flags") else "")
         seed = "" if r.get("seed") is None else str(r["seed"])
         if "refused" in r:
-            out.append(f"| {r['budget']} | {r['setting']} | {LABELS[r['row']]} | {seed} | - | - | - | - | "
+            out.append(f"| {r['budget']} | {r['setting']} | {label} | {seed} | - | - | - | - | "
                        f"refused: {r['refused'].replace('|', '/')} |")
             continue
         note = r.get("evaluated", "")
@@ -182,7 +185,7 @@ def table(results: Path) -> str:
             elif r.get("keep_best") is not None:
                 budget += ", best step kept" if r["keep_best"] else ", last step kept"
             note = f"method {r['method']}{budget}; {note}"
-        out.append(f"| {r['budget']} | {r['setting']} | {LABELS[r['row']]} | {seed} | {r['ppl_eval']:.2f} | "
+        out.append(f"| {r['budget']} | {r['setting']} | {label} | {seed} | {r['ppl_eval']:.2f} | "
                    f"{r['ppl_docs']:.2f} | {r.get('quant_wall_s', '')} | {r.get('peak_rss_mb', '')} | {note} |")
     return "\n".join(out)
 
@@ -196,6 +199,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds of the 'ours' row")
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="optimizer steps per block of the 'ours' row, one row each (default: the method's)")
+    p.add_argument("--flags", default="", help="more pipeline.quantize flags for the 'ours' rows (a variant, "
+                   "shown in the table), e.g. --flags='--loss mse'")
     p.add_argument("--budget", default="32x512", help="calibration NSAMPLESxSEQLEN for every tool")
     p.add_argument("--threads", type=int, default=2, help="threads for every tool")
     p.add_argument("--table", action="store_true", help="only print the table of OUT/results.jsonl")
@@ -225,11 +230,11 @@ def main() -> int:
                     r = {"ppl_eval": r["eval"], "ppl_docs": r["docs"], "evaluated": "source checkpoint"}
                 elif row in OURS:
                     r = run_ours(out, row, setting, seed or 0, model, calib, texts, nsamples, seqlen, a.threads, tag,
-                                 steps)
+                                 steps, shlex.split(a.flags))
                 else:
                     r = run_peer(out, row, setting, model, data, a.threads, tag)
                 r = {"budget": a.budget, "setting": "-" if row == "fp" else setting, "row": row, "seed": seed,
-                     "steps_flag": steps, **r}
+                     "steps_flag": steps, **({"flags": a.flags} if a.flags and row in OURS else {}), **r}
                 with results.open("a") as f:
                     f.write(json.dumps(r) + "\n")
                 print(json.dumps({k: v for k, v in r.items() if k != "command"}),

@@ -381,8 +381,11 @@ def test_activation_quantizer_reaches_every_linear_of_the_block(method, family):
     assert mean_loss(layer, x, y, kw, 2, None, abits=16) == 0.0
     assert mean_loss(layer, x, y, kw, 2, None, abits=4) > 0.0
     arch = BlockArch.from_config(model.config)
+    # lr_round_steps 1: with the W4 default of 2, four steps of 0.5 grid steps each are too coarse for
+    # the 5 % margin below on a block this small
+    extra = {"lr_round_steps": 1.0} if method == "lwc-let-round" else {}
     res = {a: calibrate_block(layer, kw, x, y, arch, CalibConfig(method=method, wbits=4, abits=a, group_size=32,
-                                                                steps=4, batch_size=2))
+                                                                steps=4, batch_size=2, **extra))
            for a in (16, 4)}
     assert res[4].loss_before > res[16].loss_before * 1.05
     assert res[4].loss_after > res[16].loss_after * 1.05

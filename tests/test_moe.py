@@ -330,6 +330,41 @@ def test_deepseek_v3_through_the_ray_pipeline_with_two_workers(moe_checkpoints, 
     _loads_like_ours(tmp_path / "out", 1e-4)
 
 
+@pytest.mark.parametrize("family,method,fmt", [("mixtral", "rtn", "gptq"), ("gpt_oss", "gptq", "native")])
+def test_moe_family_through_the_ray_pipeline(family, method, fmt, moe_checkpoints, texts_dir, tmp_path, ray_local):
+    """The families no other test runs through Ray (DeepSeek-V3 above, Qwen3-MoE below): pipeline.quantize's
+    driver with one calibrator actor writes every expert's linears under the checkpoint names and
+    the router in full precision; our loader reads the experts back into transformers' fused
+    parameters, each within W4's rounding of the source's."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import QuantizeConfig
+    from pipeline.driver import run
+
+    ck = moe_checkpoints(family)
+    calib = CalibConfig(method=method, wbits=4, group_size=16, batch_size=2, expert_min_tokens=0.0)
+    cfg = QuantizeConfig(model=str(ck), output=str(tmp_path / "out"), calib=[str(texts_dir / "calib.txt")],
+                         calib_cfg=calib, nsamples=4, seqlen=32, format=fmt)
+    report = run(cfg, log=lambda m: None)
+    assert report["format"] == fmt and len(report["blocks"]) == 2
+    assert all(b["experts"]["rtn_fallback"] == [] and b["experts"]["all_experts"] for b in report["blocks"])
+    assert all(0 < b["rel_after"] < 1 for b in report["blocks"])
+    names: set[str] = set()
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        names |= set(load_file(shard))
+    arch = Checkpoint(str(ck)).arch
+    marker = formats.get(fmt).MARKER
+    assert all(f"model.layers.1.{n}{marker}" in names for n in arch.for_layer(1).linears)
+    assert f"model.layers.1.{ROUTERS[family]}.weight" in names
+    ours, _ = load_quantized(str(tmp_path / "out"))
+    src = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).state_dict()
+    fused = {k: v for k, v in ours.state_dict().items() if ".experts." in k and v.dim() == 3}
+    assert fused, "no fused expert parameters"
+    for k, v in fused.items():
+        assert 0 < _rel(v, src[k]) < 0.2, k
+    assert torch.isfinite(ours(input_ids=_ids(1, 8)).logits).all()
+
+
 # ---------------------------------------------------------------------------------------- kill -9 and resume
 def test_qwen3_moe_killed_with_sigkill_resumes_byte_identical(smollm2_dir, texts_dir, tmp_path, ray_local):
     """pipeline.quantize on a 10-layer Qwen3-MoE (GPTQ, every expert calibrated on all tokens, groups of

@@ -148,3 +148,23 @@ def test_trainable_count_is_what_the_block_quantizer_builds(method):
     for over in ({}, {"let_down": True}, {"lsi_block_k": 4}):
         ccfg = CalibConfig(method=method, wbits=3, group_size=32, **over)
         assert trainable_count(arch, ccfg) == BlockQuantizer(layer, arch, ccfg).trainable_params(), over
+
+
+def test_rounding_learning_rate_is_travel_over_steps_and_the_default_doubles_it_at_w4():
+    """--lr-round 0: the offsets learn at lr_round_steps / steps (AutoRound's 1 / steps by default);
+    the default method takes 2 / steps at 4 bits only, and a user's setting wins."""
+    assert CalibConfig(wbits=3).lr_round_steps == 1.0 and CalibConfig(wbits=2).lr_round_steps == 1.0
+    assert CalibConfig(wbits=4).lr_round_steps == 2.0
+    assert CalibConfig(wbits=4, method="signround").lr_round_steps == 1.0
+    assert CalibConfig(wbits=4, lr_round_steps=1.0).lr_round_steps == 1.0
+    cfg = tiny_llama_config()
+    _, layer, _x, _kw = _block(cfg, n=2)
+    arch = BlockArch.from_config(cfg)
+
+    def lrs(**over):
+        bq = BlockQuantizer(layer, arch, CalibConfig(method="lwc-let-round", group_size=32, **over))
+        return {g["component"]: g["lr"] for g in bq.param_groups(50)}
+
+    assert lrs(wbits=3) == {"lwc": 1 / 50, "rounding": 1 / 50, "let": 5e-3}
+    assert lrs(wbits=4) == {"lwc": 1 / 50, "rounding": 2 / 50, "let": 5e-3}
+    assert lrs(wbits=4, lr_round=0.3)["rounding"] == 0.3

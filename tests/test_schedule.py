@@ -214,7 +214,7 @@ def test_a_failed_checkpoint_waits_a_doubling_back_off(tiny_checkpoint, texts_di
 
     def scheduler(group_size: int) -> schedule.Scheduler:
         cfg = schedule.ScheduleConfig(source=str(src), output=str(out), run={**run, "group_size": group_size},
-                                      retry_backoff_s=8.0, poll_s=0.2)
+                                      retry_backoff_s=4.0, poll_s=0.2)
         return schedule.Scheduler(cfg, log=logs.append)
 
     def record() -> dict:
@@ -225,9 +225,9 @@ def test_a_failed_checkpoint_waits_a_doubling_back_off(tiny_checkpoint, texts_di
     assert [f["checkpoint"] for f in summary["failed"]] == ["m"] and "group size 48" in summary["failed"][0]["reason"]
     rec = record()
     assert rec["status"] == "failed" and rec["failures"] == 1 and "group size 48" in rec["error"]
-    assert rec["retry_after"] - rec["failed_at"] == pytest.approx(8.0)
+    assert rec["retry_after"] - rec["failed_at"] == pytest.approx(4.0)
     started = sum("quantizing" in line for line in logs)
-    # within the back-off (8 s: these passes take well under a second): not run again, by this
+    # within the back-off (4 s: these passes take well under a second): not run again, by this
     # scheduler or another one
     for s in (first, scheduler(48)):
         summary = s.pass_once()
@@ -238,7 +238,7 @@ def test_a_failed_checkpoint_waits_a_doubling_back_off(tiny_checkpoint, texts_di
     summary = first.pass_once()  # the back-off ran out: tried again, and it doubles
     assert [f["checkpoint"] for f in summary["failed"]] == ["m"]
     rec = record()
-    assert rec["failures"] == 2 and rec["retry_after"] - rec["failed_at"] == pytest.approx(16.0)
+    assert rec["failures"] == 2 and rec["retry_after"] - rec["failed_at"] == pytest.approx(8.0)
     summary = scheduler(40).pass_once()  # other settings: a new configuration, tried at once, counted afresh
     assert [f["checkpoint"] for f in summary["failed"]] == ["m"] and "group size 40" in summary["failed"][0]["reason"]
     assert record()["failures"] == 1

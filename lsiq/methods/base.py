@@ -72,7 +72,7 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {
         "epochs": 5, "batch_size": 1, "optimizer": "adamw", "lr_schedule": "constant", "keep_best": False, "average_tail": 0.0,
         "lr_lwc": 1e-2, "lwc_param": "sigmoid", "let_down": False, "round_init": "zero", "steps": 0,
-        "loss": "mse",
+        "loss": "mse", "lr_round_steps": 1.0,
     }
     # What one optimizer step keeps for the backward pass and the memory traffic of its weight side,
     # in float32 weights of the block's linears, by precision: measured from the code with autograd's
@@ -83,6 +83,10 @@ class Method:
     @property
     def trains(self) -> bool:
         return bool(self.components)
+
+    def defaults_for(self, wbits: int, abits: int = 16) -> dict[str, Any]:
+        """The defaults at this bit width (a method whose best settings depend on it overrides this)."""
+        return self.defaults
 
     def check(self, cfg: CalibConfig) -> None:
         """Refuse settings this method cannot use (a ValueError naming them)."""
