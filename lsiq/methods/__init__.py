@@ -21,7 +21,8 @@ MODULES: dict[str, tuple[str, str]] = {
     "lwc": ("lwc", "OmniQuant's learnable weight clipping"),
     "lwc-let": ("lwc_let", "OmniQuant: LWC plus the learnable equivalent transformation (LET)"),
     "signround": ("signround", "AutoRound's SignRound: learned rounding + clipping, signed gradient descent, best step kept"),
-    "lwc-let-round": ("lwc_let_round", "SignRound's rounding + clipping with OmniQuant's LET, mean of the last quarter of steps"),
+    "lwc-let-round": ("lwc_let_round", "SignRound's rounding + clipping with OmniQuant's LET, mean of the last quarter "
+                      "of steps; offsets at 2 / steps at W4+"),
     "oac": ("oac", "GPTQ with output-adaptive Hessians (needs a forward and backward pass of the FP model first)"),
     "rtn": ("rtn", "round to nearest on each group's min/max grid"),
     "sde": ("sde", "LSI + learnable bands beside the singular values' diagonal (--sde-band)"),
