@@ -74,14 +74,16 @@ class BlockQuantizer(nn.Module):
         of 0 means 1 / steps); LET's and LSI's parameters always AdamW at their own rates."""
         cfg = self.cfg
         grid_lr = {"lwc": cfg.lr_lwc, "rounding": cfg.lr_round}
+        # with signsgd, a learning rate of 0 means this many grid steps over the steps (SignRound: 1)
+        grid_travel = {"lwc": 1.0, "rounding": cfg.lr_round_steps}
         groups = []
         for kind, mods in (("lwc", self.lwc), ("rounding", self.rounding)):
             params = list(mods.parameters())
             if params:
-                travel = cfg.lr_round_steps if kind == "rounding" else 1.0
-                lr = grid_lr[kind] or (travel / max(1, steps) if cfg.optimizer == "signsgd" else 0.0)
+                lr = grid_lr[kind] or (grid_travel[kind] / max(1, steps) if cfg.optimizer == "signsgd" else 0.0)
                 if lr <= 0:
-                    raise ValueError(f"{kind}: a learning rate of 0 means 1 / steps only with the signsgd optimizer")
+                    raise ValueError(f"{kind}: a learning rate of 0 means {grid_travel[kind]:g} / steps only with the "
+                                     "signsgd optimizer")
                 groups.append({"params": params, "lr": lr, "optimizer": cfg.optimizer, "component": kind})
         if self.let is not None:
             groups.append({"params": list(self.let.parameters()), "lr": cfg.lr_let, "optimizer": "adamw",

@@ -43,9 +43,8 @@ def _blocks_saved(cfg: QuantizeConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_quantize_args(argv)
-    # a parent process can hand us SIGINT blocked or ignored (both are inherited across exec), and
-    # Ctrl-C would then never arrive: take both back. Not the whole story: in the full test suite
-    # the Ctrl-C test still sees a run finish (README, "What does not work yet")
+    # a parent process can hand us SIGINT blocked or ignored (both are inherited across exec; pytest's
+    # session Ray did), and Ctrl-C would then never arrive: take both back
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop)

@@ -5,6 +5,8 @@ No peer combines the two."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from lsiq.methods.base import register
 from lsiq.methods.signround import SIGNROUND_DEFAULTS
 from lsiq.methods.trained import TrainedMethod
@@ -21,13 +23,14 @@ class LWCLETRound(TrainedMethod):
     defaults = {**SIGNROUND_DEFAULTS, "steps": 100, "batch_size": 1, "loss": "token", "keep_best": False,
                 "average_tail": 0.25}
     saved_weights = {"fp32": 3.55, "bf16": 3.05}
-
-    def defaults_for(self, wbits: int, abits: int = 16) -> dict:
-        # At 4 bits the rounding offsets learn at twice AutoRound's rate (2 / steps): lower block
-        # losses and perplexity at W4 (BENCHMARKS.md, "The rounding offsets' learning rate at W4");
-        # 2 and 3 bits keep 1 / steps, the rate their figures were measured with.
-        return {**self.defaults, "lr_round_steps": 2.0} if wbits >= 4 else self.defaults
     weight_traffic = {"fp32": (55.3, 79.2), "bf16": (58.3, 82.2)}
+
+    def defaults_for(self, wbits: int, abits: int = 16) -> dict[str, Any]:
+        # At 4 bits the rounding offsets learn at twice AutoRound's rate (2 / steps): lower block
+        # losses on the calibration samples and every W4 cell below AutoRound (BENCHMARKS.md, "The
+        # rounding offsets' learning rate at W4"); 2 and 3 bits keep 1 / steps, the rate their
+        # figures were measured with.
+        return {**self.defaults, "lr_round_steps": 2.0} if wbits >= 4 else self.defaults
 
 
 register(LWCLETRound())
